@@ -1,0 +1,1 @@
+"""Datasets: the real folder layouts, synthetic stand-ins written in those layouts, cached tensors."""
