@@ -1,0 +1,36 @@
+# The README's two commands:
+#   make course   set up .venv, run every lab in quick mode, write results/ (results/README.md, summary.png)
+#   make test     set up .venv, run the test suite (what CI runs: .ci/run)
+# Other targets: make setup, make lab LAB=02 ARGS="-p workers 2", make student, make clean.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.labkit-installed
+
+.PHONY: course test setup lab student clean
+
+course: $(STAMP)
+	$(BIN)/labkit run --quick
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+setup: $(STAMP)
+
+# Re-install only when the requirements change; a fresh clone builds the venv once.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/labkit run $(LAB) $(ARGS)
+
+student: $(STAMP)
+	$(BIN)/labkit student labs/ student/
+
+clean:
+	rm -rf results/executed results/0* results/README.md.tmp student/

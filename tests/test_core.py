@@ -1,0 +1,122 @@
+"""env, files, timing and results: the helpers every lab uses."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit import env, files, results, timing
+
+
+def test_pick_device_auto_and_explicit():
+    assert env.pick_device("cpu") == torch.device("cpu")
+    auto = env.pick_device("auto")
+    assert auto.type in {"cuda", "mps", "cpu"}
+    if not torch.cuda.is_available():
+        assert auto.type in {"mps", "cpu"}
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            env.pick_device("cuda")
+    with pytest.raises(ValueError, match="'tpu'"):
+        env.pick_device("tpu")
+
+
+def test_amp_is_off_on_cpu_by_default():
+    cpu = torch.device("cpu")
+    assert env.amp_dtype("auto", cpu) is None
+    assert env.amp_dtype(False, cpu) is None
+    assert env.amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        env.amp_dtype("fp16", cpu)
+
+
+def test_seed_everything_repeats_random_draws():
+    env.seed_everything(3)
+    a = torch.rand(4)
+    env.seed_everything(3)
+    assert torch.equal(a, torch.rand(4))
+
+
+def test_environment_summary_fields():
+    info = env.environment("cpu", world_size=2)
+    for key in ("python", "torch", "cpu_count", "device", "device_name", "world_size"):
+        assert key in info
+    assert info["world_size"] == 2 and info["device"] == "cpu"
+
+
+def test_project_root_finds_the_course_from_a_subfolder(tmp_path, monkeypatch):
+    (tmp_path / "labs").mkdir()
+    (tmp_path / "labkit").mkdir()
+    sub = tmp_path / "results" / "executed"
+    sub.mkdir(parents=True)
+    monkeypatch.delenv("LABKIT_HOME", raising=False)
+    monkeypatch.chdir(sub)
+    assert env.project_root() == tmp_path.resolve()
+    assert env.resolve_path("data/x") == tmp_path.resolve() / "data" / "x"
+    assert env.resolve_path("/abs/y") == Path("/abs/y")
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    files.write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_path_replaces_a_folder_whole(tmp_path):
+    target = tmp_path / "folder"
+    with files.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("1")
+    with files.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_timer_and_throughput():
+    t = timing.Timer()
+    for _ in range(3):
+        with t():
+            sum(range(1000))
+    assert len(t.times) == 3 and t.sum() >= t.avg() >= 0
+    assert t.cumsum()[-1] == pytest.approx(t.sum())
+    assert timing.throughput(100, 2.0) == 50 and timing.throughput(5, 0) == 0
+    assert timing.format_seconds(75.2) == "1m 15s" and timing.format_seconds(3.21) == "3.2s"
+    with pytest.raises(RuntimeError):
+        timing.Timer().stop()
+
+
+def test_record_round_trip(results_tmp):
+    rec = results.RunRecord(lab="01_baseline", params={"epochs": 2}, env={"device": "cpu", "world_size": 1},
+                            data={"synthetic": True},
+                            epochs=[{"epoch": 1, "loss": 1.2, "seconds": 3.0}, {"epoch": 2, "loss": 0.9, "seconds": 2.0}],
+                            final={"test_acc": torch.tensor(0.625)})
+    plot = results.lab_dir("01_baseline") / "curves.png"
+    plot.write_bytes(b"png")
+    rec.add_artifact(plot)
+    path = results.save(rec)
+    assert path.parent == results_tmp / "01_baseline"
+    back = results.load_record(path)
+    assert back.final["test_acc"] == pytest.approx(0.625) and back.artifacts == ["01_baseline/curves.png"]
+    assert results.latest("01_baseline").run_id == rec.run_id
+    df = results.load()
+    assert list(df["lab"]) == ["01_baseline"] and df.loc[0, "test_acc"] == pytest.approx(0.625)
+    assert list(results.epochs_frame(back)["loss"]) == [1.2, 0.9]
+    assert results.latest("02_ray") is None
+
+
+def test_result_dirs_follow_the_design_names(results_tmp):
+    assert results.lab_dir("03_imagenet_ddp_ablations").name == "03_ablations"
+    assert results.lab_dir("06_streaming_data").name == "06_streaming"
+
+
+def test_corrupt_record_is_named(results_tmp):
+    bad = results.lab_dir("01_baseline") / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json"):
+        results.load_record(bad)
