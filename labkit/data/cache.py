@@ -1,0 +1,171 @@
+"""Decode image files once and keep them as a uint8 tensor file.
+
+The seed project decoded every JPEG with PIL in every epoch. Here each image is decoded and resized
+once; the result is saved with ``torch.save`` (a dict of tensors and lists, read back with
+``torch.load(weights_only=True)``) under ``<dataset root>/.labkit_cache/`` — or, when the dataset
+folder is read-only, under ``<course>/data/.cache/``. A cache file belongs to one image size, one
+channel mode and one file list; it is rebuilt when any file's size or modification time changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from labkit.env import resolve_path
+from labkit.files import atomic_path
+
+CACHE_VERSION = 1
+CACHE_FOLDER = ".labkit_cache"
+#: The file that marks a folder as a synthetic stand-in written by labkit.
+MARKER = "LABKIT_SYNTHETIC.txt"
+#: Channel modes: PIL mode -> channels stored.
+MODES = {"L": 1, "RGB": 3}
+
+
+class UnreadableImageError(ValueError):
+    """A dataset file could not be decoded as an image (raised with ``strict=True``)."""
+
+
+def is_standin(root: str | os.PathLike) -> bool:
+    """True when ``root`` (or one of its two parents) is a labkit stand-in: it holds :data:`MARKER`."""
+    root = Path(root).resolve()
+    return any((p / MARKER).exists() for p in (root, *list(root.parents)[:2]))
+
+
+def cache_dir_for(root: str | os.PathLike) -> Path:
+    """Where the decoded tensors of the dataset at ``root`` are cached.
+
+    ``<root>/.labkit_cache`` for a stand-in labkit wrote (the folder is ours); for anything else
+    ``<course>/data/.cache/<name>-<hash>`` (or ``$LABKIT_CACHE/<name>-<hash>``): a real dataset folder is
+    never written into.
+    """
+    root = Path(root).resolve()
+    if is_standin(root):
+        folder = root / CACHE_FOLDER
+        try:
+            folder.mkdir(exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            pass
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    fallback = resolve_path(os.environ.get("LABKIT_CACHE") or "data/.cache") / f"{root.name}-{digest}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def file_stamps(root: Path, files: list[str]) -> torch.Tensor:
+    """``[N, 2]`` int64: size in bytes and modification time (ns) of each file."""
+    out = np.empty((len(files), 2), dtype=np.int64)
+    for i, name in enumerate(files):
+        st = os.stat(root / name)
+        out[i] = st.st_size, st.st_mtime_ns
+    return torch.from_numpy(out)
+
+
+def decode_image(path: str | os.PathLike, image_size: int, mode: str = "L") -> np.ndarray:
+    """One image file as uint8 ``[C, image_size, image_size]`` (PIL decode, bilinear resize).
+
+    JPEGs are decoded at a reduced scale when that is still at least ``image_size`` (``draft``).
+    """
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft(mode, (image_size, image_size))
+        im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _try_decode(args: tuple[Path, int, str]) -> np.ndarray | Exception:
+    try:
+        return decode_image(*args)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return err
+
+
+def decode_files(root: Path, files: list[str], image_size: int, mode: str = "L", strict: bool = False,
+                 progress: bool = True, desc: str = "decoding images") -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode ``files`` (relative to ``root``) with a progress bar.
+
+    Returns ``(images uint8 [K,C,S,S], kept indices [K], skipped files)``. A file that is not a
+    readable image is skipped with a warning naming it, or raises :class:`UnreadableImageError`
+    when ``strict``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {sorted(MODES)}")
+    out = np.empty((len(files), MODES[mode], image_size, image_size), dtype=np.uint8)
+    kept, skipped = [], []
+    jobs = [(root / name, image_size, mode) for name in files]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        results = pool.map(_try_decode, jobs, chunksize=32)
+        for i, res in enumerate(tqdm(results, total=len(files), desc=desc, unit="img", disable=not progress)):
+            if isinstance(res, Exception):
+                if strict:
+                    raise UnreadableImageError(f"{root / files[i]} is not a readable image ({res}). Remove or "
+                                               f"replace the file, or load with strict=False to skip it.")
+                warnings.warn(f"skipped {root / files[i]}: not a readable image ({res})", stacklevel=2)
+                skipped.append(files[i])
+                continue
+            out[len(kept)] = res
+            kept.append(i)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable file(s) of {len(files)} below {root}", stacklevel=2)
+    return torch.from_numpy(out[: len(kept)]), np.asarray(kept, dtype=np.int64), skipped
+
+
+def cache_file(root: Path, files: list[str], image_size: int, mode: str, tag: str = "images") -> Path:
+    """Where the tensors for this (image size, channel mode, file list) live."""
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, image_size, mode, files]).encode()).hexdigest()[:16]
+    return cache_dir_for(root) / f"{tag}-{image_size}px-{mode}-{key}.pt"
+
+
+def _read(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # a damaged cache is rebuilt, never trusted
+        warnings.warn(f"ignoring unreadable cache file {path} ({err}); decoding again", stacklevel=3)
+        return None
+
+
+def load_images_cached(root: str | os.PathLike, files: list[str], image_size: int, mode: str = "L", *,
+                       tag: str = "images", strict: bool = False, progress: bool = True
+                       ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Like :func:`decode_files`, but read from / written to the tensor cache.
+
+    The cache is used only when its file list and every file's size and mtime still match;
+    otherwise the files are decoded again and the cache file is replaced (atomically).
+    """
+    root = Path(root)
+    path = cache_file(root, files, image_size, mode, tag)
+    stamps = file_stamps(root, files)
+    entry = _read(path)
+    if (entry is not None and entry.get("version") == CACHE_VERSION and entry.get("files") == files
+            and torch.equal(entry.get("stamps"), stamps)):
+        skipped = list(entry["skipped"])
+        if skipped and strict:
+            raise UnreadableImageError(f"{root / skipped[0]} is not a readable image (found on an earlier load). "
+                                       f"Remove or replace the file, or load with strict=False to skip it.")
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} unreadable file(s) below {root}: {skipped[:5]}", stacklevel=2)
+        return entry["images"], entry["kept"].numpy(), skipped
+    images, kept, skipped = decode_files(root, files, image_size, mode, strict, progress, desc=f"decoding {tag}")
+    entry = {"version": CACHE_VERSION, "files": list(files), "stamps": stamps, "images": images,
+             "kept": torch.from_numpy(kept), "skipped": skipped, "image_size": image_size, "mode": mode}
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(entry, tmp)
+    except OSError as err:
+        warnings.warn(f"could not write the image cache {path} ({err}); images will be decoded again next time",
+                      stacklevel=2)
+    return images, kept, skipped
