@@ -4,7 +4,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+from pathlib import Path
+
+import nbformat
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK = "nbval-check-output"
 
 # Headless plotting, quiet Ray, no accidental quick mode leaking from a developer's shell.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -19,3 +25,51 @@ def results_tmp(tmp_path, monkeypatch):
     path = tmp_path / "results"
     monkeypatch.setenv("LABKIT_RESULTS", str(path))
     return path
+
+
+def _tiny_labs(folder: Path) -> list[Path]:
+    """Two small labs in the course's cell layout (parameters, checked echo, timings, checked metric,
+    run record) for when labs/ is still empty."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, name in ((1, "01_tiny"), (2, "02_tiny")):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        code = nbformat.v4.new_code_cell
+        nb.cells = [
+            nbformat.v4.new_markdown_cell(f"# Tiny lab {number}"),
+            code("epochs = 4\nseed = 0\nquick = False", metadata={"tags": ["parameters"]}),
+            code(f'import random, time\nfrom labkit import params, results, timing\n'
+                 f'cfg = params.check("{name}", epochs=epochs, seed=seed, quick=quick)', metadata={"tags": [CHECK]}),
+            code("history = []\nfor epoch in range(cfg.epochs):\n    t0 = time.perf_counter()\n"
+                 "    time.sleep(0.01 * (1 + random.random()))\n    history.append({'epoch': epoch + 1, 'seconds': time.perf_counter() - t0})\n"
+                 "    print(f\"epoch {epoch + 1}: {timing.format_seconds(history[-1]['seconds'])}\")"),
+            code(f"random.seed(cfg.seed + {number})\nacc = sum(random.random() for _ in range(200)) / 200\n"
+                 "print(f'test_acc {acc:.3f}')", metadata={"tags": [CHECK]}),
+            code(f'rec = results.RunRecord("{name}", params=dict(cfg), env={{"device": "cpu", "world_size": {number}}},\n'
+                 '                         data={"synthetic": True}, epochs=history, final={"test_acc": acc})\n'
+                 'print("saved", results.save(rec))'),
+        ]
+        paths.append(folder / f"{name}.ipynb")
+        nbformat.write(nb, paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def course(tmp_path_factory):
+    """``labkit run --quick`` over every lab (or the tiny stand-ins), then ``labkit summary``.
+
+    Session-scoped: each lab notebook executes once per test run; lab tests read its executed copy
+    and run record, the regrade tests re-execute those copies."""
+    from labkit.course import environ, run_labs
+    from labkit.summary import write_summary
+
+    tmp = tmp_path_factory.mktemp("course")
+    labs = sorted((REPO / "labs").glob("*.ipynb")) or _tiny_labs(tmp / "labs")
+    results = tmp / "results"
+    with environ(LABKIT_RESULTS=str(results), LABKIT_HOME=str(REPO), LABKIT_QUICK=None):
+        runs = run_labs([str(p) for p in labs], quick=True, results_dir=results, echo=lambda line: print(line))
+        write_summary(results)
+        yield {"labs": labs, "runs": runs, "results": results, "tmp": tmp}
+
+

@@ -1,0 +1,191 @@
+"""The ``labkit`` command: run the course, regrade submissions, write student copies, summarise.
+
+    labkit run --quick                  # every lab in labs/, small and fast, then the summary
+    labkit run 01 02 -p epochs 5        # some labs, with a parameter for each
+    labkit regrade results/executed/*.ipynb
+    labkit student labs/ student/
+    labkit summary
+    labkit data synth                   # write the synthetic Alzheimer MRI stand-in
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Sequence
+
+DESCRIPTION = """\
+labkit runs the lab course on distributed deep learning for medical imaging.
+
+commands:
+  run       execute labs with papermill (executed copies in results/executed/), then write the summary
+  regrade   re-execute submitted notebooks with nbval and check that their checked outputs reproduce
+  student   write student copies of the labs: solutions replaced by stubs, outputs cleared
+  summary   write results/README.md and results/summary.png from every run record
+  data      dataset helpers (data synth: write the synthetic Alzheimer MRI stand-in)
+
+Run `labkit COMMAND --help` for the options of a command.
+"""
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=90)
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="labkit", description=DESCRIPTION, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", formatter_class=fmt, help="execute labs with papermill, then summarise",
+                         description=_wrap("Execute lab notebooks in order with papermill on this environment's Python "
+                                           "kernel, from the course folder. Each executed copy is written to "
+                                           "RESULTS/executed/<lab>.ipynb; one line per lab says ok or FAILED and how long "
+                                           "it took, a table at the end names the cell where a lab failed, and the results "
+                                           "summary is written. Exit status 1 when any lab failed."),
+                         epilog="examples:\n  labkit run --quick\n  labkit run 01 02_ray -p epochs 5 -p device cpu\n"
+                                "  labkit run labs/01_baseline.ipynb --results /tmp/results")
+    run.add_argument("labs", nargs="*", metavar="LAB",
+                     help="lab number (01), name (01_baseline) or notebook path; default: every labs/*.ipynb, sorted")
+    run.add_argument("--quick", action="store_true",
+                     help="small data, small images, few epochs (passes -p quick True and sets LABKIT_QUICK=1)")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                     help="set a notebook parameter, as with papermill -p (True/False/None, ints and floats "
+                          "are read as Python values); repeatable")
+    run.add_argument("--results", metavar="DIR", default=None,
+                     help="results folder (default: $LABKIT_RESULTS or <course>/results)")
+    run.add_argument("--labs-dir", metavar="DIR", default="labs", help="folder of lab notebooks (default: labs)")
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="fail a lab when one cell runs longer than this (default: no limit)")
+    run.add_argument("--no-summary", action="store_true", help="do not write the results summary afterwards")
+
+    regrade = sub.add_parser("regrade", formatter_class=fmt, help="re-execute notebooks with nbval and compare outputs",
+                             description=_wrap("Re-execute each submitted notebook in a fresh kernel of this environment "
+                                               "with nbval (pytest --nbval-lax) and compare the outputs of the cells tagged "
+                                               "nbval-check-output with the submitted ones, after labkit/nbval_sanitize.cfg "
+                                               "has replaced timings, dates, run ids, addresses, paths and progress bars. "
+                                               "Prints a table (notebook, cells, checked, passed, failed) and, for each "
+                                               "failure, the cell and a short diff. Exit status 1 when any notebook fails. "
+                                               "Run records of the re-execution go to a scratch folder, not results/."),
+                             epilog="example:\n  labkit regrade results/executed/*.ipynb")
+    regrade.add_argument("paths", nargs="+", metavar="PATH", help="executed notebooks to regrade")
+    regrade.add_argument("--full", action="store_true",
+                         help="compare every cell's output (nbval full mode), not only the tagged cells")
+    regrade.add_argument("--quick", action="store_true", help="set LABKIT_QUICK=1 for the re-execution")
+    regrade.add_argument("-x", "--exitfirst", action="store_true",
+                         help="stop each notebook at its first failing cell (faster; later cells are not run)")
+    regrade.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                         help="fail a cell that runs longer than this (nbval's default: 2000)")
+
+    student = sub.add_parser("student", formatter_class=fmt, help="write student copies of the labs",
+                             description=_wrap("Copy every notebook of LABS_DIR into OUTDIR with each '# BEGIN SOLUTION' ... "
+                                               "'# END SOLUTION' span replaced by raise NotImplementedError('Exercise: "
+                                               "complete this cell') (same indentation), and all outputs and execution "
+                                               "counts cleared. An unmatched marker is an error naming notebook and "
+                                               "cell; nothing is written then."),
+                             epilog="example:\n  labkit student labs/ student/")
+    student.add_argument("labs_dir", metavar="LABS_DIR", help="folder of lab notebooks with solutions")
+    student.add_argument("out_dir", metavar="OUTDIR", help="folder for the student copies (created)")
+
+    summary = sub.add_parser("summary", formatter_class=fmt, help="write results/README.md and results/summary.png",
+                             description=_wrap("Read every run record under the results folder and write README.md (what the "
+                                               "folder holds and one table: lab, device, workers, mode, time/epoch, final "
+                                               "metric, synthetic data, date) and summary.png (time per epoch and final "
+                                               "metric per lab)."))
+    summary.add_argument("--results", metavar="DIR", default=None,
+                         help="results folder (default: $LABKIT_RESULTS or <course>/results)")
+
+    data = sub.add_parser("data", formatter_class=fmt, help="dataset helpers",
+                          description=_wrap("Dataset helpers. `labkit data synth` writes the synthetic stand-in of the Kaggle "
+                                            "Alzheimer MRI dataset (same folder layout) for offline use."))
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    synth = data_sub.add_parser("synth", help="write the synthetic Alzheimer MRI stand-in",
+                                description=_wrap("Write a synthetic stand-in of the Kaggle Alzheimer MRI dataset in its real "
+                                                  "folder layout. It is learnable but not medical data. An existing real "
+                                                  "dataset is never overwritten."))
+    synth.add_argument("--data-dir", default="data/alzheimer", metavar="DIR",
+                       help="target folder, relative to the course folder (default: data/alzheimer)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same images (default: 0)")
+    synth.add_argument("--n-train", type=int, default=None, metavar="N", help="training images (default: as the real set)")
+    synth.add_argument("--n-test", type=int, default=None, metavar="N", help="test images (default: as the real set)")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from labkit.course import format_runs, parse_parameters, run_labs
+
+    params = parse_parameters(args.parameter)
+    runs = run_labs(args.labs or None, quick=args.quick, parameters=params, results_dir=args.results,
+                    labs_dir=args.labs_dir, timeout=args.timeout)
+    print()
+    print(format_runs(runs))
+    if not args.no_summary:
+        from labkit.summary import write_summary
+
+        readme, png = write_summary(args.results)
+        print(f"summary: {readme} and {png}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def _cmd_regrade(args: argparse.Namespace) -> int:
+    from labkit.regrade import format_reports, regrade
+
+    reports = regrade(args.paths, lax=not args.full, quick=args.quick, cell_timeout=args.cell_timeout,
+                      exitfirst=args.exitfirst)
+    print(format_reports(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _cmd_student(args: argparse.Namespace) -> int:
+    from labkit.student import write_student_versions
+
+    written = write_student_versions(args.labs_dir, args.out_dir)
+    for path, spans in written.items():
+        print(f"{path}  ({spans} exercise{'s' if spans != 1 else ''} stubbed)")
+    print(f"{len(written)} student notebooks written to {args.out_dir}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from labkit.summary import summary_frame, write_summary
+
+    readme, png = write_summary(args.results)
+    runs = len(summary_frame(args.results)[0])
+    print(f"{runs} run record{'s' if runs != 1 else ''} summarised: {readme} and {png}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command != "synth":
+        print("labkit data: choose an action: synth (see `labkit data --help`)", file=sys.stderr)
+        return 2
+    from labkit.data.synth_mri import write_alzheimer_standin
+    from labkit.env import resolve_path
+
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
+    root = write_alzheimer_standin(resolve_path(args.data_dir), seed=args.seed, **sizes)
+    print(f"synthetic Alzheimer MRI stand-in written to {root} (generated images, not medical data)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``labkit`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "data":
+            return _cmd_data(args)
+        return {"run": _cmd_run, "regrade": _cmd_regrade, "student": _cmd_student, "summary": _cmd_summary}[args.command](args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"labkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The labkit command: help texts, lab names, -p parsing, `labkit run` reporting a failed cell."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from labkit import cli
+from labkit.course import find_labs, format_runs, parse_parameters, parse_value
+
+COMMANDS = {"run": "papermill", "regrade": "nbval", "student": "BEGIN SOLUTION", "summary": "README.md",
+            "data": "synth", "data synth": "stand-in"}
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_explains_each_command(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command.split(), "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: labkit")
+    assert COMMANDS.get(command, "regrade") in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+    assert cli.main(["data"]) == 2
+
+
+def test_python_dash_m_labkit_works():
+    done = subprocess.run([sys.executable, "-m", "labkit", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "labkit runs the lab course" in done.stdout
+
+
+def test_parameters_are_read_like_papermill():
+    assert [parse_value(v) for v in ("3", "0.5", "1e-3", "True", "False", "None", "cpu", "[1, 2]")] == \
+        [3, 0.5, 1e-3, True, False, None, "cpu", "[1, 2]"]
+    assert parse_parameters([["epochs", "3"], ["device", "cpu"]]) == {"epochs": 3, "device": "cpu"}
+    with pytest.raises(ValueError, match="-p NAME VALUE"):
+        parse_parameters([["not a name", "3"]])
+
+
+def _notebook(path: Path, *cells: str, parameters: str = "quick = False\nepochs = 5") -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"),
+                nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+                *(nbformat.v4.new_code_cell(c) for c in cells)]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_lab_names_resolve(tmp_path):
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    for name in ("01_baseline", "02_ray", "02_ray_extra"):
+        _notebook(labs / f"{name}.ipynb")
+    assert [p.stem for p in find_labs(None, labs)] == ["01_baseline", "02_ray", "02_ray_extra"]
+    assert [p.stem for p in find_labs(["02_ray", "01"], labs)] == ["02_ray", "01_baseline"]
+    assert find_labs([str(labs / "01_baseline.ipynb")], labs)[0] == (labs / "01_baseline.ipynb").resolve()
+    with pytest.raises(ValueError, match="'02' matches several labs"):
+        find_labs(["02"], labs)
+    with pytest.raises(ValueError, match=r"'07' matches no lab .*labs: 01_baseline, 02_ray, 02_ray_extra"):
+        find_labs(["07"], labs)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_labs(["missing.ipynb"], labs)
+    with pytest.raises(FileNotFoundError, match="no lab notebooks"):
+        find_labs(None, tmp_path / "nothing")
+    assert cli.main(["run", "07", "--labs-dir", str(labs)]) == 2
+
+
+@pytest.mark.slow
+def test_run_reports_which_lab_failed_and_where(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LABKIT_QUICK", raising=False)
+    labs, res = tmp_path / "labs", tmp_path / "results"
+    labs.mkdir()
+    _notebook(labs / "01_ok.ipynb",
+              "import os, sys\nprint(sys.executable)\nprint(type(epochs).__name__, epochs, quick, os.environ.get('LABKIT_QUICK'))",
+              "from labkit import results\nrec = results.RunRecord('01_ok', params={'quick': quick}, data={'synthetic': True},\n"
+              "    epochs=[{'epoch': 1, 'seconds': 1.5}], final={'test_acc': 0.5})\nresults.save(rec)")
+    _notebook(labs / "02_fails.ipynb", "x = 1",
+              "y = x + 1\nraise ValueError(f'epochs={epochs} is wrong on purpose')", "print('never')")
+    code = cli.main(["run", "--quick", "-p", "epochs", "2", "--labs-dir", str(labs), "--results", str(res)])
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 1
+    lines = out.splitlines()
+    assert [ln.split()[:3] for ln in lines[:2]] == [["[1/2]", "01_ok", "ok"], ["[2/2]", "02_fails", "FAILED"]]
+    failed = next(ln for ln in lines if ln.startswith("02_fails") and "FAILED" in ln)
+    assert "cell 3 (In [" in failed and "`y = x + 1`: ValueError: epochs=2 is wrong on purpose" in failed
+    assert "1 of 2 labs ran cleanly" in out and "failed: 02_fails" in out
+
+    ok = nbformat.read(res / "executed" / "01_ok.ipynb", as_version=4)
+    printed = ok.cells[3].outputs[0]["text"].splitlines()   # md, parameters, injected, print
+    assert printed == [sys.executable, "int 2 True 1"]
+    bad = nbformat.read(res / "executed" / "02_fails.ipynb", as_version=4)
+    assert any(o.output_type == "error" for c in bad.cells if c.cell_type == "code" for o in c.outputs)
+    assert not [p for p in (res / "executed").iterdir() if p.name.startswith(".")]   # no partial files
+    assert "| 01_ok |" in (res / "README.md").read_text() and (res / "summary.png").is_file()
+    assert "LABKIT_QUICK" not in __import__("os").environ   # restored after the run
+
+
+def test_format_runs_without_runs():
+    assert format_runs([]) == "no labs were run"
+
+
+def test_data_synth_writes_a_small_standin(tmp_path, capsys):
+    pytest.importorskip("labkit.data.synth_mri")
+    target = tmp_path / "alz"
+    assert cli.main(["data", "synth", "--data-dir", str(target), "--n-train", "8", "--n-test", "4", "--seed", "1"]) == 0
+    assert "not medical data" in capsys.readouterr().out
+    images = list(target.rglob("*.jpg"))
+    assert len(images) == 12 and {p.parent.parent.name for p in images} == {"train", "test"}

@@ -1,0 +1,125 @@
+"""The course flow CI runs: every lab in labs/ through papermill in quick mode, then the instructor's
+regrade (nbval) on the executed copies, then the results summary.
+
+It picks up every ``labs/*.ipynb`` on its own. With no labs yet it runs two tiny stand-in labs, so
+the flow itself stays tested. Executed copies and run records go to a temporary results folder;
+data is read from (or written once into) the course's shared ``data/`` cache.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from labkit.course import environ, format_runs
+from labkit.regrade import format_reports, regrade, sanitize
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK = "nbval-check-output"
+
+
+def _texts(output: dict) -> list[tuple[dict, str]]:
+    """(container, key) pairs of an output's comparable text."""
+    if output.get("output_type") == "stream":
+        return [(output, "text")]
+    data = output.get("data", {})
+    return [(data, k) for k in ("text/plain",) if k in data]
+
+
+def _edit_checked_digit(nb: nbformat.NotebookNode) -> int | None:
+    """Change one digit of a checked output so that the change survives sanitising (like a number
+    typed in by hand), in the first checked cell that has one (so the regrade can stop early).
+    Returns the cell index."""
+    checked = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and CHECK in c.metadata.get("tags", [])]
+    for index in checked:
+        for output in nb.cells[index].outputs:
+            for box, key in _texts(output):
+                text = box[key] if isinstance(box[key], str) else "".join(box[key])
+                for match in reversed(list(re.finditer(r"\d", text))):
+                    new = text[:match.start()] + str((int(match.group()) + 1) % 10) + text[match.end():]
+                    if sanitize(new) != sanitize(text):
+                        box[key] = new
+                        return index
+    return None
+
+
+def _change_timings(nb: nbformat.NotebookNode) -> int:
+    """Change numbers in unchecked cells' text outputs (timings, progress); returns how many cells."""
+    changed = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code" or CHECK in cell.metadata.get("tags", []):
+            continue
+        for output in cell.outputs:
+            for box, key in _texts(output):
+                text = box[key] if isinstance(box[key], str) else "".join(box[key])
+                new = re.sub(r"\d+\.\d+", "99.9", text, count=1)
+                if new != text:
+                    box[key] = new
+                    changed += 1
+                    break
+    return changed
+
+
+def test_every_lab_runs_cleanly_in_quick_mode(course):
+    assert [r.lab for r in course["runs"]] == [p.stem for p in course["labs"]]
+    assert all(r.ok for r in course["runs"]), format_runs(course["runs"])
+    for run in course["runs"]:
+        nb = nbformat.read(run.output, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{run.lab}: {errors[0].ename}: {errors[0].evalue}"
+        assert any(CHECK in c.metadata.get("tags", []) for c in nb.cells), f"{run.lab} has no {CHECK} cell"
+
+
+def test_regrade_passes_on_the_executed_labs_even_with_new_timings(course):
+    folder = course["tmp"] / "submitted"
+    folder.mkdir()
+    copies = []
+    ran = [r for r in course["runs"] if r.ok]   # a lab that failed is reported by the test above
+    assert ran, format_runs(course["runs"])
+    for run in ran:
+        nb = nbformat.read(run.output, as_version=4)
+        _change_timings(nb)
+        copies.append(folder / run.output.name)
+        nbformat.write(nb, copies[-1])
+    with environ(LABKIT_RESULTS=str(course["results"]), LABKIT_HOME=str(REPO)):
+        reports = regrade(copies)
+    table = format_reports(reports)
+    print(table)
+    assert all(r.ok for r in reports), table
+    assert all(r.checked > 0 for r in reports)
+    for copy in copies:
+        assert re.search(rf"^{re.escape(copy.name)}\s.*\bok$", table, flags=re.M), table
+
+
+def test_regrade_fails_on_an_edited_checked_output_and_names_the_cell(course):
+    ran = [r for r in course["runs"] if r.ok]
+    assert ran, format_runs(course["runs"])
+    run = min(ran, key=lambda r: r.seconds)      # the quickest lab; the regrade stops at the failing cell
+    nb = nbformat.read(run.output, as_version=4)
+    index = _edit_checked_digit(nb)
+    assert index is not None, f"{run.lab}: no checked output with a digit that survives sanitising"
+    edited = course["tmp"] / "edited" / run.output.name
+    edited.parent.mkdir()
+    nbformat.write(nb, edited)
+    with environ(LABKIT_RESULTS=str(course["results"]), LABKIT_HOME=str(REPO)):
+        (report,) = regrade([edited], exitfirst=True)
+    table = format_reports([report])
+    print(table)
+    assert not report.ok
+    assert [c.cell for c in report.failures] == [index], table
+    assert f"✗ cell {index} " in table and "submitted:" in table
+
+
+def test_summary_lists_the_labs(course):
+    readme = (course["results"] / "README.md").read_text()
+    assert "This folder holds" in readme
+    for run in course["runs"]:
+        if run.ok:   # every lab saves its run record at the end (a failed lab is reported above)
+            assert f"| {run.lab} |" in readme, readme
+    assert (course["results"] / "summary.png").read_bytes().startswith(b"\x89PNG")
+    shutil.rmtree(course["tmp"] / "edited", ignore_errors=True)

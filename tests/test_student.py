@@ -1,0 +1,127 @@
+"""labkit student: solutions become stubs, outputs are cleared, and every exercise check fails on the
+stub but passes on the solution."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from labkit import cli
+from labkit.course import CurrentEnvKernelManager
+from labkit.student import STUB, SolutionMarkerError, strip_solutions, write_student_versions
+
+# Each exercise: (solution cell, check cell). The solution lines are unique strings we look for.
+EXERCISES = [
+    ('import math\n\ndef my_scale_lr(lr, world_size, rule):\n    """Scale lr for world_size workers."""\n'
+     '    # BEGIN SOLUTION\n    return {"none": lr, "linear": lr * world_size, "sqrt": lr * math.sqrt(world_size)}[rule]\n'
+     '    # END SOLUTION',
+     "exercises.check_lr_scaling(my_scale_lr)"),
+    ("def my_shard(dataset_len, world_size, rank):\n    # BEGIN SOLUTION\n"
+     "    per_rank = math.ceil(dataset_len / world_size)\n    padded = list(range(dataset_len))\n"
+     "    padded += padded[: per_rank * world_size - dataset_len]\n    return padded[rank::world_size]\n"
+     "    # END SOLUTION",
+     "exercises.check_sampler_shard(my_shard(10, 4, 3), 10, 4, 3)"),
+    ("def my_class_weights(counts):\n    # BEGIN SOLUTION\n    inverse = [1.0 / c for c in counts]\n"
+     "    return [w * len(inverse) / sum(inverse) for w in inverse]\n    # END SOLUTION",
+     "exercises.check_class_weights(my_class_weights([717, 52, 2560, 1792]), [717, 52, 2560, 1792])"),
+    ("def my_fedavg(states, sizes):\n    # BEGIN SOLUTION\n    total = sum(sizes)\n"
+     "    return {k: sum(s[k] * (n / total) for s, n in zip(states, sizes)) for k in states[0]}\n"
+     "    # END SOLUTION",
+     "exercises.check_fedavg(my_fedavg)"),
+]
+SOLUTION_LINES = ['return {"none": lr', "padded += padded", "inverse = [1.0 / c", "total = sum(sizes)"]
+
+
+def _lab(path: Path) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cells = [nbformat.v4.new_markdown_cell("# Exercises"), nbformat.v4.new_code_cell("from labkit import exercises")]
+    for solution, check in EXERCISES:
+        cells.append(nbformat.v4.new_code_cell(solution))
+        cells.append(nbformat.v4.new_code_cell(check, metadata={"tags": ["nbval-check-output"]}))
+    # Pretend the solution notebook was executed: outputs and counts must not reach students.
+    for i, cell in enumerate(c for c in cells if c.cell_type == "code"):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="✓ solved\n")]
+    nb.cells = cells
+    nbformat.write(nb, path)
+    return path
+
+
+def test_strip_solutions_keeps_indentation_and_code_outside():
+    source = ("def f(x):\n    y = x + 1\n    # BEGIN SOLUTION\n    return y * 2\n    # END SOLUTION\n\n"
+              "# BEGIN SOLUTION\nz = 3\n# END SOLUTION\nprint('after')")
+    out, spans = strip_solutions(source)
+    assert spans == 2
+    assert out == f"def f(x):\n    y = x + 1\n    {STUB}\n\n{STUB}\nprint('after')"
+    assert strip_solutions("print(1)\n") == ("print(1)\n", 0)
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("# BEGIN SOLUTION\nx = 1", "has no '# END SOLUTION'"),
+    ("x = 1\n# END SOLUTION", "without a '# BEGIN SOLUTION'"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION", "opens '# BEGIN SOLUTION' again"),
+])
+def test_unmatched_marker_names_notebook_and_cell(tmp_path, source, problem):
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("a = 1"), nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, labs / "07_broken.ipynb")
+    with pytest.raises(SolutionMarkerError, match=problem) as err:
+        write_student_versions(labs, tmp_path / "student")
+    assert "07_broken.ipynb, cell 2" in str(err.value)
+    assert not (tmp_path / "student").exists()   # nothing written
+    assert cli.main(["student", str(labs), str(tmp_path / "student")]) == 2
+
+
+def test_student_copies_have_no_solutions_and_no_outputs(tmp_path, capsys):
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    original_file = _lab(labs / "05_exercises.ipynb").read_text()
+    original = "\n".join(c.source for c in nbformat.reads(original_file, as_version=4).cells)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")]), labs / "01_plain.ipynb")
+    assert cli.main(["student", str(labs), str(tmp_path / "student")]) == 0
+    assert "(4 exercises stubbed)" in capsys.readouterr().out
+    assert (labs / "05_exercises.ipynb").read_text() == original_file     # solutions kept
+    student = nbformat.read(tmp_path / "student" / "05_exercises.ipynb", as_version=4)
+    text = "\n".join(c.source for c in student.cells)
+    for line in SOLUTION_LINES:
+        assert line in original and line not in text
+    assert "SOLUTION" not in text and text.count(STUB) == 4
+    assert "def my_scale_lr(lr, world_size, rule):" in text and '"""Scale lr for world_size workers."""' in text
+    assert all(c.outputs == [] and c.execution_count is None for c in student.cells if c.cell_type == "code")
+    assert [c.source for c in student.cells if "check_" in c.source] == [check for _, check in EXERCISES]
+    assert (tmp_path / "student" / "01_plain.ipynb").exists()
+    with pytest.raises(ValueError, match="labs folder itself"):
+        write_student_versions(labs, labs)
+
+
+def _execute(path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="python3", allow_errors=True, timeout=300,
+                   kernel_manager_class=CurrentEnvKernelManager, resources={"metadata": {"path": str(path.parent)}}).execute()
+    return nb
+
+
+@pytest.mark.slow
+def test_each_check_fails_on_the_stub_and_passes_on_the_solution(tmp_path):
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    _lab(labs / "05_exercises.ipynb")
+    write_student_versions(labs, tmp_path / "student")
+    for version, path in (("solution", labs / "05_exercises.ipynb"), ("student", tmp_path / "student" / "05_exercises.ipynb")):
+        nb = _execute(path)
+        checks = [c for c in nb.cells if "exercises.check_" in c.source]
+        assert len(checks) == len(EXERCISES)
+        for cell in checks:
+            errors = [o for o in cell.outputs if o.output_type == "error"]
+            text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+            if version == "solution":
+                assert not errors and text.startswith("✓ ") and text.count("\n") == 1, (cell.source, cell.outputs)
+            else:
+                assert errors and "✓" not in text, (cell.source, cell.outputs)
+                assert errors[0].ename in ("AssertionError", "NotImplementedError"), errors[0]
+                assert "not implemented yet" in errors[0].evalue or "Exercise: complete this cell" in errors[0].evalue
