@@ -1,0 +1,402 @@
+"""Ray Train for the labs: start or join a Ray cluster, size the run to it, train, shut down.
+
+A thin layer over Ray Train (not a re-implementation); Lab 02 uses it in a few lines::
+
+    from labkit import distributed
+    run = distributed.train_with_ray(cfg)      # cfg = labkit.params.check("02_ray", ...)
+    run.history                                 # one dict per epoch, averaged over the workers
+
+The pieces, in the order :func:`train_with_ray` uses them:
+
+- :func:`plan_scaling` — a pure function: how many workers, CPU (gloo) or GPU (NCCL), how many CPU
+  cores each. It refuses impossible requests *before* Ray starts (Ray would wait forever for CPUs
+  that do not exist) and falls back to CPU workers when there are fewer GPUs than workers.
+- :func:`ray_cluster` — a context manager: ``ray.init`` for a local cluster sized to this machine,
+  or the cluster at ``address`` / ``$RAY_ADDRESS`` (checked first, so a wrong address fails in
+  seconds), quiet logs, and ``ray.shutdown()`` on the way out, also when training fails.
+- :func:`make_trainer` — ``TorchTrainer`` with ``ScalingConfig``, ``RunConfig``, ``FailureConfig``
+  and ``CheckpointConfig``, running :func:`labkit.ray_train.train_loop_per_worker` on every worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+# Ray reads this when it is first imported: hide two harmless warnings that a busy machine triggers.
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX",
+                      "Failed to query Ray Train Controller actor state|has constructor arguments in the object store")
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from labkit import ray_train  # noqa: E402
+from labkit.env import resolve_path  # noqa: E402
+from labkit.params import ParameterError  # noqa: E402
+from labkit.results import lab_dir  # noqa: E402
+
+LAB = "02_ray"
+DEFAULT_PORTS = {"ray": 10001, "gcs": 6379}  # Ray Client (ray://host) and the cluster's GCS (host)
+
+
+# --------------------------------------------------------------------------- sizing the run
+@dataclass(frozen=True)
+class ScalingPlan:
+    """How a run is laid out: ``workers`` processes on CPU (gloo) or one GPU each (NCCL)."""
+
+    workers: int
+    use_gpu: bool
+    backend: str              # "gloo" (CPU) or "nccl" (GPU)
+    cpus_per_worker: int      # CPU cores Ray reserves for each worker (= its torch threads on CPU)
+    notice: str = ""          # why the plan differs from what was asked, if it does
+
+    def resources(self) -> dict[str, float]:
+        """``resources_per_worker`` for ``ScalingConfig``."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+    def describe(self) -> str:
+        """One line for the notebook."""
+        where = "1 GPU" if self.use_gpu else f"{self.cpus_per_worker} CPU core(s)"
+        return f"{self.workers} worker(s), {where} each, backend {self.backend}"
+
+
+def cpus_per_worker(node_cpus: Sequence[int], workers: int) -> int:
+    """The most CPU cores every worker can get when ``workers`` workers are packed onto nodes with
+    ``node_cpus`` cores (a worker lives on one node); 0 when not even one core each fits."""
+    best = 0
+    for c in range(1, max(node_cpus, default=0) + 1):
+        if sum(n // c for n in node_cpus) >= workers:
+            best = c
+    return best
+
+
+def plan_scaling(workers: int, device: str = "auto", *, node_cpus: Sequence[int], gpus: int,
+                 where: str = "this machine") -> ScalingPlan:
+    """Choose CPU/gloo or GPU/NCCL and the cores per worker for ``workers`` workers.
+
+    ``node_cpus`` lists the CPU cores of each node and ``gpus`` counts the GPUs (see
+    :func:`machine_resources` / :func:`cluster_resources`). Rules:
+
+    - GPUs are used when ``device`` allows it and there is one GPU per worker (NCCL needs its own
+      GPU per process: two workers on one GPU fail with "Duplicate GPU detected").
+    - ``device="auto"`` with fewer GPUs than workers falls back to CPU workers with gloo, and says so;
+      ``device="cuda"`` then raises instead.
+    - More workers than CPU cores raises :class:`ParameterError` at once (each worker needs a core;
+      Ray would otherwise wait for resources that never come).
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ParameterError(f"workers={workers!r}: need an integer >= 1 (one model replica per worker), "
+                             "e.g. -p workers 2.")
+    name = str(device).lower()
+    notice = ""
+    if name == "cpu":
+        use_gpu = False
+    elif name == "mps":
+        use_gpu, notice = False, "device='mps': Ray Train workers cannot share Apple's MPS device; training on CPU workers."
+    elif name == "auto" or name.startswith("cuda"):
+        use_gpu = gpus >= workers and gpus > 0
+        if not use_gpu and name.startswith("cuda"):
+            raise ParameterError(
+                f"device={device!r} with workers={workers}: {where} has {gpus} GPU(s), and NCCL needs one GPU per "
+                f"worker (two workers on one GPU fail with 'Duplicate GPU detected'). Use workers <= {gpus} "
+                "to train on GPUs, or device='auto' / 'cpu' to train on CPU workers.")
+        if not use_gpu and gpus > 0:
+            notice = (f"Notice: {workers} workers but only {gpus} GPU(s) on {where}. NCCL needs one GPU per worker "
+                      "(sharing one fails with 'Duplicate GPU detected'), so this run uses CPU workers with gloo. "
+                      f"Use workers <= {gpus} to train on the GPU(s).")
+    else:
+        raise ParameterError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'mps'.")
+
+    total = sum(node_cpus)
+    per_worker = cpus_per_worker(node_cpus, workers)
+    if per_worker == 0:
+        raise ParameterError(
+            f"workers={workers}, but {where} has {total} CPU core(s) for Ray and every worker needs at least one "
+            f"(Ray would wait forever for the missing {workers - total}). Use workers <= {total} "
+            f"(e.g. -p workers {max(total, 1)}), or connect to a bigger Ray cluster with address=... / RAY_ADDRESS.")
+    return ScalingPlan(workers=workers, use_gpu=use_gpu, backend="nccl" if use_gpu else "gloo",
+                       cpus_per_worker=per_worker, notice=notice)
+
+
+def machine_resources() -> dict[str, Any]:
+    """This machine's CPU cores (those this process may use) and CUDA GPUs, for :func:`plan_scaling`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"node_cpus": [cpus], "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+def cluster_resources() -> dict[str, Any]:
+    """CPU cores per live node and the GPUs of the Ray cluster this process is connected to."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"node_cpus": [int(n["Resources"].get("CPU", 0)) for n in nodes],
+            "gpus": int(sum(n["Resources"].get("GPU", 0) for n in nodes))}
+
+
+# --------------------------------------------------------------------------- the cluster
+def resolve_address(address: str | None = None) -> str | None:
+    """``address``, else ``$RAY_ADDRESS``, else ``None`` (= start a local cluster)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "", "local") else address.strip()
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within ``timeout_s`` seconds when nothing listens at a cluster ``address``.
+
+    Accepts ``ray://host[:10001]`` (Ray Client) and ``host[:6379]`` (the head node's GCS);
+    ``"auto"`` (a cluster started with ``ray start`` on this machine) is left to Ray.
+    Without this check ``ray.init`` retries an unreachable address for minutes.
+    """
+    if address == "auto":
+        return
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        raise ParameterError(f"address={address!r}: use 'ray://HOST:10001' (Ray Client) or 'HOST:6379' (the head "
+                             "node), not a dashboard or job-submission URL.")
+    hostport = rest if sep else address
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    port_number = int(port) if port.isdigit() else DEFAULT_PORTS["ray" if sep else "gcs"]
+    try:
+        with socket.create_connection((host.strip("[]"), port_number), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConnectionError(
+            f"address={address!r}: no Ray cluster answers at {host}:{port_number} ({exc}). Start one there with "
+            "`ray start --head`, check the host, port and firewall, or use address=None (and unset RAY_ADDRESS) "
+            "to start a local cluster on this machine.") from None
+
+
+def ray_daemon_pids(under: str | os.PathLike | None = None) -> set[int]:
+    """PIDs of Ray's cluster daemons (``raylet``, ``gcs_server``) on this machine; with ``under``,
+    only those of clusters whose files live there (``$RAY_TMPDIR``). After :func:`ray_cluster`
+    exits, none of the ones it started should be left."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            words = [proc.info["name"] or "", *(os.path.basename(a) for a in cmdline[:1])]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(w in ("raylet", "gcs_server") for w in words) and (under is None or str(under) in " ".join(cmdline)):
+            pids.add(proc.pid)
+    return pids
+
+
+def _cluster_info(address: str | None, init_seconds: float) -> dict[str, Any]:
+    import ray
+
+    res = cluster_resources()
+    return {"address": address or "local", "nodes": len(res["node_cpus"]), "cpus": sum(res["node_cpus"]),
+            "gpus": res["gpus"], "init_seconds": init_seconds, "ray": ray.__version__}
+
+
+@contextmanager
+def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: float = 5.0) -> Iterator[dict]:
+    """Start (or join) Ray for the ``with`` block and shut it down afterwards, also on errors.
+
+    ``address=None`` (and no ``$RAY_ADDRESS``) starts a local cluster sized to this machine;
+    otherwise it connects to that cluster (see :func:`check_address`; a remote cluster gets
+    labkit's code shipped to it). ``quiet`` keeps Ray's own logging to errors; the workers' output
+    (progress, epoch lines) still reaches the notebook. When Ray is already running in this process
+    (someone called ``ray.init``), it is used and left running. Yields a dict describing the cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield _cluster_info(resolve_address(address), 0.0)
+        return
+    address = resolve_address(address)
+    if address is not None:
+        check_address(address, timeout_s)
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.ERROR if quiet else logging.INFO,
+                              "include_dashboard": False}
+    if address is None:
+        res = machine_resources()
+        kwargs.update(address="local", num_cpus=sum(res["node_cpus"]), num_gpus=res["gpus"])
+    else:  # the cluster's nodes get this labkit (torch and ray must be installed there)
+        kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
+    tick = time.perf_counter()
+    tries = 1 if address else 2  # a local start can time out on a busy machine (a slow agent); try once more
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(**kwargs)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if attempt < tries:
+                print(f"Ray did not start ({exc}); trying once more ...")
+                continue
+            where = f"the cluster at {address!r}" if address else "a local Ray cluster"
+            hint = ("If that cluster uses token authentication, put its token in ~/.ray/auth_token or "
+                    "$RAY_AUTH_TOKEN." if address else
+                    "On a busy machine start-up can time out: close other heavy programs and try again.")
+            raise RuntimeError(f"Ray could not start or connect to {where}: {exc}\n{hint}") from exc
+    try:
+        yield _cluster_info(address, time.perf_counter() - tick)
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the trainer
+def worker_config(cfg: dict, plan: ScalingPlan, run_dir: Path, progress: bool = True,
+                  resume_from: str | os.PathLike | None = None) -> dict:
+    """The ``train_loop_config`` every worker receives: the lab's parameters with absolute paths
+    (Ray workers run in their own working directory) and the cores each worker may use."""
+    keys = ("epochs", "batch_size", "lr", "lr_scaling", "image_size", "data", "max_train", "max_test", "seed",
+            "fail_at_epoch")
+    config = {k: cfg.get(k) for k in keys}
+    config.update(data_dir=str(resolve_path(cfg.get("data_dir", "data/alzheimer")).resolve()),
+                  lr_scaling=cfg.get("lr_scaling") or "none", data=cfg.get("data") or "auto",
+                  run_dir=str(run_dir), threads=plan.cpus_per_worker, progress=progress,
+                  resume_from=str(resume_from) if resume_from else None)
+    return config
+
+
+def make_trainer(cfg: dict, plan: ScalingPlan, *, run_dir: Path, keep: int = 2, max_failures: int = 1,
+                 progress: bool = True, resume_from: str | os.PathLike | None = None):
+    """A ``TorchTrainer`` that runs :func:`labkit.ray_train.train_loop_per_worker` on ``plan.workers``
+    workers, stores checkpoints under ``run_dir`` (keeping the last ``keep``) and restarts the
+    workers up to ``max_failures`` times after a crash."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        ray_train.train_loop_per_worker,
+        train_loop_config=worker_config(cfg, plan, run_dir, progress, resume_from),
+        torch_config=TorchConfig(backend=plan.backend, timeout_s=300),      # a hung peer fails, not hangs
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker=plan.resources()),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=max_failures),     # restart the workers after a crash
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),        # only the last `keep` checkpoints
+            logging_config=LoggingConfig(log_level="WARNING")),          # Ray Train's own INFO lines off
+    )
+
+
+@dataclass
+class RayRun:
+    """The outcome of :func:`train_with_ray`: per-epoch history, timings and Ray's ``Result``."""
+
+    history: list[dict]
+    plan: ScalingPlan
+    run_dir: Path
+    fit_seconds: float                 # trainer.fit(), from the call to its return
+    cluster: dict = field(default_factory=dict)
+    restarts: int = 0
+    result: Any = None                 # ray.train.Result
+
+    @property
+    def checkpoint(self):
+        """The latest checkpoint (``ray.train.Checkpoint``) of the run."""
+        return self.result.checkpoint if self.result is not None else None
+
+    @property
+    def metrics_dataframe(self) -> pd.DataFrame | None:
+        """Ray's own table of reported metrics: in Train V2 only those reported with a checkpoint
+        that is still kept (the last ``keep`` epochs); :attr:`history` has every epoch."""
+        return self.result.metrics_dataframe if self.result is not None else None
+
+    def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Load the final weights (from :attr:`checkpoint`) into ``model`` and return it."""
+        ray_train.restore(self.checkpoint, model)
+        return model
+
+    def summary(self) -> dict:
+        """Headline numbers for the run record (``seconds`` = training time per epoch, as in Lab 01)."""
+        seconds = [r["seconds"] for r in self.history]
+        last = self.history[-1] if self.history else {}
+        return {"test_acc": last.get("val_acc"), "test_loss": last.get("val_loss"),
+                "total_seconds": sum(seconds), "seconds_per_epoch": sum(seconds) / max(len(seconds), 1),
+                "fit_seconds": self.fit_seconds, "init_seconds": self.cluster.get("init_seconds"),
+                "startup_seconds": self.fit_seconds - sum(r.get("epoch_s", 0.0) for r in self.history),
+                "restarts": self.restarts, "workers": self.plan.workers, "backend": self.plan.backend}
+
+
+def default_run_name() -> str:
+    """A new run folder name (Train V2 resumes a run whose name already exists, so names are unique)."""
+    return datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
+
+
+def prepare_data(cfg: dict):
+    """Load (and, the first time, write and cache) the dataset on the driver, before any worker
+    starts, so that the workers only read the cache instead of racing to write it."""
+    from labkit.data.alzheimer import load_alzheimer
+
+    return load_alzheimer(data=cfg.get("data") or "auto", data_dir=cfg.get("data_dir", "data/alzheimer"),
+                          image_size=cfg["image_size"], max_train=cfg.get("max_train"),
+                          max_test=cfg.get("max_test"), seed=cfg.get("seed", 0), progress=False)
+
+
+def train_with_ray(cfg: dict, *, storage: str | os.PathLike | None = None, name: str | None = None,
+                   keep: int = 2, max_failures: int = 1, progress: bool = True, quiet: bool = True,
+                   resume_from: str | os.PathLike | None = None, data_ready: bool = False) -> RayRun:
+    """Train Lab 01's model with Ray Train on ``cfg.workers`` workers and return a :class:`RayRun`.
+
+    ``cfg`` holds the lab's parameters (workers, epochs, batch_size, lr, lr_scaling, image_size,
+    device, data, data_dir, seed, address, fail_at_epoch, max_train, max_test). Checkpoints go to
+    ``storage/name`` (default ``results/02_ray/ray/run-<time>``). A bad ``workers``/``device``
+    or an unreachable ``address`` fails before any worker starts; Ray is shut down at the end,
+    whatever happens. ``data_ready=True`` skips loading the data on the driver first.
+    """
+    address = resolve_address(cfg.get("address"))
+    plan = None
+    if address is None:  # fail fast, before Ray starts
+        plan = plan_scaling(cfg["workers"], cfg.get("device", "auto"), **machine_resources())
+    run_dir = Path(storage or lab_dir(LAB) / "ray").resolve() / (name or default_run_name())
+    if not data_ready:
+        prepare_data(cfg)
+    with ray_cluster(address, quiet=quiet) as cluster:
+        if plan is None:
+            plan = plan_scaling(cfg["workers"], cfg.get("device", "auto"), **cluster_resources(),
+                                where=f"the cluster at {address}")
+        if plan.notice:
+            print(plan.notice)
+        trainer = make_trainer(cfg, plan, run_dir=run_dir, keep=keep, max_failures=max_failures,
+                               progress=progress, resume_from=resume_from)
+        tick = time.perf_counter()
+        try:
+            if progress:
+                with ray_train.ProgressBars(run_dir, cfg["epochs"]):
+                    result = trainer.fit()
+            else:
+                result = trainer.fit()
+        except Exception as exc:
+            raise RuntimeError(
+                f"Ray Train failed after {ray_train.count_attempts(run_dir)} attempt(s) "
+                f"(max_failures={max_failures}): {exc}\nRun folder: {run_dir}") from exc
+        fit_seconds = time.perf_counter() - tick
+    return RayRun(history=list(result.return_value or []), plan=plan, run_dir=run_dir, fit_seconds=fit_seconds,
+                  cluster=cluster, restarts=max(ray_train.count_attempts(run_dir) - 1, 0), result=result)
+
+
+def sweep(cfg: dict, workers: Sequence[int], **kwargs: Any) -> list[RayRun]:
+    """Train once per worker count in ``workers`` (one Ray start for all) for a speedup plot."""
+    counts = [int(w) for w in workers]
+    if resolve_address(cfg.get("address")) is None:
+        for w in counts:  # check every count before spending minutes on the first
+            plan_scaling(w, cfg.get("device", "auto"), **machine_resources())
+    prepare_data(cfg)
+    with ray_cluster(cfg.get("address"), quiet=kwargs.get("quiet", True)):
+        return [train_with_ray({**cfg, "workers": w, "fail_at_epoch": None}, data_ready=True, **kwargs)
+                for w in counts]
+
+
+def speedup_table(runs: Sequence[RayRun]) -> pd.DataFrame:
+    """Seconds per epoch, throughput, speedup and parallel efficiency of runs with different worker
+    counts, relative to the run with the fewest workers (efficiency 1 = perfect scaling)."""
+    rows = [{"workers": r.plan.workers, "seconds_per_epoch": r.summary()["seconds_per_epoch"],
+             "images_per_s": sum(h["images_per_s"] for h in r.history) / len(r.history)} for r in runs]
+    df = pd.DataFrame(rows).sort_values("workers").reset_index(drop=True)
+    base = df.iloc[0]
+    df["speedup"] = base["seconds_per_epoch"] / df["seconds_per_epoch"]
+    df["efficiency"] = df["speedup"] / (df["workers"] / base["workers"])
+    return df

@@ -1,0 +1,268 @@
+"""Lab 02's Ray layer: sizing (pure), checkpoints and resume, fail-fast errors, clean shutdown.
+
+Most tests start no Ray cluster. The training function runs for real in Ray Train's *local mode*
+(``ScalingConfig(num_workers=0)``: same process, no cluster). Only the shutdown test starts Ray.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import psutil
+import pytest
+import torch
+
+from labkit import distributed, ray_train
+from labkit.params import ParameterError, check
+from labkit.train import scale_lr
+
+@pytest.fixture
+def ray_tmp(monkeypatch):
+    """A private Ray folder (short: Ray's socket paths must stay under ~100 characters), so that the
+    daemons of this test's cluster can be told from those of any other Ray on the machine."""
+    folder = tempfile.mkdtemp(prefix="lkt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- sizing (pure)
+def test_cpu_only_machine_uses_gloo_and_splits_the_cores():
+    two = distributed.plan_scaling(2, "auto", node_cpus=[2], gpus=0)
+    one = distributed.plan_scaling(1, "auto", node_cpus=[2], gpus=0)
+    assert (two.use_gpu, two.backend, two.cpus_per_worker, two.notice) == (False, "gloo", 1, "")
+    assert one.cpus_per_worker == 2 and one.resources() == {"CPU": 2}
+
+
+def test_one_gpu_per_worker_uses_nccl():
+    plan = distributed.plan_scaling(2, "auto", node_cpus=[8], gpus=2)
+    assert (plan.use_gpu, plan.backend) == (True, "nccl")
+    assert plan.resources() == {"CPU": 4, "GPU": 1}
+
+
+def test_more_workers_than_gpus_falls_back_to_cpu_with_a_notice():
+    plan = distributed.plan_scaling(2, "auto", node_cpus=[8], gpus=1)
+    assert (plan.use_gpu, plan.backend) == (False, "gloo")
+    assert "Duplicate GPU" in plan.notice and "workers <= 1" in plan.notice
+
+
+def test_explicit_cuda_with_too_few_gpus_refuses_and_says_why():
+    with pytest.raises(ParameterError, match="one GPU per"):
+        distributed.plan_scaling(2, "cuda", node_cpus=[8], gpus=1)
+    with pytest.raises(ParameterError, match="0 GPU"):
+        distributed.plan_scaling(1, "cuda", node_cpus=[8], gpus=0)
+
+
+def test_cpu_device_never_uses_gpus():
+    plan = distributed.plan_scaling(2, "cpu", node_cpus=[8], gpus=4)
+    assert not plan.use_gpu and plan.backend == "gloo"
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 2.0])
+def test_workers_must_be_a_positive_int(workers):
+    with pytest.raises(ParameterError, match="workers"):
+        distributed.plan_scaling(workers, node_cpus=[2], gpus=0)
+
+
+def test_workers_zero_is_rejected_by_the_lab_parameters():
+    with pytest.raises(ParameterError, match="'workers' = 0"):
+        check("02_ray", workers=0, show=False)
+
+
+def test_more_workers_than_cores_fails_with_what_to_do():
+    with pytest.raises(ParameterError) as err:
+        distributed.plan_scaling(64, node_cpus=[2], gpus=0)
+    text = str(err.value)
+    assert "workers=64" in text and "2 CPU" in text and "workers <= 2" in text
+
+
+def test_cores_per_worker_packs_workers_onto_nodes():
+    assert distributed.cpus_per_worker([4, 2], 2) == 2
+    assert distributed.cpus_per_worker([4, 2], 3) == 2
+    assert distributed.cpus_per_worker([4, 2], 4) == 1
+    assert distributed.cpus_per_worker([4, 2], 7) == 0
+    assert distributed.cpus_per_worker([], 1) == 0
+
+
+# --------------------------------------------------------------------------- fail fast, leave nothing behind
+@pytest.fixture
+def lab_cfg(tmp_path):
+    return check("02_ray", workers=2, epochs=2, batch_size=16, lr=1e-3, lr_scaling="none", image_size=32,
+                 device="cpu", data="synthetic", data_dir=str(tmp_path / "data"), quick=False, seed=0,
+                 address=None, fail_at_epoch=None, show=False)
+
+
+def test_too_many_workers_fail_before_ray_starts(lab_cfg, tmp_path, ray_tmp):
+    import ray
+
+    with pytest.raises(ParameterError, match="workers=64"):
+        distributed.train_with_ray({**lab_cfg, "workers": 64}, storage=tmp_path / "ray")
+    assert not ray.is_initialized()
+    assert distributed.ray_daemon_pids(ray_tmp) == set()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_unreachable_address_fails_fast_with_a_clear_message(lab_cfg, tmp_path, address, ray_tmp):
+    import ray
+
+    with pytest.raises(ConnectionError, match="no Ray cluster answers at 127.0.0.1:1"):
+        distributed.train_with_ray({**lab_cfg, "address": address}, storage=tmp_path / "ray", data_ready=True)
+    assert not ray.is_initialized()
+    assert distributed.ray_daemon_pids(ray_tmp) == set()
+
+
+def test_ray_address_environment_variable_is_used(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert distributed.resolve_address(None) == "127.0.0.1:1"
+    assert distributed.resolve_address("head:6379") == "head:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert distributed.resolve_address(None) is None and distributed.resolve_address("local") is None
+
+
+def test_dashboard_url_is_not_a_cluster_address():
+    with pytest.raises(ParameterError, match="ray://HOST:10001"):
+        distributed.check_address("http://head:8265")
+
+
+@pytest.mark.slow
+def test_ray_is_shut_down_when_the_block_fails(ray_tmp):
+    import ray
+
+    with pytest.raises(RuntimeError, match="training broke"):
+        with distributed.ray_cluster() as cluster:
+            assert ray.is_initialized() and cluster["cpus"] >= 1
+            assert distributed.ray_daemon_pids(ray_tmp), "a local cluster should run its own raylet"
+            raise RuntimeError("training broke")
+    assert not ray.is_initialized()
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in distributed.ray_daemon_pids(ray_tmp)], timeout=20)
+    assert not alive, f"Ray daemons still running after shutdown: {alive}"
+
+
+# --------------------------------------------------------------------------- worker-side pieces
+def test_workers_scale_the_learning_rate_with_the_chosen_rule():
+    for rule in ("none", "linear", "sqrt"):
+        for world in (1, 2, 4):
+            assert ray_train.worker_lr({"lr": 1e-3, "lr_scaling": rule}, world) == scale_lr(1e-3, world, rule)
+    assert ray_train.worker_lr({"lr": 1e-3, "lr_scaling": "linear"}, 4) == pytest.approx(4e-3)
+
+
+def test_evaluation_shards_cover_every_index_once():
+    shards = [ray_train.shard_indices(11, r, 3) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+    assert shards[1] == [1, 4, 7, 10]
+    with pytest.raises(ValueError, match="rank=3"):
+        ray_train.shard_indices(11, 3, 3)
+
+
+def test_single_process_epoch_statistics_pass_through():
+    train = {"loss": 1.0, "acc": 0.5, "images": 10, "seconds": 2.0, "data_s": 0.5, "compute_s": 1.5}
+    val = {"loss": 0.8, "acc": 0.6, "images": 5, "seconds": 0.3}
+    row = ray_train.reduce_epoch(train, val, None, torch.device("cpu"))
+    assert row["loss"] == pytest.approx(1.0) and row["val_acc"] == pytest.approx(0.6)
+    assert row["images"] == 10 and row["images_per_s"] == pytest.approx(5.0) and row["sync_s"] is None
+
+
+def tiny_model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_checkpoint_restores_weights_optimizer_epoch_and_history(tmp_path):
+    from ray.train import Checkpoint
+
+    model, opt = tiny_model_and_optimizer(0)
+    history = [{"epoch": 1, "loss": 1.2}, {"epoch": 2, "loss": 0.9}]
+    ray_train.save_checkpoint(tmp_path, model, opt, epoch=2, history=history)
+    fresh, fresh_opt = tiny_model_and_optimizer(1)
+    assert not torch.equal(fresh[0].weight, model[0].weight)
+    done, restored = ray_train.restore(Checkpoint.from_directory(str(tmp_path)), fresh, fresh_opt)
+    assert (done, restored) == (2, history)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert ray_train.restore(None, fresh) == (0, [])
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        ray_train.restore(tmp_path / "nothing", fresh)
+
+
+def test_the_crash_happens_once_halfway_through_the_epoch_on_the_last_rank(tmp_path, monkeypatch):
+    class Crashed(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Crashed(code)
+
+    monkeypatch.setattr(ray_train.os, "_exit", fake_exit)
+    loader = list(range(10))
+    assert list(ray_train.crash_halfway(loader, 2, 2, rank=0, world_size=2, run_dir=tmp_path)) == loader
+    assert list(ray_train.crash_halfway(loader, 2, 1, rank=1, world_size=2, run_dir=tmp_path)) == loader
+    assert list(ray_train.crash_halfway(loader, None, 2, rank=1, world_size=2, run_dir=tmp_path)) == loader
+    seen = []
+    with pytest.raises(Crashed):
+        for batch in ray_train.crash_halfway(loader, 2, 2, rank=1, world_size=2, run_dir=tmp_path):
+            seen.append(batch)
+    assert seen == [0, 1, 2, 3, 4] and (tmp_path / ray_train.CRASH_MARKER).exists()
+    # the restarted worker trains on
+    assert list(ray_train.crash_halfway(loader, 2, 2, rank=1, world_size=2, run_dir=tmp_path)) == loader
+
+
+def test_attempts_are_counted_across_restarts(tmp_path):
+    assert ray_train.count_attempts(tmp_path / "run") == 0
+    assert [ray_train.record_attempt(tmp_path / "run") for _ in range(3)] == [1, 2, 3]
+    assert ray_train.count_attempts(tmp_path / "run") == 3
+
+
+def run_local_mode(config: dict):
+    """The real training function under Ray Train's local mode (one process, no cluster)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(ray_train.train_loop_per_worker, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=0), run_config=RunConfig(name="local-test"))
+    return trainer.fit().return_value
+
+
+def test_training_function_resumes_after_the_last_checkpointed_epoch(lab_cfg, tmp_path):
+    from labkit.data.synth_mri import write_alzheimer_standin
+    from labkit.models.cnn import AlzheimerCNN
+
+    write_alzheimer_standin(lab_cfg["data_dir"], n_train=48, n_test=24, size=(40, 40), progress=False)
+    distributed.prepare_data(lab_cfg)
+    plan = distributed.plan_scaling(1, "cpu", node_cpus=[1], gpus=0)
+    config = distributed.worker_config(lab_cfg, plan, tmp_path / "run", progress=False)
+
+    # A checkpoint "from before the crash": epoch 1 finished, with its history row.
+    torch.manual_seed(0)
+    model = AlzheimerCNN(num_classes=4, image_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    earlier = {"epoch": 1, "loss": 9.99, "attempt": 1}
+    ray_train.save_checkpoint(tmp_path / "ckpt", model, optimizer, epoch=1, history=[earlier])
+
+    history = run_local_mode({**config, "epochs": 2, "resume_from": str(tmp_path / "ckpt")})
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[0] == earlier                    # the finished epoch is kept, not retrained
+    assert history[1]["loss"] != earlier["loss"] and 0.0 <= history[1]["val_acc"] <= 1.0
+    assert history[1]["images"] == 48 and history[1]["val_images"] == 24
+    assert history[1]["lr"] == pytest.approx(scale_lr(1e-3, 1, "none"))
+
+    fresh = run_local_mode({**config, "epochs": 1})
+    assert [row["epoch"] for row in fresh] == [1] and fresh[0]["attempt"] == 2
+
+
+def test_driver_progress_bars_follow_the_progress_file(tmp_path):
+    writer = ray_train.ProgressFile(tmp_path, epochs=3, done=1, every_s=0.0)
+    bars = ray_train.ProgressBars(tmp_path, epochs=3)
+    bars.refresh()
+    assert bars.epoch_bar.n == 1                                  # resumed after epoch 1
+    for _ in writer.batches(range(4), epoch=2, total=4):
+        pass
+    bars.refresh()
+    assert (bars.batch_bar.n, bars.batch_bar.total) == (4, 4) and "epoch 2/3" in bars.batch_bar.desc
+    writer.epoch_done({"epoch": 2, "epoch_s": 1.0, "loss": 1.0, "acc": 0.5, "val_acc": 0.5}, str)
+    with bars:                                                    # the thread starts and stops cleanly
+        pass
+    assert bars.epoch_bar.n == 2
