@@ -1,0 +1,417 @@
+"""Lab 03's training: seed 002's ImageNet recipe on DDP ranks, as a Python API and as a command.
+
+    python -m labkit.imagenet --world-size 2 --quick                      # a 1-minute CPU run
+    python -m labkit.imagenet --world-size 4 --data-dir /data/ILSVRC --model resnet50 \\
+        --epochs 90 --batch-size 256 --lr 3e-4 --drop-path-rate 0.2 --use-blurpool
+    python -m labkit.imagenet --resume results/03_ablations/checkpoints/run/last.pt
+
+The notebook calls :func:`run_ablations` with a list of configs: one process group runs them all
+(spawn and rendezvous are paid once). Each rank runs :func:`labkit.train.train_one_epoch`
+unchanged, with the recipe's parts (:mod:`labkit.recipe`) plugged into its hooks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from labkit import ddp, recipe
+from labkit.env import amp_dtype as resolve_amp_dtype
+from labkit.env import environment, seed_everything
+from labkit.params import QUICK, ParameterError, Rule
+from labkit.recipe import MODELS, SWITCH_RULES, AblationConfig, make_config, peak_lr, schedule
+from labkit.train import evaluate, train_one_epoch
+
+LAB = "03_imagenet_ddp_ablations"
+
+
+def ablation_configs(ablations: list[dict], **base) -> list[AblationConfig]:
+    """Configs for the notebook's ``ablations`` list: each dict (``name`` + switches) over ``base``."""
+    if not isinstance(ablations, (list, tuple)) or not ablations:
+        raise ParameterError(f"{LAB}: ablations must be a non-empty list of dicts, got {ablations!r}.")
+    configs = []
+    for i, item in enumerate(ablations):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ParameterError(f"{LAB}: ablations[{i}] = {item!r} must be a dict with a 'name' and switches.")
+        configs.append(make_config({**base, **item}))
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ParameterError(f"{LAB}: ablation names must be unique, got {names}.")
+    return configs
+
+
+#: Rules for the notebook's own parameters: ``labkit.params.check(LAB, rules=LAB_RULES, ...)``.
+LAB_RULES: dict[str, Rule] = {
+    "model": SWITCH_RULES["model"], "width": SWITCH_RULES["width"],
+    "progressive_sizes": SWITCH_RULES["progressive_sizes"],
+    "layout": Rule(str, choices=("auto", "ilsvrc", "tiny-imagenet", "plain")),
+    "standin_classes": Rule(int, 2, 1000, help="classes of the synthetic stand-in"),
+    "lr_finder_steps": Rule(int, 0, 10_000, help="batches of the LR range test (0 = skip it)"),
+    "ablations": Rule(list, help="named configs: [{'name': ..., '<switch>': value, ...}, ...]"),
+}
+
+
+def prepare(cfg: dict) -> list[AblationConfig]:
+    """The lab's ablation configs from its checked parameters (``cfg`` from ``labkit.params.check``).
+
+    Quick mode also shrinks the network (ResNet-18, width ≤ 0.25, batch ≤ 64) so that every
+    ablation takes seconds on a CPU; ``cfg`` is updated in place so the echo shows what runs.
+    """
+    if cfg.get("quick"):
+        cfg.update(model="resnet18", width=min(cfg["width"], 0.25), batch_size=min(cfg["batch_size"], 64),
+                   lr_finder_steps=min(cfg.get("lr_finder_steps", 0), 30))
+        if cfg.get("progressive_sizes"):
+            cfg["progressive_sizes"] = sorted({min(s, cfg["image_size"]) for s in cfg["progressive_sizes"]}
+                                              | {cfg["image_size"]})
+    keys = ("model", "width", "image_size", "progressive_sizes", "epochs", "batch_size", "lr", "lr_scaling",
+            "amp", "seed")
+    return ablation_configs(cfg["ablations"], **{k: cfg[k] for k in keys if k in cfg})
+
+
+def slug(name: str) -> str:
+    """A folder name for a run name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+# --------------------------------------------------------------------------- one rank
+def _shard(indices: torch.Tensor, rank: int, world_size: int) -> list[int]:
+    """Every ``world_size``-th index from ``rank``: an exact split for evaluation (no padding)."""
+    return indices[rank::world_size].tolist()
+
+
+def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: AblationConfig,
+                  options: dict) -> dict:
+    """Train and validate one config on this rank; rank 0 returns the history and final metrics."""
+    from labkit.models.resnet import resnet
+
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    num_classes = len(data.classes)
+    model = resnet(MODELS[cfg.model], num_classes, cfg.variant, cfg.drop_path_rate, cfg.use_blurpool,
+                   cfg.width, small_input=cfg.image_size < 128).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = resolve_amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    ema = recipe.make_ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+
+    plan = schedule(cfg)
+    train_set = data.splits["train"]
+    sampler = DistributedSampler(range(len(train_set.labels)), num_replicas=world_size, rank=rank,
+                                 shuffle=True, seed=cfg.seed)
+    if max(bs for _, bs in plan) > sampler.num_samples:
+        raise ValueError(f"{cfg.name}: batch size {max(bs for _, bs in plan)} > {sampler.num_samples} training images "
+                         "per rank; lower batch_size or raise max_train.")
+    steps = [sampler.num_samples // bs for _, bs in plan]  # drop_last=True
+    lr = peak_lr(cfg, world_size)
+    optimizer = recipe.make_optimizer(model, lr, cfg.weight_decay)
+    scheduler = recipe.make_scheduler(optimizer, lr, sum(steps), cfg.pct_start)
+    mix = recipe.mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix)
+    train_loss, eval_loss = recipe.loss_fn(cfg.label_smoothing), nn.CrossEntropyLoss()
+    eval_tf = recipe.RGBTransform(cfg.image_size, train=False)
+    n_val = len(data.splits["val"].labels)
+    gap_idx = torch.randperm(len(train_set.labels), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
+    eval_bs = max(bs for _, bs in plan)
+    val_loader = data.loader("val", eval_bs, shuffle=False, sampler=_shard(torch.arange(n_val), rank, world_size))
+    gap_loader = data.loader("train", eval_bs, shuffle=False, sampler=_shard(gap_idx, rank, world_size))
+
+    history, start = [], 0
+    ckpt_path = Path(options["save_dir"]) / slug(cfg.name) / "last.pt"
+    if options.get("resume"):
+        state = ddp.load_checkpoint(options["resume"], map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history, start = list(state["history"]), int(state["epoch"])
+    if rank == 0:
+        ddp.report({"type": "start", "name": cfg.name, "epochs": cfg.epochs, "start_epoch": start})
+
+    for epoch in range(start, cfg.epochs):
+        size, bs = plan[epoch]
+        seed_everything(cfg.seed + 1009 * (epoch + 1) + rank)  # same draws whether resumed or not
+        sampler.set_epoch(epoch)
+        loader = data.loader("train", bs, shuffle=False, sampler=sampler, drop_last=True)
+        lr_now = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(net, loader, optimizer, train_loss, device=device,
+                                transform=recipe.RGBTransform(size, train=True), batch_transform=mix,
+                                amp_dtype=amp_dtype, scaler=scaler, scheduler=scheduler,
+                                grad_clip=cfg.grad_clip or None, ema=ema,
+                                progress=options.get("batch_progress", False) and rank == 0,
+                                desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}")
+        train = ddp.reduce_metrics(stats, ("loss", "acc"), device)
+        judged = ema.module if ema is not None else model
+        val = ddp.reduce_metrics(evaluate(judged, val_loader, eval_loss, device=device, transform=eval_tf,
+                                          amp_dtype=amp_dtype, topk=(1, 5)), ("loss", "acc", "top5"), device)
+        fit = ddp.reduce_metrics(evaluate(judged, gap_loader, eval_loss, device=device, transform=eval_tf,
+                                          amp_dtype=amp_dtype), ("acc",), device)
+        record = {"epoch": epoch + 1, "image_size": size, "batch_size": bs, "lr": lr_now,
+                  "loss": train["loss"], "acc": train["acc"], "train_top1": fit["acc"],
+                  "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+                  "gap": fit["acc"] - val["acc"], "seconds": train["seconds"],
+                  "images_per_s": train["images_per_s"], "val_seconds": val["seconds"]}
+        if ema is not None:
+            raw = ddp.reduce_metrics(evaluate(model, val_loader, eval_loss, device=device, transform=eval_tf,
+                                              amp_dtype=amp_dtype), ("acc",), device)
+            record["raw_val_acc"] = raw["acc"]
+        history.append(record)
+        if rank == 0:
+            ddp.save_checkpoint(ckpt_path, {
+                "format": 1, "epoch": epoch + 1, "world_size": world_size, "config": asdict(cfg),
+                "run": {**options.get("run_args", {}), "world_size": world_size},
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "ema": ema.state_dict() if ema is not None else None, "history": history})
+            ddp.report({"type": "epoch", "name": cfg.name, "epochs": cfg.epochs, **record})
+        if options.get("stop_after") and epoch + 1 >= options["stop_after"]:
+            break
+    seconds = ddp.reduce_max(time.perf_counter() - started, device)
+    if rank != 0:
+        return {}
+    last = history[-1]
+    train_s = sum(h["seconds"] for h in history[start:]) or 1e-9
+    images = sum(h["images_per_s"] * h["seconds"] for h in history[start:])
+    final = {"top1": last["val_acc"], "top5": last["val_top5"], "train_top1": last["train_top1"],
+             "gap": last["gap"], "seconds": seconds, "images_per_s": images / train_s,
+             "epochs": last["epoch"], "peak_lr": lr, "global_batch": cfg.batch_size * world_size,
+             "parameters": sum(p.numel() for p in model.parameters())}
+    return {"name": cfg.name, "config": asdict(cfg), "history": history, "final": final,
+            "checkpoint": str(ckpt_path), "world_size": world_size}
+
+
+def train_rank(rank: int, world_size: int, device: torch.device, data, configs: list[AblationConfig],
+               options: dict) -> list[dict]:
+    """The function every rank runs (:func:`labkit.ddp.launch` target): the configs one after another."""
+    return [_train_config(rank, world_size, device, data, cfg, options) for cfg in configs]
+
+
+# --------------------------------------------------------------------------- the caller's side
+class _Progress:
+    """Parent-side view of the ranks' events: a tqdm bar over all epochs and one line per epoch."""
+
+    def __init__(self, total: int, show: bool, bar: bool = True) -> None:
+        self.bar = tqdm(total=total, desc="ablations", unit="epoch", disable=not (show and bar),
+                        dynamic_ncols=True)
+        self.show = show
+
+    def __call__(self, event: dict) -> None:
+        if event.get("type") == "start" and event.get("start_epoch"):
+            self.bar.update(event["start_epoch"])
+        if event.get("type") != "epoch":
+            return
+        self.bar.update(1)
+        if self.show:
+            tqdm.write(f"{event['name']:<18} epoch {event['epoch']}/{event['epochs']} {event['image_size']:>3}px "
+                       f"loss {event['loss']:.3f}  val top-1 {event['val_acc']:.3f} top-5 {event['val_top5']:.3f}  "
+                       f"gap {event['gap']:+.3f}  {event['images_per_s']:.0f} img/s")
+
+
+def run_ablations(configs: list[AblationConfig | dict], data, *, world_size: int = 2, device: str = "auto",
+                  save_dir: str | Path | None = None, resume: str | Path | None = None,
+                  stop_after: int | None = None, progress: bool = True, batch_progress: bool = False,
+                  timeout_s: float = 600, run_args: dict | None = None) -> list[dict]:
+    """Train each config on ``world_size`` DDP ranks (one process group for all); one result each.
+
+    A result holds ``name``, ``config``, ``history`` (per-epoch dicts), ``final`` (``top1``, ``top5``,
+    ``gap`` = clean train top-1 − val top-1, ``seconds``, ``images_per_s``, …) and ``checkpoint``.
+    ``data`` is an ``ImageData`` with ``train`` and ``val`` splits (``labkit.data.imagenet.load_imagenet``).
+    ``resume`` continues the (single) config from a checkpoint; ``stop_after`` ends after that epoch.
+    ``progress`` prints one line per epoch under a bar over all epochs; ``batch_progress`` adds rank 0's
+    per-batch bar (for a terminal; the epoch bar is then left out). ``run_args`` (data options) are
+    stored in the checkpoints, so that ``--resume`` finds the same data.
+    """
+    from labkit.results import lab_dir
+
+    configs = [c if isinstance(c, AblationConfig) else make_config(c) for c in configs]
+    if resume and len(configs) != 1:
+        raise ValueError("run_ablations: resume continues one run; pass exactly one config with resume=.")
+    missing = [s for s in ("train", "val") if s not in data.splits]
+    if missing:
+        raise ValueError(f"run_ablations: the data has no {missing} split(s); it has {sorted(data.splits)}.")
+    options = {"save_dir": str(save_dir or lab_dir(LAB) / "checkpoints"), "resume": str(resume) if resume else None,
+               "stop_after": stop_after, "batch_progress": batch_progress, "run_args": dict(run_args or {})}
+    view = _Progress(sum(c.epochs for c in configs), progress, bar=not batch_progress)
+    try:
+        return ddp.launch(train_rank, world_size, (data, configs, options), device=device,
+                          timeout_s=timeout_s, on_event=view)
+    finally:
+        view.bar.close()
+
+
+def run_ablation(config: AblationConfig | dict, data, **kw) -> dict:
+    """:func:`run_ablations` for one config."""
+    return run_ablations([config], data, **kw)[0]
+
+
+def ablation_table(results: list[dict]):
+    """One row per ablation: top-1, top-5, train–val gap, seconds, images/s (a pandas DataFrame)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"ablation": r["name"], **{k: r["final"][k] for k in
+                                                    ("top1", "top5", "gap", "seconds", "images_per_s")}}
+                         for r in results])
+
+
+def plot_curves(results: list[dict], path):
+    """Learning curves of every ablation: validation top-1 and train–val gap per epoch (PNG)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from labkit.plotting import save_figure
+
+    df = pd.DataFrame([{"ablation": r["name"], **h} for r in results for h in r["history"]])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
+    for ax, (col, title) in zip(axes, (("loss", "training loss (mixed targets)"),
+                                       ("val_acc", "validation top-1"), ("gap", "train − val top-1"))):
+        sns.lineplot(data=df, x="epoch", y=col, hue="ablation", marker="o", ax=ax, legend=ax is axes[1])
+        ax.set(title=title, xlabel="epoch", ylabel=col)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------- the command
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments; recipe switches default to None (= the config default, or the checkpoint's)."""
+    p = argparse.ArgumentParser(prog="python -m labkit.imagenet", epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Seed 002's ImageNet/Tiny-ImageNet recipe on DDP ranks (gloo on CPU, "
+                                            "nccl on GPUs). Writes a checkpoint every epoch and a run record.")
+    g = p.add_argument_group("run")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="DDP processes, one GPU each on a GPU machine (default 2)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda")
+    g.add_argument("--data", default=None, choices=("auto", "real", "synthetic"),
+                   help="auto: the real dataset when found under --data-dir, else a synthetic stand-in")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with ILSVRC/, tiny-imagenet-200/ or plain train/ val/ "
+                   "(default data/tiny-imagenet; a stand-in is written there when empty)")
+    g.add_argument("--layout", default=None, help="auto | ilsvrc | tiny-imagenet | plain (default auto: detect)")
+    g.add_argument("--subset", action="store_true", default=None,
+                   help="train on a class-balanced subset (the seed's --subset)")
+    g.add_argument("--subset-size", type=int, default=None, help="images in the subset")
+    g.add_argument("--max-train", type=int, default=None, help="cap on training images")
+    g.add_argument("--max-val", type=int, default=None, help="cap on validation images")
+    g.add_argument("--standin-classes", type=int, default=None, help="classes of the synthetic stand-in (default 10)")
+    g.add_argument("--quick", action="store_true", help="2 epochs, 32 px, 1000/300 images, resnet18 width 0.25")
+    g.add_argument("--save-dir", default=None, help="checkpoint folder (default results/03_ablations/checkpoints)")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a last.pt at the next epoch, with its settings and data options")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch as if interrupted (to try --resume)")
+    g.add_argument("--timeout", type=float, default=600,
+                   help="seconds a rank waits for its peers before failing (default 600)")
+    r = p.add_argument_group("recipe (defaults: the seed's)")
+    defaults = AblationConfig()
+    for f in dataclasses.fields(AblationConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = f"{f.metadata['help']} (default {default})"
+        if isinstance(default, bool):
+            r.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name == "progressive_sizes":
+            r.add_argument(flag, type=int, nargs="+", default=None, metavar="PX", help=text)
+        elif f.name == "amp":
+            r.add_argument(flag, default=None, choices=("auto", "bf16", "fp16", "off"), help=text)
+        else:
+            r.add_argument(flag, type=type(default), default=None, help=text)
+    return p
+
+
+#: The command's data and launch options (not recipe switches); a checkpoint keeps them for --resume.
+RUN_DEFAULTS = {"world_size": 2, "data": "auto", "data_dir": "data/tiny-imagenet", "layout": "auto",
+                "subset": False, "subset_size": None, "max_train": None, "max_val": None, "standin_classes": 10}
+
+
+def _resolve(given: dict, saved: dict | None, defaults: dict, what: str, resume: str | None) -> dict:
+    """Values for ``defaults``' keys: given on the command line, else the checkpoint's, else the default.
+    On --resume a given value that differs from the checkpoint's is an error naming the switch."""
+    if saved is not None:
+        changed = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in given.items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            raise ParameterError(f"--resume {resume}: a resumed run keeps its {what}; these differ: "
+                                 f"{'; '.join(changed)}. Drop them, or start a new run without --resume.")
+    return {k: given.get(k, (saved or {}).get(k, d)) for k, d in defaults.items()}
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[AblationConfig, dict]:
+    """The run's config and data/launch options: defaults (or, on --resume, the checkpoint's)
+    overridden by the switches given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AblationConfig)
+             if getattr(args, f.name) is not None}
+    if given.get("amp") == "off":
+        given["amp"] = False
+    run_given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    saved = ddp.load_checkpoint(args.resume) if args.resume else None
+    if saved is None and args.quick:
+        quick = QUICK[LAB]
+        given.setdefault("model", "resnet18")
+        given.setdefault("width", 0.25)
+        given.setdefault("batch_size", 64)
+        given["epochs"] = min(given.get("epochs", quick["epochs"]), quick["epochs"])
+        given["image_size"] = min(given.get("image_size", quick["image_size"]), quick["image_size"])
+        run_given["max_train"] = min(run_given.get("max_train") or 10**9, quick["max_train"])
+        run_given["max_val"] = min(run_given.get("max_val") or 10**9, quick["max_test"])
+    defaults = asdict(AblationConfig())
+    cfg = _resolve(given, saved["config"] if saved else None, defaults, "recipe settings", args.resume)
+    run = _resolve(run_given, {**saved.get("run", {}), "world_size": saved["world_size"]} if saved else None,
+                   RUN_DEFAULTS, "data and world size", args.resume)
+    if run["world_size"] < 1:
+        raise ParameterError(f"--world-size {run['world_size']}: must be >= 1 (the number of DDP processes).")
+    return make_config(cfg), run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m labkit.imagenet``: train one config on DDP ranks, save checkpoints and a run record."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, run = config_from_args(args)
+    except ParameterError as exc:
+        raise SystemExit(str(exc)) from None
+    from labkit.data.imagenet import load_imagenet
+    from labkit.results import RunRecord, save
+
+    data = load_imagenet(run["data"], run["data_dir"], layout=run["layout"], image_size=cfg.image_size,
+                         subset=run["subset"], subset_size=run["subset_size"], max_train=run["max_train"],
+                         max_val=run["max_val"], standin_classes=run["standin_classes"], seed=cfg.seed)
+    ws = run["world_size"]
+    print(f"{cfg.name}: {cfg.model} ({cfg.variant}, width {cfg.width}) on {ws} rank(s), "
+          f"{len(data['train'])} train / {len(data['val'])} val images, {len(data.classes)} classes, "
+          f"peak lr {peak_lr(cfg, ws):.2e}")
+    result = run_ablation(cfg, data, world_size=ws, device=args.device, save_dir=args.save_dir, resume=args.resume,
+                          stop_after=args.stop_after, batch_progress=True, timeout_s=args.timeout, run_args=run)
+    record = RunRecord(lab=LAB, params={**asdict(cfg), **run, "resume": args.resume,
+                                        "command": "python -m labkit.imagenet"},
+                       env=environment(args.device, ws), data=data.describe(), epochs=result["history"],
+                       final=result["final"])
+    record.add_artifact(result["checkpoint"])
+    path = save(record)
+    f = result["final"]
+    print(f"top-1 {f['top1']:.3f}  top-5 {f['top5']:.3f}  train-val gap {f['gap']:+.3f}  "
+          f"{f['seconds']:.1f}s  {f['images_per_s']:.0f} img/s\ncheckpoint: {result['checkpoint']}\nrecord: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from labkit.imagenet import main as _main  # the importable module, so spawned ranks find train_rank
+
+    sys.exit(_main())

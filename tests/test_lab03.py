@@ -1,0 +1,146 @@
+"""Lab 03: the ablation configs, `python -m labkit.imagenet` (checkpoint + resume on 2 CPU ranks) and
+the quick notebook through papermill."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit import ddp, imagenet, params
+from labkit.course import format_runs
+from labkit.params import ParameterError
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = "03_imagenet_ddp_ablations"
+# A tiny run: 4 stand-in classes, 16 px, ResNet-18 at width 1/8, EMA on (its state must resume too).
+RUN = ["--world-size", "2", "--device", "cpu", "--model", "resnet18", "--width", "0.125", "--image-size", "16",
+       "--epochs", "2", "--batch-size", "16", "--ema-decay", "0.9", "--name", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from labkit.data.synth_tiny import write_tiny_imagenet_standin
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_imagenet_standin(root, num_classes=4, train_per_class=24, val_per_class=8, test_per_class=0,
+                                size=32, progress=False)
+    return root
+
+
+def test_unknown_ablation_switch_is_named():
+    with pytest.raises(ParameterError, match="'dropout'") as info:
+        imagenet.ablation_configs([{"name": "a"}, {"name": "b", "dropout": 0.1}])
+    assert "drop_path_rate" in str(info.value), "the error should list the known switches"
+
+
+def test_bad_switch_value_and_duplicate_names():
+    with pytest.raises(ParameterError, match="'variant'"):
+        imagenet.ablation_configs([{"name": "a", "variant": "wide"}])
+    with pytest.raises(ParameterError, match="unique"):
+        imagenet.ablation_configs([{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ParameterError, match="ablations"):
+        imagenet.ablation_configs([])
+
+
+def test_world_size_zero_is_refused():
+    with pytest.raises(ParameterError, match="world_size"):
+        params.check(LAB, rules=imagenet.LAB_RULES, show=False, world_size=0, ablations=[{"name": "a"}])
+    with pytest.raises(SystemExit, match="--world-size 0"):
+        imagenet.main(["--world-size", "0"])
+
+
+def test_quick_prepare_shrinks_the_model_and_keeps_every_ablation():
+    cfg = params.check(LAB, rules=imagenet.LAB_RULES, show=False, quick=True, model="resnet50", width=1.0,
+                       epochs=30, image_size=64, batch_size=128, lr=3e-4, progressive_sizes=[16, 40, 64],
+                       lr_finder_steps=100, ablations=[{"name": "a"}, {"name": "b", "ema_decay": 0.999}])
+    configs = imagenet.prepare(cfg)
+    assert [c.name for c in configs] == ["a", "b"]
+    assert all(c.model == "resnet18" and c.width == 0.25 and c.epochs == 2 and c.image_size == 32 for c in configs)
+    assert configs[0].progressive_sizes == [16, 32] and configs[1].ema_decay == 0.999
+    assert imagenet.schedule(configs[0])[-1] == (32, 32)
+
+
+def test_lr_scaling_is_used_for_the_peak_lr():
+    cfg = imagenet.make_config(lr=1e-3, lr_scaling="linear")
+    assert imagenet.peak_lr(cfg, 4) == pytest.approx(4e-3)
+    assert imagenet.peak_lr(imagenet.make_config(lr=1e-3, lr_scaling="sqrt"), 4) == pytest.approx(2e-3)
+
+
+def _state(path: Path) -> dict:
+    return ddp.load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_data, tmp_path_factory) -> Path:
+    """The command as a user runs it, stopped after epoch 1 as if interrupted: its results folder."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    env = {**os.environ, "LABKIT_RESULTS": str(tmp / "results")}
+    proc = subprocess.run([sys.executable, "-m", "labkit.imagenet", *RUN, "--data-dir", str(tiny_data),
+                           "--save-dir", str(tmp / "b"), "--stop-after", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_command_checkpoints_and_resume_continues_like_an_uninterrupted_run(tiny_data, interrupted, tmp_path,
+                                                                            results_tmp):
+    data = ["--data-dir", str(tiny_data)]
+    # 1. The interrupted run left a checkpoint after epoch 1 and its run record.
+    first = _state(interrupted / "b" / "tiny" / "last.pt")
+    assert first["epoch"] == 1 and len(first["history"]) == 1
+    records = list((interrupted / "results" / "03_ablations").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["lab"] == LAB
+
+    # 2. Resume from it: recipe, data options and world size come from the checkpoint.
+    assert imagenet.main(["--resume", str(interrupted / "b" / "tiny" / "last.pt"), "--device", "cpu",
+                          "--save-dir", str(tmp_path / "c")]) == 0
+    # 3. An uninterrupted run for reference.
+    assert imagenet.main([*RUN, *data, "--save-dir", str(tmp_path / "a")]) == 0
+    resumed, straight = _state(tmp_path / "c" / "tiny" / "last.pt"), _state(tmp_path / "a" / "tiny" / "last.pt")
+
+    assert resumed["epoch"] == straight["epoch"] == 2
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == first["history"][0], "the resumed run must keep epoch 1 from the checkpoint"
+    assert resumed["scheduler"]["last_epoch"] == straight["scheduler"]["last_epoch"] > first["scheduler"]["last_epoch"]
+    # the OneCycle peak is the default lr 3e-4 grown by the default sqrt rule for 2 ranks
+    assert straight["optimizer"]["param_groups"][0]["max_lr"] == pytest.approx(3e-4 * 2 ** 0.5)
+    steps = lambda s: sorted(float(v["step"]) for v in s["optimizer"]["state"].values())  # noqa: E731
+    assert steps(resumed) == steps(straight) and steps(resumed) != steps(first)
+    assert int(resumed["ema"]["n_averaged"]) == int(straight["ema"]["n_averaged"])
+    # Seeds are set per epoch and data order comes from DistributedSampler.set_epoch, so resuming
+    # reproduces the uninterrupted run's weights, not just its counters.
+    for key, value in straight["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-4), key
+    assert resumed["history"][1]["val_acc"] == pytest.approx(straight["history"][1]["val_acc"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_settings(interrupted, results_tmp):
+    checkpoint = str(interrupted / "b" / "tiny" / "last.pt")
+    with pytest.raises(SystemExit, match="--epochs 3"):
+        imagenet.main(["--resume", checkpoint, "--epochs", "3"])
+    with pytest.raises(SystemExit, match="world-size"):
+        imagenet.main(["--resume", checkpoint, "--world-size", "1"])
+
+
+@pytest.mark.slow
+def test_quick_notebook_runs_and_writes_record_table_plots(course):
+    """The course run of the lab (quick, through papermill, executed once by the ``course`` fixture)."""
+    run = next(r for r in course["runs"] if r.lab == LAB)
+    assert run.ok, format_runs([run])
+    results_tmp = course["results"]
+    folder = results_tmp / "03_ablations"
+    for name in ("ablations.png", "learning_curves.png", "ablations.csv", "lr_finder.png", "mixup_cutmix.png"):
+        assert (folder / name).stat().st_size > 0, name
+    records = list(folder.glob("*.json"))
+    assert len(records) == 1
+    rec = json.loads(records[0].read_text())
+    assert rec["lab"] == LAB and rec["final"]["ablations"] >= 4 and rec["data"]["synthetic"] is True
+    assert {e["ablation"] for e in rec["epochs"]} >= {"baseline", "+EMA"}
+    assert 0.0 <= rec["final"]["top1"] <= 1.0

@@ -1,0 +1,168 @@
+"""labkit.recipe: MixUp/CutMix label mixing, EMA with warm-up, progressive resizing, LR finder, augmentation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from labkit import recipe
+from labkit.train import scale_lr
+
+
+def _batch(b=15, k=5, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, size, size, generator=g)
+    y = torch.arange(b) % k  # neighbours always differ, so every mix involves two classes
+    return x, y
+
+
+def test_mixup_soft_labels_mix_two_classes_like_the_images():
+    torch.manual_seed(0)
+    x, y = _batch()
+    xm, ym = recipe.mixup_cutmix(5, mixup_alpha=0.2, cutmix_alpha=0)(x, y)
+    assert ym.shape == (15, 5)
+    assert torch.allclose(ym.sum(1), torch.ones(15))
+    partner = y.roll(1)  # torchvision pairs image i with image i-1
+    for i in range(15):
+        support = set(torch.nonzero(ym[i] > 1e-6).flatten().tolist())
+        assert support <= {int(y[i]), int(partner[i])}
+        lam = float(ym[i, y[i]])
+        # the image is mixed in the same proportion as the label
+        assert torch.allclose(xm[i], lam * x[i] + (1 - lam) * x[i - 1], atol=1e-5)
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_label_weight():
+    torch.manual_seed(1)
+    x, y = _batch(size=16)
+    xm, ym = recipe.mixup_cutmix(5, mixup_alpha=0, cutmix_alpha=1.0)(x, y)
+    assert torch.allclose(ym.sum(1), torch.ones(15))
+    own = (xm == x).all(1)           # pixels still from image i
+    other = (xm == x.roll(1, 0)).all(1)
+    assert (own | other).all(), "CutMix pixels must come from the image or its partner"
+    lam = ym[torch.arange(15), y]
+    assert torch.allclose(own.float().mean((1, 2)), lam, atol=1e-6)
+    assert (lam < 1).any(), "with alpha 1 some images must get a patch"
+
+
+def test_mixup_cutmix_off_and_bad_alpha():
+    assert recipe.mixup_cutmix(10, 0, 0) is None
+    with pytest.raises(ValueError, match="cutmix_alpha"):
+        recipe.mixup_cutmix(10, 0.2, -1)
+
+
+def test_label_smoothing_accepts_soft_targets():
+    logits = torch.randn(4, 3)
+    soft = torch.tensor([[1.0, 0, 0], [0.3, 0.7, 0], [0, 0, 1], [0.5, 0.5, 0]])
+    plain = recipe.loss_fn(0.0)(logits, soft)
+    smooth = recipe.loss_fn(0.1)(logits, soft)
+    assert math.isfinite(smooth.item()) and not torch.isclose(plain, smooth)
+
+
+def test_ema_warmup_moves_towards_the_model_and_respects_decay():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = recipe.make_ema(model, decay=0.999)
+    ema.update_parameters(model)  # first update copies the weights
+    w0 = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update_parameters(model)  # second update: n = 1, warm-up decay min(0.999, 2/11)
+    d = recipe.ema_decay_at(1, 0.999)
+    assert d == pytest.approx(2 / 11)
+    assert torch.allclose(ema.module[0].weight, d * w0 + (1 - d) * (w0 + 1))
+    # use_buffers=True: BatchNorm statistics are averaged too
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), (1 - d) * 2.0))
+    # without warm-up the seed's behaviour: a step of only 1 - decay
+    cold = recipe.make_ema(model, decay=0.999, warmup=False)
+    cold.update_parameters(model)
+    before = cold.module[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    cold.update_parameters(model)
+    assert torch.allclose(cold.module[0].weight, before + 0.001, atol=1e-6)
+    # long runs: the configured decay wins
+    assert recipe.ema_decay_at(10**6, 0.999) == 0.999
+    assert recipe.ema_decay_at(0, 0.999, warmup=False) == 0.999
+
+
+def test_ema_state_round_trips_with_its_step_count():
+    model = nn.Linear(2, 2)
+    ema = recipe.make_ema(model, 0.9)
+    for _ in range(3):
+        ema.update_parameters(model)
+    other = recipe.make_ema(nn.Linear(2, 2), 0.9)
+    other.load_state_dict(ema.state_dict())
+    assert int(other.n_averaged) == 3
+
+
+def test_progressive_schedule_matches_the_seed_on_90_epochs():
+    plan = recipe.progressive_schedule(90)
+    assert plan[:30] == [(64, 256)] * 30
+    assert plan[30:50] == [(128, 128)] * 20
+    assert plan[50:] == [(224, 64)] * 40
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 5, 10])
+def test_progressive_schedule_short_runs_end_at_full_size(epochs):
+    plan = recipe.progressive_schedule(epochs, sizes=(16, 40, 64), batch_sizes=(64, 32, 16))
+    assert len(plan) == epochs and plan[-1] == (64, 16)
+    sizes = [s for s, _ in plan]
+    assert sizes == sorted(sizes)
+
+
+def test_progressive_sizes_scale_the_seed_ratios():
+    assert recipe.progressive_sizes(224) == (64, 128, 224)
+    assert recipe.progressive_sizes(64) == (16, 40, 64)
+    assert recipe.progressive_sizes(32) == (16, 16, 32)
+    with pytest.raises(ValueError, match="epochs"):
+        recipe.progressive_schedule(0)
+
+
+def test_lr_scaling_rule():
+    assert scale_lr(3e-4, 4, "linear") == pytest.approx(1.2e-3)
+    assert scale_lr(3e-4, 4, "sqrt") == pytest.approx(6e-4)
+    assert scale_lr(3e-4, 4, "none") == pytest.approx(3e-4)
+
+
+def test_rgb_transform_shapes_and_per_image_crops():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    same = x[:1].expand(6, -1, -1, -1).contiguous()
+    out = recipe.RGBTransform(16, train=True)(same)
+    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
+    assert not torch.allclose(out[0], out[1]), "each image must get its own crop"
+    ev = recipe.RGBTransform(24, train=False)
+    assert ev(x).shape == (6, 3, 24, 24)
+    assert torch.equal(ev(x), ev(x)), "evaluation is deterministic"
+    with pytest.raises(ValueError, match="3, H, W"):
+        ev(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+def _toy_loader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True,
+                                       generator=g)
+
+
+def test_lr_finder_restores_state_and_stops_on_divergence(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    df = recipe.lr_finder(model, _toy_loader(), nn.CrossEntropyLoss(), device="cpu", optimizer=opt,
+                          start_lr=1e-5, end_lr=1e4, steps=80, progress=False)
+    assert list(df.columns) == ["lr", "loss", "smooth_loss"]
+    assert len(df) < 80, "an LR of 1e4 must make the loss diverge and stop the test early"
+    assert (df["lr"].diff().dropna() > 0).all()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} not restored"
+    assert opt.param_groups[0]["lr"] == 1e-3 and not opt.state, "optimizer state not restored"
+    lr = recipe.suggest_lr(df)
+    assert df["lr"].min() / 10 <= lr <= df["lr"].max()
+    path = tmp_path / "lr.png"
+    recipe.plot_lr_finder(df, path, lr)
+    assert path.stat().st_size > 1000
