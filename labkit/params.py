@@ -118,7 +118,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "01_baseline": {"epochs": 3, "image_size": 64, "max_train": 1200, "max_test": 400},
     "02_ray": {"epochs": 3, "image_size": 64, "max_train": 1200, "max_test": 400},
     "03_imagenet_ddp_ablations": {"epochs": 2, "image_size": 32, "max_train": 1000, "max_test": 300},
-    "04_lung_vit": {"epochs": 3, "image_size": 32, "max_train": 540, "max_test": 180},
+    "04_lung_vit": {"epochs": 3, "image_size": 32, "max_train": 540, "max_test": 180,
+                    "depth": 4, "dim": 128, "mlp_dim": 512},
     "05_federated": {"epochs": 2, "image_size": 48, "max_train": 800, "max_test": 300},
     "06_streaming_data": {"epochs": 2, "image_size": 64, "max_train": 800, "max_test": 300},
 }
