@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from pathlib import Path
@@ -67,9 +68,16 @@ def course(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("course")
     labs = sorted((REPO / "labs").glob("*.ipynb")) or _tiny_labs(tmp / "labs")
     results = tmp / "results"
-    with environ(LABKIT_RESULTS=str(results), LABKIT_HOME=str(REPO), LABKIT_QUICK=None):
+    # Ray's files in a folder of this run's own (short: Ray's socket paths are length-limited), so the
+    # tests can tell this run's Ray daemons from any other cluster on the machine.
+    ray_dir = tempfile.mkdtemp(prefix="lkc", dir="/tmp")
+    strays = [p for p in ("mlruns", "mlflow.db") if (REPO / p).exists()]
+    with environ(LABKIT_RESULTS=str(results), LABKIT_HOME=str(REPO), LABKIT_QUICK=None, RAY_TMPDIR=ray_dir,
+                 RAY_ADDRESS=None):
         runs = run_labs([str(p) for p in labs], quick=True, results_dir=results, echo=lambda line: print(line))
         write_summary(results)
-        yield {"labs": labs, "runs": runs, "results": results, "tmp": tmp}
+        yield {"labs": labs, "runs": runs, "results": results, "tmp": tmp, "ray_dir": ray_dir,
+               "strays_before": strays}
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
 

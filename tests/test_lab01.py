@@ -31,8 +31,9 @@ def test_quick_run_writes_record_and_plots(course):
     assert len(record.epochs) == record.params["epochs"] >= 1
     for key in ("loss", "acc", "val_loss", "val_acc", "seconds", "images_per_s"):
         assert key in record.epochs[0]
-    # the stand-in is learnable: the trained CNN beats always answering the majority class
-    assert record.final["test_acc"] > record.final["majority_rate"]
+    # the stand-in is learnable but not trivial: the trained CNN beats always answering the majority
+    # class, and it is not perfect
+    assert record.final["majority_rate"] < record.final["test_acc"] < 1.0, record.final
     for artifact in record.artifacts:
         path = course["results"] / artifact
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", artifact

@@ -273,27 +273,3 @@ def test_fit_with_ddp_model_and_distributed_sampler(tmp_path):
     finally:
         dist.destroy_process_group()
 
-
-@pytest.mark.slow
-def test_cnn_beats_majority_on_standin(tmp_path):
-    """Learnability of the Alzheimer stand-in at quick-mode size: better than always guessing the
-    majority class, but not perfect (the stand-in must be learnable and not trivial)."""
-    from labkit.data.alzheimer import load_alzheimer
-    from labkit.data.augment import BatchAugment
-    from labkit.env import seed_everything
-    from labkit.models.cnn import AlzheimerCNN
-
-    seed_everything(0)
-    data = load_alzheimer(data_dir=tmp_path / "alzheimer", image_size=64, max_train=1200, max_test=400,
-                          progress=False)
-    assert data.synthetic
-    model = AlzheimerCNN(num_classes=len(data.classes), image_size=64)
-    test_loader = data.loader("test", 64)
-    hist = fit(model, data.loader("train", 32), test_loader, epochs=3, lr=1e-3, device="cpu",
-               transform_train=BatchAugment(train=True), transform_eval=BatchAugment(train=False), progress=False)
-    assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"]
-    labels = data.splits["test"].labels
-    majority = torch.bincount(labels).max().item() / len(labels)
-    acc = evaluate(model, test_loader, device="cpu", transform=BatchAugment(train=False))["acc"]
-    print(f"\nstand-in after 3 epochs: test accuracy {acc:.3f}, majority-class rate {majority:.3f}")
-    assert majority < acc < 1.0, f"test accuracy {acc:.3f} vs majority-class rate {majority:.3f}"
