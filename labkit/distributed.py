@@ -172,6 +172,11 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
             "to start a local cluster on this machine.") from None
 
 
+#: Level of Ray Train's own console logs in the labs. ERROR, not WARNING: on a busy 2-core machine
+#: Train V2's controller logs a harmless "Failed to send resource request … safe to ignore" warning
+#: with a full traceback into the notebook. Real failures still raise in the driver, and every
+#: level still goes to Ray's log files (``/tmp/ray/session_latest/logs/train``).
+TRAIN_LOG_LEVEL = "ERROR"
 def ray_daemon_pids(under: str | os.PathLike | None = None) -> set[int]:
     """PIDs of Ray's cluster daemons (``raylet``, ``gcs_server``) on this machine; with ``under``,
     only those of clusters whose files live there (``$RAY_TMPDIR``). After :func:`ray_cluster`
@@ -278,7 +283,7 @@ def make_trainer(cfg: dict, plan: ScalingPlan, *, run_dir: Path, keep: int = 2, 
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=max_failures),     # restart the workers after a crash
             checkpoint_config=CheckpointConfig(num_to_keep=keep),        # only the last `keep` checkpoints
-            logging_config=LoggingConfig(log_level="WARNING")),          # Ray Train's own INFO lines off
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),    # Ray Train's chatter off
     )
 
 

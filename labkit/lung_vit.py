@@ -288,7 +288,7 @@ def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None,
                                              resources_per_worker=plan.resources()),
                 run_config=RunConfig(
                     name=run_name, storage_path=str(run_dir.parent), checkpoint_config=checkpoint_config(),
-                    logging_config=LoggingConfig(log_level="WARNING")))
+                    logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
             tick = time.perf_counter()
             result = trainer.fit()
             fit_seconds = time.perf_counter() - tick
