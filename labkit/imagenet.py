@@ -30,7 +30,7 @@ from labkit.env import amp_dtype as resolve_amp_dtype
 from labkit.env import environment, seed_everything
 from labkit.params import QUICK, ParameterError, Rule
 from labkit.recipe import MODELS, SWITCH_RULES, AblationConfig, make_config, peak_lr, schedule
-from labkit.train import evaluate, train_one_epoch
+from labkit.train import evaluate, shard_indices, train_one_epoch
 
 LAB = "03_imagenet_ddp_ablations"
 
@@ -84,11 +84,6 @@ def slug(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- one rank
-def _shard(indices: torch.Tensor, rank: int, world_size: int) -> list[int]:
-    """Every ``world_size``-th index from ``rank``: an exact split for evaluation (no padding)."""
-    return indices[rank::world_size].tolist()
-
-
 def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: AblationConfig,
                   options: dict) -> dict:
     """Train and validate one config on this rank; rank 0 returns the history and final metrics."""
@@ -124,8 +119,8 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     n_val = len(data.splits["val"].labels)
     gap_idx = torch.randperm(len(train_set.labels), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
     eval_bs = max(bs for _, bs in plan)
-    val_loader = data.loader("val", eval_bs, shuffle=False, sampler=_shard(torch.arange(n_val), rank, world_size))
-    gap_loader = data.loader("train", eval_bs, shuffle=False, sampler=_shard(gap_idx, rank, world_size))
+    val_loader = data.loader("val", eval_bs, shuffle=False, sampler=shard_indices(n_val, rank, world_size))
+    gap_loader = data.loader("train", eval_bs, shuffle=False, sampler=shard_indices(gap_idx, rank, world_size))
 
     history, start = [], 0
     ckpt_path = Path(options["save_dir"]) / slug(cfg.name) / "last.pt"

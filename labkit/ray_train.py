@@ -23,17 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit.train import shard_indices, unwrap
+
 CHECKPOINT_FILE = "checkpoint.pt"
 ATTEMPTS_FILE = "attempts.log"
 CRASH_MARKER = "fail_at_epoch.done"
 
 
 # --------------------------------------------------------------------------- checkpoints
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def save_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, history: list[dict]) -> Path:
     """Write model + optimizer state, the finished ``epoch`` and the per-epoch ``history`` to
@@ -68,14 +65,6 @@ def restore(checkpoint: Any, model: nn.Module, optimizer: torch.optim.Optimizer 
 
 
 # --------------------------------------------------------------------------- ranks
-def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """Indices ``rank, rank + world_size, …`` of ``range(n)``: an exact split (no padding) used to
-    spread evaluation over the workers; the shards of all ranks cover every index once."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"shard_indices: rank={rank} must be in [0, world_size={world_size}).")
-    return list(range(rank, n, world_size))
-
-
 def broadcast_buffers(model: nn.Module) -> None:
     """Copy rank 0's BatchNorm running statistics to every rank (no-op without a process group),
     so all ranks evaluate the same model as the one rank 0 checkpoints."""

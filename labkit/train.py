@@ -215,7 +215,7 @@ def class_weights_from_counts(counts) -> torch.Tensor:
     return (w * present.sum() / w.sum()).float()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP / AveragedModel / torch.compile wrappers."""
     for attr in ("module", "_orig_mod"):
         while isinstance(getattr(model, attr, None), nn.Module):
@@ -223,8 +223,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def shard_indices(indices: int | Sequence[int] | torch.Tensor, rank: int, world_size: int) -> list[int]:
+    """Every ``world_size``-th of ``indices`` (or of ``range(indices)``) from ``rank``: an exact split
+    (no padding, unlike ``DistributedSampler``) for evaluating on several ranks; the shards of all
+    ranks cover every index once."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_indices: rank={rank} must be in [0, world_size={world_size}).")
+    items = range(indices) if isinstance(indices, int) else indices
+    picked = items[rank::world_size]
+    return picked.tolist() if isinstance(picked, torch.Tensor) else list(picked)
+
+
 def _num_outputs(model: nn.Module) -> int | None:
-    m = _unwrap(model)
+    m = unwrap(model)
     if isinstance(getattr(m, "num_classes", None), int):
         return m.num_classes
     linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]

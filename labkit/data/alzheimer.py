@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.data.cache import load_images_cached
+from labkit.data.cache import load_images_cached, notice_box
 from labkit.data.images import (ImageData, ImageSplit, extract_zip_once, list_class_folders, scan_class_folders,
                                 stratified_subset)
 from labkit.data.synth_mri import KAGGLE_FOLDER, MARKER, write_alzheimer_standin
@@ -41,9 +41,7 @@ def _synthetic_notice(root: Path) -> str:
              "",
              'To use the real data, put the Kaggle "Alzheimer\'s Dataset',
              '(4 class of images)" into the data folder and load with data="real".']
-    width = max(len(x) for x in lines) + 2
-    bar = "!" * (width + 4)
-    return "\n".join([bar, *(f"!! {x:<{width - 2}} !!" for x in lines), bar])
+    return notice_box(lines)
 
 
 def _entries(root: Path) -> list[str]:

@@ -41,6 +41,12 @@ def is_standin(root: str | os.PathLike) -> bool:
     return any((p / MARKER).exists() for p in (root, *list(root.parents)[:2]))
 
 
+
+def notice_box(lines: list[str]) -> str:
+    """The loud box every stand-in prints when a lab uses it: ``lines`` framed in ``!!``."""
+    width = max(len(x) for x in lines) + 2
+    bar = "!" * (width + 4)
+    return "\n".join([bar, *(f"!! {x:<{width - 2}} !!" for x in lines), bar])
 def cache_dir_for(root: str | os.PathLike) -> Path:
     """Where the decoded tensors of the dataset at ``root`` are cached.
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labkit.data.cache import load_images_cached
+from labkit.data.cache import load_images_cached, notice_box
 from labkit.data.images import ImageData, ImageSplit, list_class_folders, scan_class_folders, stratified_subset
 from labkit.data.synth_tiny import MARKER, TINY_FOLDER, write_tiny_imagenet_standin
 from labkit.env import resolve_path
@@ -293,9 +293,7 @@ def standin_notice(root: Path, num_classes: int) -> str:
              "",
              "To use real data, put tiny-imagenet-200 (or ILSVRC) into the data folder",
              "and load with data='real'."]
-    width = max(len(x) for x in lines) + 2
-    bar = "!" * (width + 4)
-    return "\n".join([bar, *(f"!! {x:<{width - 2}} !!" for x in lines), bar])
+    return notice_box(lines)
 
 
 def _decode(root: Path, files: list[str], image_size: int, tag: str, strict: bool,

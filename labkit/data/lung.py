@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.data.cache import load_images_cached
+from labkit.data.cache import load_images_cached, notice_box
 from labkit.data.images import ImageData, ImageSplit, scan_class_folders, stratified_subset
 from labkit.data.synth_lung import CLASSES, MARKER, SPLITS, write_lung_standin
 from labkit.env import resolve_path
@@ -27,15 +27,13 @@ from labkit.env import resolve_path
 DEFAULT_DIR = "data/lung"
 DATA_CHOICES = ("auto", "real", "synthetic")
 
-NOTICE = """
-################################################################################
-#  SYNTHETIC STAND-IN DATA: {root}
-#  The lung set (train/ val/ test/ with 9 class folders) was not found, so labkit
-#  uses generated look-alike chest X-rays and OCT scans in the same layout.
-#  These are NOT medical images; accuracies on them are NOT medical results.
-#  For the real data: set DATA_PATH (or data_dir) to the dataset's root.
-################################################################################
-"""
+#: The loud notice printed when the stand-in is used (``{root}`` filled in).
+NOTICE_LINES = ["SYNTHETIC STAND-IN DATA — THESE ARE NOT MEDICAL IMAGES", "",
+                "The lung set (train/ val/ test/ with 9 class folders) was not found, so labkit",
+                "uses generated look-alike chest X-rays and OCT scans in the same layout:",
+                "  {root}",
+                "Accuracies on them are NOT medical results.", "",
+                "For the real data: set DATA_PATH (or data_dir) to the dataset's root."]
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -110,7 +108,7 @@ def load_lung(data: str = "auto", data_dir: str | os.PathLike | None = None, ima
         raise ValueError(f"image_size={image_size!r}: need an integer >= 8.")
     root, synthetic = find_lung(data, data_dir, seed=seed, progress=progress)
     if synthetic and progress:
-        print(NOTICE.format(root=root))
+        print(notice_box([line.format(root=root) for line in NOTICE_LINES]))
     classes = list(CLASSES)
     splits, skipped = {}, []
     for split in SPLITS:
