@@ -28,6 +28,7 @@ import torch
 from labkit import distributed
 from labkit.data.lung import data_root
 from labkit.params import Config, ParameterError, Rule, check
+from labkit.ray_train import quiet_ray_worker_logs
 from labkit.results import RunRecord, lab_dir
 
 LAB = "04_lung_vit"
@@ -120,12 +121,7 @@ def quiet_lightning() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*treespec.*")
-    try:  # Ray Train V2 logs each report at INFO under a logger named after its file
-        from ray.train.v2._internal.execution import context as ray_context
-
-        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
+    quiet_ray_worker_logs()
 
 
 def _callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:

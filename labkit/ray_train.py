@@ -9,13 +9,12 @@ tests call directly.
 """
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -224,14 +223,10 @@ def quiet_ray_worker_logs() -> None:
 
 @contextmanager
 def quiet_prints():
-    """Silence ``print`` for a block: every worker would otherwise repeat the data notice that the
-    driver already showed once."""
-    original = builtins.print
-    builtins.print = lambda *args, **kwargs: None
-    try:
+    """Silence ``sys.stdout`` for a block: every worker would otherwise repeat the data notice that
+    the driver already showed once (:func:`say` writes to the real stdout and still gets through)."""
+    with open(os.devnull, "w") as sink, redirect_stdout(sink):
         yield
-    finally:
-        builtins.print = original
 
 
 def worker_lr(config: dict, world_size: int) -> float:
