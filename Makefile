@@ -1,14 +1,15 @@
 # The README's two commands:
 #   make course   set up .venv, run every lab in quick mode, write results/ (results/README.md, summary.png)
 #   make test     set up .venv, run the test suite (what CI runs: .ci/run)
-# Other targets: make setup, make lab LAB=02 ARGS="-p workers 2", make student, make clean.
+# Other targets: make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
+# labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.labkit-installed
 
-.PHONY: course test setup lab student clean
+.PHONY: course test setup lab student labs clean
 
 course: $(STAMP)
 	$(BIN)/labkit run --quick
@@ -31,6 +32,9 @@ lab: $(STAMP)
 
 student: $(STAMP)
 	$(BIN)/labkit student labs/ student/
+
+labs: $(STAMP)
+	$(BIN)/labkit labs sync
 
 clean:
 	rm -rf results/executed results/0* results/README.md.tmp student/

@@ -6,6 +6,7 @@
     labkit student labs/ student/
     labkit summary
     labkit data synth                   # write the synthetic Alzheimer MRI stand-in
+    labkit labs sync                    # pair each labs/NN_*.ipynb with its labs/NN_*.py source
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ commands:
   student   write student copies of the labs: solutions replaced by stubs, outputs cleared
   summary   write results/README.md and results/summary.png from every run record
   data      dataset helpers (data synth: write the synthetic Alzheimer MRI stand-in)
+  labs      keep each lab notebook and its jupytext .py source in sync (labs sync, labs check)
 
 Run `labkit COMMAND --help` for the options of a command.
 """
@@ -108,7 +110,37 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same images (default: 0)")
     synth.add_argument("--n-train", type=int, default=None, metavar="N", help="training images (default: as the real set)")
     synth.add_argument("--n-test", type=int, default=None, metavar="N", help="test images (default: as the real set)")
+
+    labs = sub.add_parser("labs", formatter_class=fmt, help="sync lab notebooks with their .py sources",
+                          description=_wrap("Each labs/NN_*.ipynb is paired with a jupytext percent-format labs/NN_*.py "
+                                            "holding every cell, its markdown and its tags. `labkit labs sync` writes "
+                                            "whichever side is older (or missing) from the other; `labkit labs check` "
+                                            "names every lab whose two sides differ and exits 1."))
+    labs_sub = labs.add_subparsers(dest="labs_command", metavar="ACTION")
+    sync = labs_sub.add_parser("sync", help="write the older side of each pair from the newer one")
+    sync.add_argument("--prefer", choices=("py", "ipynb"), default=None,
+                      help="take this side as the source for every lab that differs (default: the side edited last)")
+    check = labs_sub.add_parser("check", help="exit 1 naming each lab whose .ipynb and .py differ")
+    for action in (sync, check):
+        action.add_argument("--labs-dir", metavar="DIR", default="labs", help="folder of labs (default: labs)")
     return parser
+
+
+def _cmd_labs(args: argparse.Namespace) -> int:
+    from labkit import labsource
+    from labkit.env import resolve_path
+
+    folder = resolve_path(args.labs_dir)
+    if args.labs_command == "sync":
+        written = labsource.sync(folder, prefer=args.prefer)
+        print("\n".join(written) if written else "every lab is in sync")
+        return 0
+    if args.labs_command == "check":
+        problems = labsource.differences(folder)
+        print("\n".join(problems) if problems else "every lab is in sync", file=sys.stderr if problems else sys.stdout)
+        return 1 if problems else 0
+    print("labkit labs: choose an action: sync or check (see `labkit labs --help`)", file=sys.stderr)
+    return 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -178,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _cmd_data(args)
+        if args.command == "labs":
+            return _cmd_labs(args)
         return {"run": _cmd_run, "regrade": _cmd_regrade, "student": _cmd_student, "summary": _cmd_summary}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"labkit {args.command}: error: {exc}", file=sys.stderr)

@@ -57,27 +57,62 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def amp_dtype(amp: str | bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device``, or ``None`` for full precision.
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), where bf16 autocast
+    is faster than fp32; on other CPUs bf16 is emulated and slower, so ``"auto"`` stays in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
-    ``"auto"`` means bf16 on a GPU that supports it, fp16 on other GPUs, and off on CPU/MPS (CPU
-    autocast is slower than fp32 for these small convnets). ``"bf16"``/``"fp16"`` force a dtype.
+
+def cuda_has_native_bf16() -> bool:
+    """True on GPUs that run bf16 natively (Ampere and newer: A100, H100, RTX 30xx+); a T4 or
+    V100 only emulates it, and there fp16 with a gradient scaler is the fast choice."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation
+        return torch.cuda.get_device_capability()[0] >= 8
+
+
+def amp_dtype(amp: str | bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, or ``None`` for full precision (fp32).
+
+    ``"auto"`` (or ``True``) means, on a GPU, bf16 where it runs natively, else fp16 (then pair it
+    with :func:`grad_scaler`); on a CPU, bf16 where the CPU runs it natively (AVX512-BF16/AMX),
+    else fp32; on Apple MPS fp32. ``"bf16"``/``"fp16"`` force a dtype; ``False`` forces fp32.
     """
-    if amp in (False, None, "off", "none", "fp32"):
+    if amp in (False, None, "off", "none", "fp32", "32"):
         return None
-    if device.type != "cuda":
+    if amp not in ("auto", True, "bf16", "fp16"):
+        raise ValueError(f"amp={amp!r} is not allowed; use 'auto', 'bf16', 'fp16' or False.")
+    if device.type == "cuda":
         if amp in ("auto", True):
-            return None
-        if amp == "bf16":
-            return torch.bfloat16
-        raise ValueError(f"amp={amp!r}: fp16 autocast needs a CUDA device (this run uses {device}); use 'auto' or 'bf16'.")
+            return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+        return torch.bfloat16 if amp == "bf16" else torch.float16
     if amp in ("auto", True):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if amp == "bf16":
         return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    raise ValueError(f"amp={amp!r} is not allowed; use 'auto', 'bf16', 'fp16' or False.")
+    raise ValueError(f"amp={amp!r}: fp16 autocast needs a CUDA device (this run uses {device}); use 'auto', 'bf16' or False.")
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """A ``GradScaler`` when training in fp16 (small gradients would underflow without one), else ``None``."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+def use_channels_last(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether to store images and conv weights ``channels_last`` (NHWC): always on a GPU (tensor
+    cores want it), and on a CPU when running bf16 (oneDNN's fast bf16 convolutions are NHWC)."""
+    return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: what the run record and the labs print."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def _version(dist: str) -> str | None:

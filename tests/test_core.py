@@ -21,13 +21,39 @@ def test_pick_device_auto_and_explicit():
         env.pick_device("tpu")
 
 
-def test_amp_is_off_on_cpu_by_default():
+def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: True)
+    assert env.amp_dtype("auto", cpu) is torch.bfloat16
+    assert env.use_channels_last(cpu, torch.bfloat16)
+    monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: False)
     assert env.amp_dtype("auto", cpu) is None
+    assert not env.use_channels_last(cpu, None)
     assert env.amp_dtype(False, cpu) is None
     assert env.amp_dtype("bf16", cpu) is torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
         env.amp_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="amp='fp8'"):
+        env.amp_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("native_bf16, want", [(False, torch.float16), (True, torch.bfloat16)],
+                         ids=["T4/V100-like", "A100/H100-like"])
+def test_amp_auto_on_gpu_bf16_only_where_native(monkeypatch, native_bf16, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native_bf16 or including_emulation  # emulated bf16 is "supported" on a T4 too
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    gpu = torch.device("cuda")
+    dtype = env.amp_dtype("auto", gpu)
+    assert dtype is want and calls == [False]
+    scaler = env.grad_scaler(dtype, torch.device("cpu"))  # the scaler's type, not its device, is under test
+    assert (scaler is not None) == (want is torch.float16)
+    assert env.use_channels_last(gpu, dtype)
+    assert env.precision_name(dtype) == ("fp16" if want is torch.float16 else "bf16")
 
 
 def test_seed_everything_repeats_random_draws():

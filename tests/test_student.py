@@ -17,19 +17,19 @@ EXERCISES = [
     ('import math\n\ndef my_scale_lr(lr, world_size, rule):\n    """Scale lr for world_size workers."""\n'
      '    # BEGIN SOLUTION\n    return {"none": lr, "linear": lr * world_size, "sqrt": lr * math.sqrt(world_size)}[rule]\n'
      '    # END SOLUTION',
-     "exercises.check_lr_scaling(my_scale_lr)"),
+     "lab02.check_lr_scaling(my_scale_lr)"),
     ("def my_shard(dataset_len, world_size, rank):\n    # BEGIN SOLUTION\n"
      "    per_rank = math.ceil(dataset_len / world_size)\n    padded = list(range(dataset_len))\n"
      "    padded += padded[: per_rank * world_size - dataset_len]\n    return padded[rank::world_size]\n"
      "    # END SOLUTION",
-     "exercises.check_sampler_shard(my_shard(10, 4, 3), 10, 4, 3)"),
+     "lab02.check_sampler_shard(my_shard(10, 4, 3), 10, 4, 3)"),
     ("def my_class_weights(counts):\n    # BEGIN SOLUTION\n    inverse = [1.0 / c for c in counts]\n"
      "    return [w * len(inverse) / sum(inverse) for w in inverse]\n    # END SOLUTION",
-     "exercises.check_class_weights(my_class_weights([717, 52, 2560, 1792]), [717, 52, 2560, 1792])"),
+     "lab01.check_class_weights(my_class_weights([717, 52, 2560, 1792]), [717, 52, 2560, 1792])"),
     ("def my_fedavg(states, sizes):\n    # BEGIN SOLUTION\n    total = sum(sizes)\n"
      "    return {k: sum(s[k] * (n / total) for s, n in zip(states, sizes)) for k in states[0]}\n"
      "    # END SOLUTION",
-     "exercises.check_fedavg(my_fedavg)"),
+     "lab05.check_fedavg(my_fedavg)"),
 ]
 SOLUTION_LINES = ['return {"none": lr', "padded += padded", "inverse = [1.0 / c", "total = sum(sizes)"]
 
@@ -37,7 +37,7 @@ SOLUTION_LINES = ['return {"none": lr', "padded += padded", "inverse = [1.0 / c"
 def _lab(path: Path) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cells = [nbformat.v4.new_markdown_cell("# Exercises"), nbformat.v4.new_code_cell("from labkit import exercises")]
+    cells = [nbformat.v4.new_markdown_cell("# Exercises"), nbformat.v4.new_code_cell("from labkit.exercises import lab01, lab02, lab05")]
     for solution, check in EXERCISES:
         cells.append(nbformat.v4.new_code_cell(solution))
         cells.append(nbformat.v4.new_code_cell(check, metadata={"tags": ["nbval-check-output"]}))
@@ -114,7 +114,7 @@ def test_each_check_fails_on_the_stub_and_passes_on_the_solution(tmp_path):
     write_student_versions(labs, tmp_path / "student")
     for version, path in (("solution", labs / "05_exercises.ipynb"), ("student", tmp_path / "student" / "05_exercises.ipynb")):
         nb = _execute(path)
-        checks = [c for c in nb.cells if "exercises.check_" in c.source]
+        checks = [c for c in nb.cells if ".check_" in c.source]
         assert len(checks) == len(EXERCISES)
         for cell in checks:
             errors = [o for o in cell.outputs if o.output_type == "error"]

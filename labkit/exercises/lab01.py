@@ -1,0 +1,46 @@
+"""Exercise checks for Lab 01 (the baseline): inverse-frequency class weights."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from labkit.exercises import ok
+
+def _as_counts(counts: Sequence[int] | Mapping[Any, int] | Any) -> torch.Tensor:
+    if isinstance(counts, Mapping):
+        counts = list(counts.values())
+    elif hasattr(counts, "tolist"):
+        counts = counts.tolist()
+    return torch.as_tensor(counts, dtype=torch.float64).flatten()
+
+
+def check_class_weights(weights: Sequence[float] | torch.Tensor, counts: Sequence[int] | Mapping[Any, int]) -> None:
+    """Check inverse-frequency class weights (Lab 01): ``w_c ∝ 1 / n_c``, normalised to mean 1.
+
+    ``counts`` are the training images per class (a list, dict, pandas Series or tensor, in class
+    order). Rare classes get weights above 1, common ones below 1; equal counts give all ones.
+    ``torch.nn.CrossEntropyLoss(weight=weights)`` then uses them. A class without images gets weight 0 and the
+    mean is taken over the classes that have images.
+    """
+    n = _as_counts(counts)
+    if n.numel() == 0 or bool((n < 0).any()) or not bool((n > 0).any()) or not bool(torch.isfinite(n).all()):
+        raise ValueError(f"counts={n.tolist()}: need one non-negative count per class, at least one above 0.")
+    present = n > 0
+    inverse = torch.where(present, 1.0 / n.clamp(min=1e-12), torch.zeros_like(n))
+    want = inverse / inverse[present].mean()
+    try:
+        got = torch.as_tensor(weights.tolist() if hasattr(weights, "tolist") else list(weights), dtype=torch.float64).flatten()
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"weights={weights!r} is not a list or tensor of numbers.") from exc
+    if got.shape != want.shape:
+        raise AssertionError(f"{got.numel()} weights for {want.numel()} classes: return one weight per class.")
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+        scaled = got[present] / got[present].mean() if got[present].mean() != 0 else got[present]
+        hint = (f"the weights are proportional to 1/count but their mean is {got[present].mean().item():.3f}: "
+                "divide by their mean" if torch.allclose(scaled, want[present], rtol=1e-4)
+                else "use 1 / count per class, then divide by the mean of those values")
+        raise AssertionError(f"weights {[round(x, 4) for x in got.tolist()]} != expected {[round(x, 4) for x in want.tolist()]}; "
+                             f"{hint}.")
+    ok(f"class weights: inverse frequency with mean 1 for {int(present.sum())} classes "
+        f"(largest {want.max().item():.2f} for the rarest class)")

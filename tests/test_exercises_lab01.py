@@ -1,0 +1,36 @@
+"""labkit.exercises.lab01: each check passes a right answer (printing one ✓ line) and explains a wrong one."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from labkit.exercises import lab01 as exercises
+
+
+def _stub(*args):
+    raise NotImplementedError("Exercise: complete this cell")
+
+
+def _one_check_line(capsys) -> str:
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("✓ "), out
+    return out
+
+
+def test_class_weights_right_and_wrong(capsys):
+    counts = [717, 52, 2560, 1792]
+    inverse = [1 / c for c in counts]
+    good = [w / (sum(inverse) / 4) for w in inverse]
+    exercises.check_class_weights(good, counts)
+    exercises.check_class_weights(torch.tensor(good), pd.Series(counts, index=list("abcd")))
+    exercises.check_class_weights(good, dict(zip("abcd", counts)))
+    assert capsys.readouterr().out.count("✓ class weights") == 3
+    with pytest.raises(AssertionError, match="divide by their mean"):
+        exercises.check_class_weights(inverse, counts)              # not normalised
+    with pytest.raises(AssertionError, match="use 1 / count"):
+        exercises.check_class_weights([c / 1000 for c in counts], counts)
+    with pytest.raises(AssertionError, match="one weight per class"):
+        exercises.check_class_weights(good[:3], counts)
+    with pytest.raises(ValueError, match="count"):
+        exercises.check_class_weights([1.0], [-1])

@@ -1,0 +1,68 @@
+"""labkit.exercises.lab02: each check passes a right answer (printing one ✓ line) and explains a wrong one."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labkit.exercises import lab02 as exercises
+
+
+def _stub(*args):
+    raise NotImplementedError("Exercise: complete this cell")
+
+
+def _one_check_line(capsys) -> str:
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("✓ "), out
+    return out
+
+
+def _good_scale_lr(lr, world_size, rule):
+    return {"none": lr, "linear": lr * world_size, "sqrt": lr * math.sqrt(world_size)}[rule]
+
+
+def test_lr_scaling_right_and_wrong(capsys):
+    exercises.check_lr_scaling(_good_scale_lr)
+    assert "LR scaling" in _one_check_line(capsys)
+    swapped = lambda lr, ws, rule: _good_scale_lr(lr, ws, {"linear": "sqrt", "sqrt": "linear"}.get(rule, rule))
+    with pytest.raises(AssertionError, match="'linear' multiplies the learning rate by world_size"):
+        exercises.check_lr_scaling(swapped)
+    with pytest.raises(AssertionError, match="return a float"):
+        exercises.check_lr_scaling(lambda lr, ws, rule: str(lr))
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_lr_scaling(_stub)
+    assert capsys.readouterr().out == ""
+
+
+def test_sampler_shard_truth_pads_and_interleaves():
+    # 10 samples on 4 ranks: ceil(10/4) = 3 each; the padded list repeats indices 0 and 1.
+    assert exercises.sampler_shard(10, 4, 1) == [1, 5, 9]
+    assert exercises.sampler_shard(10, 4, 3) == [3, 7, 1]
+    assert exercises.sampler_shard(8, 2, 0) == [0, 2, 4, 6]
+    shards = [exercises.sampler_shard(10, 4, r) for r in range(4)]
+    assert sorted(i for s in shards for i in s) == sorted([*range(10), 0, 1])
+
+
+def test_sampler_shard_right_and_wrong(capsys):
+    exercises.check_sampler_shard([1, 5, 9], 10, 4, 1)
+    exercises.check_sampler_shard(torch.tensor([2, 6, 0]), 10, 4, 2)
+    out = capsys.readouterr().out
+    assert out.count("✓ DistributedSampler shard") == 2
+    with pytest.raises(AssertionError, match="interleaves"):
+        exercises.check_sampler_shard([3, 4, 5], 10, 4, 1)          # a contiguous block
+    with pytest.raises(AssertionError, match=r"pads the dataset .* ceil\(10/4\) = 3"):
+        exercises.check_sampler_shard([1, 5], 10, 4, 1)             # forgot the padding
+    with pytest.raises(AssertionError, match="keep the sampler's order"):
+        exercises.check_sampler_shard([9, 5, 1], 10, 4, 1)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        exercises.check_sampler_shard([1], 10, 4, 4)
+
+
+def test_lr_scaling_reference_is_independent_of_labkit():
+    import inspect
+
+    assert "labkit.train" not in inspect.getsource(exercises)
+    for ws in (1, 3, 8):
+        assert exercises._reference_scale_lr(0.1, ws, "sqrt") == pytest.approx(0.1 * math.sqrt(ws))
