@@ -101,7 +101,7 @@ RULES: dict[str, Rule] = {
     "seed": Rule(int, 0, 2**32 - 1),
     "class_weights": Rule(bool, help="weight the loss by inverse class frequency"),
     "amp": Rule((bool, str), choices=("auto", "bf16", "fp16", True, False),
-                help="mixed precision; 'auto' = bf16/fp16 on a GPU, off on CPU"),
+                help="mixed precision; 'auto' = bf16 where the GPU or CPU runs it natively, fp16 on other GPUs, else fp32"),
     "workers": Rule(int, 1, 4096, help="Ray Train workers (processes), one model replica each"),
     "world_size": Rule(int, 1, 4096, help="DDP processes, one model replica each"),
     "lr_scaling": Rule(str, choices=("none", "linear", "sqrt"),
@@ -109,7 +109,7 @@ RULES: dict[str, Rule] = {
     "address": Rule(str, optional=True, help="a running Ray cluster ('ray://host:10001' or 'host:6379')"),
     "fail_at_epoch": Rule(int, 1, 10_000, optional=True, help="kill one worker once at this epoch"),
     "precision": Rule(str, choices=("auto", "32", "bf16-mixed", "16-mixed"),
-                      help="Lightning precision; 'auto' = bf16-mixed where supported, else 32"),
+                      help="Lightning precision; 'auto' = bf16-mixed where the GPU or CPU runs bf16 natively, 16-mixed on other GPUs, else 32"),
     "track": Rule(bool, help="log the run to MLflow"),
 }
 
