@@ -123,3 +123,14 @@ def test_summary_lists_the_labs(course):
             assert f"| {run.lab} |" in readme, readme
     assert (course["results"] / "summary.png").read_bytes().startswith(b"\x89PNG")
     shutil.rmtree(course["tmp"] / "edited", ignore_errors=True)
+
+
+def test_no_cell_shows_the_same_figure_twice(course):
+    """A bare ``fig`` after a plotting call that already displayed it shows the figure twice."""
+    for run in (r for r in course["runs"] if r.ok):
+        nb = nbformat.read(run.output, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            images = [o["data"]["image/png"] for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert len(images) == len(set(images)), f"{run.lab}: cell {index} shows one figure twice:\n{cell.source}"

@@ -89,3 +89,10 @@ def test_missing_side_is_named_and_written(labs_copy):
     assert text.exists() and labsource.differences(labs_copy) == []
     with pytest.raises(ValueError, match="prefer='both'"):
         labsource.sync(labs_copy, prefer="both")
+
+
+def test_no_lab_shows_its_code_only_through_getsource():
+    """The code a lab teaches is written in its cells (issue: the lesson lives in the notebook)."""
+    for path in sorted(LABS.glob("[0-9][0-9]_*")):
+        if path.suffix in (".ipynb", ".py"):
+            assert "getsource" not in path.read_text(), f"{path.name} shows code through inspect.getsource"

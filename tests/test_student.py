@@ -2,6 +2,8 @@
 stub but passes on the solution."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -125,3 +127,31 @@ def test_each_check_fails_on_the_stub_and_passes_on_the_solution(tmp_path):
                 assert errors and "✓" not in text, (cell.source, cell.outputs)
                 assert errors[0].ename in ("AssertionError", "NotImplementedError"), errors[0]
                 assert "not implemented yet" in errors[0].evalue or "Exercise: complete this cell" in errors[0].evalue
+
+
+REPO = Path(__file__).resolve().parents[1]
+LAB_NOTEBOOKS = sorted((REPO / "labs").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lab", LAB_NOTEBOOKS, ids=[p.stem for p in LAB_NOTEBOOKS])
+def test_student_copy_runs_up_to_the_first_exercise_check_and_stops_there(lab, tmp_path, monkeypatch):
+    """A student opening their copy gets through every cell before the first exercise, and the first
+    error is that exercise's check saying what to do — not a NameError or a crash elsewhere."""
+    import papermill as pm
+
+    folder = tmp_path / "labs"
+    folder.mkdir()
+    shutil.copy2(lab, folder / lab.name)
+    write_student_versions(folder, tmp_path / "student")
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lks", dir="/tmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(tmp_path / "student" / lab.name), str(tmp_path / "out.ipynb"),
+                            parameters={"quick": True}, progress_bar=False, cwd=str(REPO), kernel_name="python3")
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    failed = next(c for c in nb.cells if c.cell_type == "code" and any(o.output_type == "error" for o in c.outputs))
+    assert err.value.ename == "AssertionError" and "not implemented yet" in err.value.evalue, \
+        f"{lab.name}: the student copy failed with {err.value.ename}: {err.value.evalue}\nin cell:\n{failed.source}"
+    assert "check_" in failed.source and "nbval-check-output" in failed.metadata.get("tags", []), failed.source
