@@ -125,8 +125,12 @@ def plot_samples(images, labels, classes: Sequence[str], path: str | os.PathLike
     return _done(fig, path)
 
 
-def plot_history(history: list[dict] | pd.DataFrame, path: str | os.PathLike, title: str = "") -> Figure:
-    """Loss and accuracy per epoch, train vs validation (two panels), from :func:`labkit.train.fit`'s records."""
+def plot_history(history: list[dict] | pd.DataFrame, path: str | os.PathLike, title: str = "",
+                 majority_rate: float | None = None) -> Figure:
+    """Loss and accuracy per epoch, train vs validation (two panels), from :func:`labkit.train.fit`'s records.
+
+    ``majority_rate`` (accuracy of always answering the most common class) is drawn as a dashed
+    line on the accuracy panel: a curve under it has learned nothing useful."""
     df = pd.DataFrame(history)
     if "epoch" not in df.columns:  # epochs_frame() indexes by epoch; a bare list counts from 1
         df = df.reset_index() if df.index.name == "epoch" else df.assign(epoch=np.arange(1, len(df) + 1))
@@ -142,6 +146,10 @@ def plot_history(history: list[dict] | pd.DataFrame, path: str | os.PathLike, ti
         ax.set(title=name.capitalize(), xlabel="epoch", ylabel=name)
         if name == "accuracy":
             ax.set_ylim(0, 1.02)
+            if majority_rate is not None:
+                ax.axhline(majority_rate, color="0.3", linestyle="--", linewidth=1,
+                           label=f"majority class ({majority_rate:.2f})")
+                ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)

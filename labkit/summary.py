@@ -20,6 +20,10 @@ from labkit.timing import format_seconds
 
 #: Final-metric keys in order of preference; the first one a record has is reported.
 METRIC_KEYS = ("test_acc", "val_acc", "acc", "top1")
+#: Honest-evaluation columns: (column, keys tried in order in the record's ``final``).
+HONEST_KEYS = (("balanced_acc", ("balanced_acc", "test_balanced_acc", "val_balanced_acc")),
+               ("macro_f1", ("macro_f1", "test_macro_f1", "val_macro_f1")),
+               ("majority_rate", ("majority_rate", "test_majority_rate")))
 #: Newest runs listed in the README table (the plot uses all runs).
 MAX_ROWS = 40
 
@@ -33,6 +37,14 @@ def final_metric(final: dict[str, Any]) -> tuple[str | None, float | None]:
         if key in numeric:
             return key, float(numeric[key])
     return None, None
+
+
+def _first_number(final: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        value = final.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
 
 
 def seconds_per_epoch(record: RunRecord) -> float | None:
@@ -84,22 +96,28 @@ def summary_frame(results_dir: str | os.PathLike | None = None) -> tuple[pd.Data
             "mode": "quick" if rec.params.get("quick") else "full",
             "seconds_per_epoch": seconds_per_epoch(rec), "epochs": len(rec.epochs),
             "metric": metric, "value": value,
+            **{column: _first_number(rec.final, keys) for column, keys in HONEST_KEYS},
             "synthetic": "yes" if synthetic else "no" if synthetic is not None else "?",
         })
     columns = ["lab", "run_id", "started", "date", "device", "workers", "mode", "seconds_per_epoch",
-               "epochs", "metric", "value", "synthetic"]
+               "epochs", "metric", "value", *(c for c, _ in HONEST_KEYS), "synthetic"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["lab", "started"], kind="stable").reset_index(drop=True), skipped
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """The README table: lab, device, workers, mode, time/epoch, final metric, synthetic data, date."""
-    header = ["lab", "device", "workers", "mode", "time/epoch", "final metric", "synthetic data", "date"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * 1 + ["---"] + ["--:"] * 2 + ["---"] * 2) + "|"]
+    """The README table: lab, device, workers, mode, time/epoch, final metric, balanced accuracy,
+    macro-F1, majority-class rate, synthetic data, date."""
+    header = ["lab", "device", "workers", "mode", "time/epoch", "final metric", "balanced acc", "macro-F1",
+              "majority rate", "synthetic data", "date"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * 2 + ["--:"] + ["---"] + ["--:"] * 5 + ["---"] * 2) + "|"]
+    number = lambda v: "—" if v is None or pd.isna(v) else f"{v:.3f}"
     for row in frame.itertuples():
         spe = "—" if pd.isna(row.seconds_per_epoch) else format_seconds(row.seconds_per_epoch)
         metric = "—" if row.metric is None or pd.isna(row.value) else f"{row.value:.3f} ({row.metric})"
-        cells = [row.lab, row.device, str(row.workers), row.mode, spe, metric, row.synthetic, row.date]
+        cells = [row.lab, row.device, str(row.workers), row.mode, spe, metric, number(row.balanced_acc),
+                 number(row.macro_f1), number(row.majority_rate), row.synthetic, row.date]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -119,7 +137,9 @@ def _readme(frame: pd.DataFrame, skipped: list[str]) -> str:
     shown = frame.tail(MAX_ROWS) if len(frame) > MAX_ROWS else frame
     text = intro + (
         "\nTime/epoch is the mean wall time of the recorded epochs; the final metric is the first of "
-        f"{', '.join(METRIC_KEYS)} the run reported. Quick runs use a small subset, small images and few "
+        f"{', '.join(METRIC_KEYS)} the run reported. Read it beside the **majority rate** (the accuracy of always "
+        "answering the most common class) and the **balanced accuracy** (mean per-class recall; 1/K for any "
+        "constant answer): on imbalanced data accuracy alone flatters. Quick runs use a small subset, small images and few "
         "epochs: their numbers show that a lab works, not how well the method does.\n\n"
         "![time per epoch and final metric per lab](summary.png)\n\n" + markdown_table(shown) + "\n"
     )
@@ -152,8 +172,14 @@ def plot_summary(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
                     ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
         else:
-            sns.barplot(data=part, x="lab", y=column, hue="setting", order=[o for o in order if o in set(part["lab"])],
-                        ax=ax, errorbar=None)
+            shown = [o for o in order if o in set(part["lab"])]
+            sns.barplot(data=part, x="lab", y=column, hue="setting", order=shown, ax=ax, errorbar=None)
+            if column == "value":   # the majority-class rate of each lab, as a dashed tick across its bars
+                majority = part.groupby("lab")["majority_rate"].mean()
+                drawn = [i for i, lab in enumerate(shown) if pd.notna(majority.get(lab))]
+                for n, i in enumerate(drawn):
+                    ax.hlines(majority[shown[i]], i - 0.4, i + 0.4, colors="0.2", linestyles="--",
+                              label="majority-class rate" if n == 0 else None)
             ax.set_xlabel("")
             ax.tick_params(axis="x", labelrotation=20)
             if ax.get_legend() is not None:

@@ -127,3 +127,12 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
 def test_non_png_path_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\.png"):
         plotting.plot_history([{"epoch": 1, "loss": 1.0, "acc": 0.5}], tmp_path / "h.jpg")
+
+
+def test_history_plot_draws_the_majority_rate(tmp_path):
+    history = [{"epoch": 1, "loss": 1.0, "acc": 0.4, "val_loss": 1.1, "val_acc": 0.45},
+               {"epoch": 2, "loss": 0.8, "acc": 0.6, "val_loss": 0.9, "val_acc": 0.55}]
+    fig = plotting.plot_history(history, tmp_path / "h.png", majority_rate=0.5)
+    accuracy = fig.axes[1]
+    assert any(list(line.get_ydata()) == [0.5, 0.5] for line in accuracy.get_lines())
+    assert "majority class (0.50)" in [t.get_text() for t in accuracy.get_legend().get_texts()]
