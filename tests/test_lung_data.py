@@ -133,3 +133,31 @@ def test_unreadable_file_is_skipped_with_a_warning(standin, tmp_path):
         data = load_lung(data_dir=root, image_size=16, progress=False)
     assert data.skipped == ["train/lung-normal/broken.png"]
     assert len(data["train"]) == 9 * COUNTS[0]
+
+
+def test_patient_ids_are_read_from_oct_and_pneumonia_names():
+    from labkit.data.lung import patient_id
+
+    assert patient_id("train/lung-oct-cnv/CNV-1016042-1.jpeg") == "1016042"
+    assert patient_id("DRUSEN-95633-12.jpeg") == "95633"
+    assert patient_id("person1_bacteria_1.jpeg") == "person1"
+    assert patient_id("lung-oct-cnv-00001.png") is None          # the stand-in's names carry none
+    assert patient_id("COVID-1.png") is None
+
+
+def test_patients_shared_across_splits_are_counted_and_warned(standin, tmp_path):
+    from labkit.data.lung import shared_patients
+
+    files = {"train": ["a/CNV-11-1.jpeg", "a/CNV-11-2.jpeg", "a/DME-12-1.jpeg", "a/person3_virus_1.jpeg"],
+             "val": ["a/CNV-13-1.jpeg"], "test": ["a/DME-12-4.jpeg", "a/CNV-11-9.jpeg", "a/NORMAL-99-1.jpeg"]}
+    assert shared_patients(files) == {("train", "test"): {"11", "12"}}
+    # a "real" copy of the stand-in in which one OCT patient appears in train and in test
+    real = tmp_path / "lung"
+    shutil.copytree(standin, real)
+    (real / MARKER).unlink()
+    for split in ("train", "test"):
+        folder = real / split / "lung-oct-cnv"
+        first = sorted(folder.iterdir())[0]
+        first.rename(folder / f"CNV-4242-{int(split == 'test')}.jpeg")
+    with pytest.warns(UserWarning, match=r"1 patient\(s\) have images in both 'train' and 'test' \(e\.g\. 4242\)"):
+        load_lung(data="real", data_dir=real, image_size=16, progress=False)
