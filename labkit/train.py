@@ -9,9 +9,12 @@ Per batch (see :func:`train_one_epoch`)::
 
     x, y  -> device (non_blocking)           # uint8 images, int64 labels
     x     = transform(x)                     # e.g. BatchAugment: flip/rotate + normalise, on the device
+    x     = channels_last(x)                 # where env.use_channels_last(device, amp_dtype): GPU, bf16 on a CPU
     x, y  = batch_transform(x, y)            # optional MixUp/CutMix: y becomes soft targets [B, K]
     with autocast(amp_dtype): loss = loss_fn(model(x), y)
     backward (GradScaler for fp16) -> clip -> optimizer.step() -> scheduler.step() -> ema.update_parameters()
+
+Lab 01 writes this loop in notebook cells and checks that both end an epoch with the same weights.
 """
 from __future__ import annotations
 
@@ -25,8 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from labkit.env import amp_dtype as resolve_amp_dtype
-from labkit.env import pick_device
+from labkit.env import amp_dtype as resolve_amp_dtype, grad_scaler, pick_device, use_channels_last
 from labkit.timing import sync, throughput
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -40,11 +42,11 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
-def _to_device(x, y, device: torch.device, transform: Callable | None):
+def _to_device(x, y, device: torch.device, transform: Callable | None, channels_last: bool):
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
     x = transform(x) if transform is not None else to_float(x)
-    if device.type == "cuda" and x.dim() == 4:
+    if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
 
@@ -62,8 +64,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     """Train ``model`` for one pass over ``loader``.
 
     ``transform`` maps the uint8 batch (already on ``device``) to normalised floats (default
-    :func:`to_float`); ``batch_transform(x, y)`` may return soft targets ``[B, K]`` (accuracy then
-    compares with ``targets.argmax(1)``). ``scheduler`` is stepped after every batch; ``ema`` (a
+    :func:`to_float`), then ``channels_last`` where :func:`labkit.env.use_channels_last` says so
+    (put the model in that layout too, as :func:`fit` does). ``amp_dtype``/``scaler``: from
+    :func:`labkit.env.amp_dtype` / :func:`labkit.env.grad_scaler`. ``batch_transform(x, y)`` may
+    return soft targets ``[B, K]`` (accuracy then compares with ``targets.argmax(1)``). ``scheduler`` is stepped after every batch; ``ema`` (a
     ``torch.optim.swa_utils.AveragedModel``) is updated after every optimizer step.
 
     Returns ``loss`` (mean over images), ``acc``, ``images``, ``seconds``, ``images_per_s``,
@@ -72,7 +76,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     device = pick_device(device)
     if amp_dtype == torch.float16 and scaler is None:
         warnings.warn("train_one_epoch: fp16 autocast without a GradScaler can underflow gradients; "
-                      "pass scaler=torch.amp.GradScaler('cuda') or use bf16.", stacklevel=2)
+                      "pass scaler=labkit.env.grad_scaler(amp_dtype, device) or use bf16.", stacklevel=2)
+    channels_last = use_channels_last(device, amp_dtype)
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -82,7 +87,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     start = last_postfix = tick = time.perf_counter()
     for x, y in bar:
         data_s += time.perf_counter() - tick
-        x, y = _to_device(x, y, device, transform)
+        x, y = _to_device(x, y, device, transform, channels_last)
         if batch_transform is not None:
             x, y = batch_transform(x, y)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -133,9 +138,11 @@ def evaluate(model: nn.Module, loader, loss_fn: Callable | None = None, *, devic
 
     Returns ``loss``, ``acc``, ``images``, ``seconds`` and ``images_per_s``; ``top<k>`` for each
     ``k > 1`` in ``topk`` (e.g. ``top5``); with ``return_outputs`` also NumPy arrays ``y_true``,
-    ``y_pred`` and ``probs`` ``[N, K]``. The model's train/eval mode is restored afterwards.
+    ``y_pred`` and ``probs`` ``[N, K]``, all computed in fp32 from the logits. The model's
+    train/eval mode is restored afterwards.
     """
     device = pick_device(device)
+    channels_last = use_channels_last(device, amp_dtype)
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     ks = sorted({int(k) for k in topk} | {1})
     loss_sum = torch.zeros((), device=device)
@@ -148,7 +155,7 @@ def evaluate(model: nn.Module, loader, loss_fn: Callable | None = None, *, devic
     try:
         with torch.inference_mode():
             for x, y in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
-                x, y = _to_device(x, y, device, transform)
+                x, y = _to_device(x, y, device, transform, channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)
                 logits = logits.float()
@@ -317,7 +324,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, lr: float, d
     - ``class_weights``: ``True`` computes inverse-frequency weights from the training labels
       (:func:`class_weights_from_counts`), or pass one weight per class. The weighted loss is used
       for training and validation.
-    - ``amp``: ``"auto"`` (bf16/fp16 on GPU, off on CPU), ``"bf16"``, ``"fp16"`` (with a GradScaler) or False.
+    - ``amp``: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``False`` (fp32, no autocast), resolved by
+      :func:`labkit.env.amp_dtype`; model and batches go ``channels_last`` where it pays.
     - ``lr_schedule``: ``None``, ``"cosine"`` (per batch to 0), ``"onecycle"`` (per batch, peak ``lr``)
       or ``"plateau"`` (halve the lr when ``val_loss`` did not improve for an epoch).
     - ``early_stopping=patience``: stop after ``patience`` epochs without a better ``val_loss``,
@@ -329,14 +337,14 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, lr: float, d
     """
     _check_fit_args(epochs, lr, lr_schedule, early_stopping, val_loader)
     device = pick_device(device)
+    dtype = resolve_amp_dtype(amp, device)
     model.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device, dtype):
         model.to(memory_format=torch.channels_last)
     for part in (transform_train, transform_eval, batch_transform, ema):
         if isinstance(part, nn.Module):  # e.g. BatchAugment's buffers, the EMA copy: same device as the data
             part.to(device)
-    dtype = resolve_amp_dtype(amp, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = grad_scaler(dtype, device)
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(model, optimizer, lr, weight_decay)
     loss_fn = nn.CrossEntropyLoss(weight=_class_weights(class_weights, train_loader, model, device))
 

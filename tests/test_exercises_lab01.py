@@ -34,3 +34,29 @@ def test_class_weights_right_and_wrong(capsys):
         exercises.check_class_weights(good[:3], counts)
     with pytest.raises(ValueError, match="count"):
         exercises.check_class_weights([1.0], [-1])
+
+
+def test_class_weights_calls_the_function_and_reports_a_stub(capsys):
+    counts = [717, 52, 2560, 1792]
+    seen = []
+
+    def answer(c):
+        seen.append(c)
+        inverse = [1 / x for x in c]
+        return [w * len(c) / sum(inverse) for w in inverse]
+
+    exercises.check_class_weights(answer, pd.Series(counts))
+    assert seen == [counts] and all(type(x) is int for x in seen[0])  # called with a plain list of ints
+    _one_check_line(capsys)
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_class_weights(_stub, counts)
+    with pytest.raises(AssertionError, match="use 1 / count"):
+        exercises.check_class_weights(lambda c: [1.0] * len(c), counts)   # unweighted
+    with pytest.raises(AssertionError, match="use 1 / count"):
+        exercises.check_class_weights(lambda c: [x / (sum(c) / len(c)) for x in c], counts)  # frequency, not 1/frequency
+
+
+def test_class_weights_absent_class_gets_zero(capsys):
+    exercises.check_class_weights([1.0, 0.0, 1.0], [5, 0, 5])
+    with pytest.raises(AssertionError):
+        exercises.check_class_weights([1.0, 1.0, 1.0], [5, 0, 5])

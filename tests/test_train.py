@@ -7,7 +7,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from labkit import train
+from labkit import env, train
 from labkit.train import class_weights_from_counts, evaluate, fit, scale_lr, train_one_epoch
 
 K, SIZE = 3, 8
@@ -192,7 +192,7 @@ def test_fit_early_stopping_restores_best():
     model = make_model()
     val = loader(make_data(seed=1, shift=1))
     hist = fit(model, loader(make_data(), shuffle=True), val, epochs=30, lr=1e-2, device="cpu",
-               early_stopping=2, progress=False)
+               early_stopping=2, progress=False, amp=False)  # fp32, like the evaluate() below
     last = hist[-1]
     assert last["stopped_early"] is True and len(hist) < 30
     best = min(hist, key=lambda r: r["val_loss"])
@@ -273,3 +273,82 @@ def test_fit_with_ddp_model_and_distributed_sampler(tmp_path):
     finally:
         dist.destroy_process_group()
 
+
+
+# --- precision on the CPU: bf16 autocast + channels_last where it pays, amp=False forces fp32 -------------
+
+def make_conv_model(seed: int = 0) -> nn.Module:
+    """A small conv net whose weights and activations have a memory layout to check."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, K))
+
+
+def make_rgb_data(n: int = 96, seed: int = 0) -> TensorDataset:
+    """``make_data``'s images repeated to 3 channels (channels_last is only visible with C > 1)."""
+    ds = make_data(n=n, seed=seed)
+    return TensorDataset(ds.tensors[0].expand(-1, 3, -1, -1).contiguous(), ds.tensors[1])
+
+
+class Spy(nn.Module):
+    """Wraps a model and records, per forward call, the autocast state and the input's memory layout."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x):
+        self.calls.append({"autocast": torch.is_autocast_enabled("cpu"), "dtype": torch.get_autocast_dtype("cpu"),
+                           "channels_last": x.is_contiguous(memory_format=torch.channels_last)
+                           and not x.is_contiguous()})
+        return self.model(x)
+
+
+def test_bf16_cpu_step_has_finite_loss_and_changes_weights():
+    model = make_conv_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, loader(make_rgb_data(n=32)), opt, nn.CrossEntropyLoss(), device=CPU,
+                            amp_dtype=torch.bfloat16, progress=False)
+    assert stats["images"] == 32 and math.isfinite(stats["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_false_forces_fp32_without_autocast(monkeypatch, native):
+    monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: native)
+    spy = Spy(make_conv_model())
+    fit(spy, loader(make_rgb_data()), loader(make_rgb_data(seed=1)), epochs=1, lr=1e-2, device="cpu",
+        amp=False, progress=False)
+    assert spy.calls and not any(c["autocast"] or c["channels_last"] for c in spy.calls)
+    assert all(p.is_contiguous() for p in spy.parameters())
+
+
+def test_auto_on_cpu_with_native_bf16_uses_bf16_and_channels_last(monkeypatch):
+    monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: True)
+    spy = Spy(make_conv_model())
+    hist = fit(spy, loader(make_rgb_data()), loader(make_rgb_data(seed=1)), epochs=1, lr=1e-2, device="cpu",
+               amp="auto", progress=False)
+    assert spy.calls and all(c["autocast"] and c["dtype"] == torch.bfloat16 and c["channels_last"] for c in spy.calls)
+    conv = spy.model[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert math.isfinite(hist[0]["loss"]) and math.isfinite(hist[0]["val_loss"])
+
+
+def test_auto_on_cpu_without_native_bf16_stays_fp32(monkeypatch):
+    monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: False)
+    spy = Spy(make_conv_model())
+    fit(spy, loader(make_rgb_data()), None, epochs=1, lr=1e-2, device="cpu", amp="auto", progress=False)
+    assert spy.calls and not any(c["autocast"] or c["channels_last"] for c in spy.calls)
+
+
+def test_channels_last_batches_on_cpu_only_with_bf16():
+    """train_one_epoch / evaluate put image batches in channels_last on a CPU exactly when running bf16."""
+    for dtype, want in ((torch.bfloat16, True), (None, False)):
+        spy = Spy(make_conv_model())
+        opt = torch.optim.SGD(spy.parameters(), lr=0.1)
+        train_one_epoch(spy, loader(make_rgb_data(n=32)), opt, nn.CrossEntropyLoss(), device=CPU, amp_dtype=dtype,
+                        progress=False)
+        evaluate(spy, loader(make_rgb_data(n=32)), device=CPU, amp_dtype=dtype)
+        assert len(spy.calls) == 2 and all(c["channels_last"] is want for c in spy.calls), (dtype, spy.calls)

@@ -1,11 +1,18 @@
-"""Exercise checks for Lab 01 (the baseline): inverse-frequency class weights."""
+"""Exercise checks for Lab 01 (the baseline): inverse-frequency class weights.
+
+The reference is scikit-learn's ``compute_class_weight("balanced")`` (``n / (K · n_c)``, also
+proportional to 1 / count), rescaled to mean 1: an independent implementation, not labkit's.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 
-from labkit.exercises import ok
+from labkit.exercises import call_student, ok
+
 
 def _as_counts(counts: Sequence[int] | Mapping[Any, int] | Any) -> torch.Tensor:
     if isinstance(counts, Mapping):
@@ -15,8 +22,11 @@ def _as_counts(counts: Sequence[int] | Mapping[Any, int] | Any) -> torch.Tensor:
     return torch.as_tensor(counts, dtype=torch.float64).flatten()
 
 
-def check_class_weights(weights: Sequence[float] | torch.Tensor, counts: Sequence[int] | Mapping[Any, int]) -> None:
+def check_class_weights(weights: Callable | Sequence[float] | torch.Tensor,
+                        counts: Sequence[int] | Mapping[Any, int]) -> None:
     """Check inverse-frequency class weights (Lab 01): ``w_c ∝ 1 / n_c``, normalised to mean 1.
+
+    ``weights`` is the student's function (called with the counts as a list of ints) or its result.
 
     ``counts`` are the training images per class (a list, dict, pandas Series or tensor, in class
     order). Rare classes get weights above 1, common ones below 1; equal counts give all ones.
@@ -27,8 +37,13 @@ def check_class_weights(weights: Sequence[float] | torch.Tensor, counts: Sequenc
     if n.numel() == 0 or bool((n < 0).any()) or not bool((n > 0).any()) or not bool(torch.isfinite(n).all()):
         raise ValueError(f"counts={n.tolist()}: need one non-negative count per class, at least one above 0.")
     present = n > 0
-    inverse = torch.where(present, 1.0 / n.clamp(min=1e-12), torch.zeros_like(n))
-    want = inverse / inverse[present].mean()
+    classes = np.flatnonzero(present.numpy())
+    labels = np.repeat(classes, n[present].round().long().numpy())          # one label per training image
+    balanced = torch.as_tensor(compute_class_weight("balanced", classes=classes, y=labels), dtype=torch.float64)
+    want = torch.zeros_like(n)
+    want[present] = balanced / balanced.mean()
+    if callable(weights):
+        weights = call_student(weights, [int(c) for c in n.round().long().tolist()], what="inverse_frequency_weights")
     try:
         got = torch.as_tensor(weights.tolist() if hasattr(weights, "tolist") else list(weights), dtype=torch.float64).flatten()
     except (TypeError, ValueError) as exc:
