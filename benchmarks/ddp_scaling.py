@@ -6,8 +6,9 @@ Each rank keeps its batch size (the usual DDP "weak scaling": the global batch g
 size), so perfect scaling doubles the images per second. Throughput is measured on the training
 epochs only (reduced over the ranks: all images / slowest rank's seconds); the first epoch is a
 warm-up and the later epochs count. Prints ``ddp scaling efficiency: N%`` =
-images/s(2 ranks) / (2 × images/s(1 rank)). On a GPU machine it also compares AMP with fp32
-on one GPU (channels_last in both).
+images/s(2 ranks) / (2 × images/s(1 rank)). It also compares mixed precision with fp32 on one rank
+where the hardware runs it natively: on a GPU (channels_last in both), or on a CPU with native bf16
+(AVX512-BF16/AMX: bf16 autocast + channels_last against plain fp32).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 
 import torch
 
-from labkit import imagenet
+from labkit import env, imagenet
 from labkit.data.imagenet import load_imagenet
 from labkit.params import QUICK
 
@@ -45,12 +46,13 @@ def measure(data, world_size: int, cfg: imagenet.AblationConfig, device: str, re
     return best
 
 
-def amp_comparison(data, cfg: imagenet.AblationConfig) -> None:
-    """On a GPU: one rank, AMP (bf16/fp16) against fp32; both use channels_last (labkit always does on CUDA)."""
-    fast = measure(data, 1, imagenet.make_config({**cfg.__dict__, "amp": "auto"}), "cuda")
-    slow = measure(data, 1, imagenet.make_config({**cfg.__dict__, "amp": False}), "cuda")  # fp32, channels_last
-    print(f"GPU, 1 rank, channels_last: AMP {fast['images_per_s']:.0f} img/s, fp32 {slow['images_per_s']:.0f} img/s "
-          f"-> speed-up x{fast['images_per_s'] / slow['images_per_s']:.2f}")
+def amp_comparison(data, cfg: imagenet.AblationConfig, device: str) -> None:
+    """One rank, ``amp="auto"`` (bf16/fp16 + channels_last) against fp32 (channels_last only on CUDA)."""
+    fast = measure(data, 1, imagenet.make_config({**cfg.__dict__, "amp": "auto"}), device)
+    slow = measure(data, 1, imagenet.make_config({**cfg.__dict__, "amp": False}), device)
+    dtype = env.precision_name(env.amp_dtype("auto", torch.device(device)))
+    print(f"{device}, 1 rank: {dtype} + channels_last {fast['images_per_s']:.0f} img/s, fp32 "
+          f"{slow['images_per_s']:.0f} img/s -> speed-up x{fast['images_per_s'] / slow['images_per_s']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print("(near or above 100% on a CPU machine means the measurement was disturbed, e.g. by other "
               "processes slowing the multi-threaded single rank; run again on an idle machine)")
     if torch.cuda.is_available():
-        amp_comparison(data, cfg)
+        amp_comparison(data, cfg, "cuda")
+    elif env.cpu_has_native_bf16():
+        amp_comparison(data, cfg, "cpu")
     else:
-        print("AMP vs fp32 on a GPU: skipped (no GPU on this machine).")
+        print("mixed precision vs fp32: skipped (no GPU, and this CPU does not run bf16 natively).")
     return 0
 
 

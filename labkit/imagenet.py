@@ -5,9 +5,11 @@
         --epochs 90 --batch-size 256 --lr 3e-4 --drop-path-rate 0.2 --use-blurpool
     python -m labkit.imagenet --resume results/03_ablations/checkpoints/run/last.pt
 
-The notebook calls :func:`run_ablations` with a list of configs: one process group runs them all
-(spawn and rendezvous are paid once). Each rank runs :func:`labkit.train.train_one_epoch`
-unchanged, with the recipe's parts (:mod:`labkit.recipe`) plugged into its hooks.
+The notebook teaches DDP with its own ``torchrun`` script and each recipe piece in its own cell;
+for the sweep it calls :func:`run_ablations` with a list of configs: one process group runs them
+all (spawn and rendezvous are paid once). Each rank runs :func:`labkit.train.train_one_epoch`
+unchanged, with the recipe's parts (:mod:`labkit.recipe`) plugged into its hooks, in the precision
+``labkit.env`` picks (bf16 + ``channels_last`` on GPUs and CPUs that run bf16 natively).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from labkit import ddp, recipe
-from labkit.env import amp_dtype as resolve_amp_dtype
+from labkit import env
 from labkit.env import environment, seed_everything
 from labkit.params import QUICK, ParameterError, Rule
 from labkit.recipe import MODELS, SWITCH_RULES, AblationConfig, make_config, peak_lr, schedule
@@ -69,7 +71,7 @@ def prepare(cfg: dict) -> list[AblationConfig]:
     """
     if cfg.get("quick"):
         cfg.update(model="resnet18", width=min(cfg["width"], 0.25), batch_size=min(cfg["batch_size"], 64),
-                   lr_finder_steps=min(cfg.get("lr_finder_steps", 0), 30))
+                   lr_finder_steps=min(cfg.get("lr_finder_steps", 0), 20))
         if cfg.get("progressive_sizes"):
             cfg["progressive_sizes"] = sorted({min(s, cfg["image_size"]) for s in cfg["progressive_sizes"]}
                                               | {cfg["image_size"]})
@@ -84,6 +86,18 @@ def slug(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- one rank
+def _keep_format(mix, channels_last: bool):
+    """``mix`` (MixUp/CutMix) returning its images in ``channels_last`` again when the run uses it."""
+    if mix is None or not channels_last:
+        return mix
+
+    def mixed(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = mix(x, y)
+        return x.contiguous(memory_format=torch.channels_last), y
+
+    return mixed
+
+
 def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: AblationConfig,
                   options: dict) -> dict:
     """Train and validate one config on this rank; rank 0 returns the history and final metrics."""
@@ -92,14 +106,15 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     started = time.perf_counter()
     seed_everything(cfg.seed)
     num_classes = len(data.classes)
+    amp_dtype = env.amp_dtype(cfg.amp, device)          # bf16 / fp16 / None (fp32)
+    scaler = env.grad_scaler(amp_dtype, device)         # fp16 only
+    channels_last = env.use_channels_last(device, amp_dtype)
     model = resnet(MODELS[cfg.model], num_classes, cfg.variant, cfg.drop_path_rate, cfg.use_blurpool,
-                   cfg.width, small_input=cfg.image_size < 128).to(device)
+                   cfg.width, small_input=cfg.image_size < 128)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = resolve_amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = recipe.make_ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
 
     plan = schedule(cfg)
@@ -111,11 +126,12 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
                          "per rank; lower batch_size or raise max_train.")
     steps = [sampler.num_samples // bs for _, bs in plan]  # drop_last=True
     lr = peak_lr(cfg, world_size)
-    optimizer = recipe.make_optimizer(model, lr, cfg.weight_decay)
-    scheduler = recipe.make_scheduler(optimizer, lr, sum(steps), cfg.pct_start)
-    mix = recipe.mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix)
-    train_loss, eval_loss = recipe.loss_fn(cfg.label_smoothing), nn.CrossEntropyLoss()
-    eval_tf = recipe.RGBTransform(cfg.image_size, train=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=sum(steps),
+                                                    pct_start=cfg.pct_start, anneal_strategy="cos")
+    mix = _keep_format(recipe.mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix), channels_last)
+    train_loss, eval_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), nn.CrossEntropyLoss()
+    eval_tf = recipe.RGBTransform(cfg.image_size, train=False, channels_last=channels_last)
     n_val = len(data.splits["val"].labels)
     gap_idx = torch.randperm(len(train_set.labels), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
     eval_bs = max(bs for _, bs in plan)
@@ -144,7 +160,8 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
         loader = data.loader("train", bs, shuffle=False, sampler=sampler, drop_last=True)
         lr_now = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(net, loader, optimizer, train_loss, device=device,
-                                transform=recipe.RGBTransform(size, train=True), batch_transform=mix,
+                                transform=recipe.RGBTransform(size, train=True, channels_last=channels_last),
+                                batch_transform=mix,
                                 amp_dtype=amp_dtype, scaler=scaler, scheduler=scheduler,
                                 grad_clip=cfg.grad_clip or None, ema=ema,
                                 progress=options.get("batch_progress", False) and rank == 0,
@@ -184,6 +201,7 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     final = {"top1": last["val_acc"], "top5": last["val_top5"], "train_top1": last["train_top1"],
              "gap": last["gap"], "seconds": seconds, "images_per_s": images / train_s,
              "epochs": last["epoch"], "peak_lr": lr, "global_batch": cfg.batch_size * world_size,
+             "precision": env.precision_name(amp_dtype), "channels_last": channels_last,
              "parameters": sum(p.numel() for p in model.parameters())}
     return {"name": cfg.name, "config": asdict(cfg), "history": history, "final": final,
             "checkpoint": str(ckpt_path), "world_size": world_size}
@@ -260,28 +278,6 @@ def ablation_table(results: list[dict]):
     return pd.DataFrame([{"ablation": r["name"], **{k: r["final"][k] for k in
                                                     ("top1", "top5", "gap", "seconds", "images_per_s")}}
                          for r in results])
-
-
-def plot_curves(results: list[dict], path):
-    """Learning curves of every ablation: validation top-1 and train–val gap per epoch (PNG)."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    from labkit.plotting import save_figure
-
-    df = pd.DataFrame([{"ablation": r["name"], **h} for r in results for h in r["history"]])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
-    for ax, (col, title) in zip(axes, (("loss", "training loss (mixed targets)"),
-                                       ("val_acc", "validation top-1"), ("gap", "train − val top-1"))):
-        sns.lineplot(data=df, x="epoch", y=col, hue="ablation", marker="o", ax=ax, legend=ax is axes[1])
-        ax.set(title=title, xlabel="epoch", ylabel=col)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return fig
 
 
 # --------------------------------------------------------------------------- the command

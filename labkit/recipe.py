@@ -1,34 +1,30 @@
-"""The seed-002 training recipe as small parts that plug into :func:`labkit.train.train_one_epoch`.
+"""The reusable parts of the seed-002 recipe that Lab 03's ablation sweep (:mod:`labkit.imagenet`) needs.
+
+Lab 03 teaches each piece in its own notebook cell first (built from torchvision / torch directly);
+what the sweep runner reuses lives here:
 
 - augmentation: :class:`RGBTransform` — per-image random-resized crop + flip, on the device;
 - MixUp (α 0.2) / CutMix (α 1.0): :func:`mixup_cutmix` (``torchvision.transforms.v2``, soft labels);
-- label smoothing 0.1: :func:`loss_fn` (``nn.CrossEntropyLoss(label_smoothing=…)``);
-- AdamW, weight decay 1e-4: :func:`make_optimizer`; OneCycleLR (pct_start 0.3, cosine), stepped per
-  batch: :func:`make_scheduler`;
 - EMA of the weights: :func:`make_ema` (``torch.optim.swa_utils.AveragedModel``, decay warm-up);
 - progressive resizing (64→128→224): :func:`progressive_sizes`, :func:`progressive_schedule`;
-- LR range test: :func:`lr_finder`, :func:`suggest_lr`, :func:`plot_lr_finder`;
 - every switch of one run: :class:`AblationConfig`, :func:`make_config`, :func:`schedule`, :func:`peak_lr`.
 
-Gradient clipping, AMP and ``channels_last`` are handled by ``train_one_epoch`` itself.
+AdamW, OneCycleLR and label smoothing are plain ``torch`` calls in :mod:`labkit.imagenet`; the LR
+range test is written in the notebook.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from labkit.params import RULES, ParameterError, Rule
 from labkit.train import scale_lr
@@ -47,12 +43,16 @@ class RGBTransform(nn.Module):
     ``train=True``: a random-resized crop (area ``scale``, aspect ``ratio``) and a horizontal flip,
     drawn **per image** yet done for the whole batch in one ``torchvision.ops.roi_align`` call on the
     device. ``train=False``: a plain (antialiased) resize. Then ImageNet mean/std normalisation.
+    ``channels_last=True`` returns the batch in ``torch.channels_last`` memory format (NHWC: what
+    GPUs and bf16 convolutions on CPUs want; see ``labkit.env.use_channels_last``).
     """
 
     def __init__(self, size: int, train: bool, scale: tuple[float, float] = (0.35, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 channels_last: bool = False) -> None:
         super().__init__()
+        self.channels_last = bool(channels_last)
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"RGBTransform: scale={scale} must satisfy 0 < low <= high <= 1.")
         self.size, self.train_mode, self.scale, self.ratio, self.flip = int(size), train, scale, ratio, flip
@@ -85,7 +85,8 @@ class RGBTransform(nn.Module):
                 x = torch.where(mask[:, None, None, None], x.flip(-1), x)
         elif (h, w) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return v2.functional.normalize(x, self.mean, self.std)
+        x = v2.functional.normalize(x, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0) -> Callable | None:
@@ -106,26 +107,6 @@ def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float
     if not ops:
         return None
     return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
-
-
-def loss_fn(label_smoothing: float = 0.1) -> nn.Module:
-    """Cross-entropy with label smoothing; accepts class indices or soft targets (MixUp/CutMix)."""
-    return nn.CrossEntropyLoss(label_smoothing=float(label_smoothing))
-
-
-# --------------------------------------------------------------------------- optimiser and schedule
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-4) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (the seed: weight decay 1e-4)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
-                   pct_start: float = 0.3) -> torch.optim.lr_scheduler.OneCycleLR:
-    """OneCycleLR, stepped once per batch: warm up for ``pct_start`` of the steps, then cosine down."""
-    if total_steps < 1:
-        raise ValueError(f"make_scheduler: total_steps={total_steps} must be >= 1 (no training batches?).")
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               pct_start=pct_start, anneal_strategy="cos")
 
 
 # --------------------------------------------------------------------------- EMA
@@ -193,93 +174,6 @@ def progressive_schedule(epochs: int, sizes: Sequence[int] = (64, 128, 224),
     return plan
 
 
-# --------------------------------------------------------------------------- LR range test
-def lr_finder(model: nn.Module, loader, loss_fn: Callable, *, device, transform: Callable | None = None,
-              batch_transform: Callable | None = None, optimizer: torch.optim.Optimizer | None = None,
-              start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100, smooth: float = 0.05,
-              diverge: float = 4.0, progress: bool = True) -> pd.DataFrame:
-    """LR range test: raise the learning rate exponentially from ``start_lr`` to ``end_lr`` over
-    ``steps`` batches, recording the loss; stop early once the smoothed loss exceeds ``diverge`` ×
-    its best (or is not finite). Model and optimizer state are restored afterwards.
-
-    Returns a DataFrame with ``lr``, ``loss`` and ``smooth_loss`` (bias-corrected EMA of the loss).
-    """
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"lr_finder: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}.")
-    if steps < 2:
-        raise ValueError(f"lr_finder: steps={steps} must be >= 2.")
-    device = torch.device(device)
-    opt = optimizer if optimizer is not None else make_optimizer(model, start_lr)
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    was_training = model.training
-    rows, avg, best = [], 0.0, math.inf
-    try:
-        model.train()
-        batches = iter(loader)
-        for i in tqdm(range(steps), desc="lr finder", leave=False, disable=not progress):
-            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
-            x, y = x.to(device), y.to(device)
-            x = transform(x) if transform is not None else x.float()
-            if batch_transform is not None:
-                x, y = batch_transform(x, y)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = loss.item()
-            avg = smooth * value + (1 - smooth) * avg
-            smoothed = avg / (1 - (1 - smooth) ** (i + 1))
-            rows.append({"lr": lr, "loss": value, "smooth_loss": smoothed})
-            if not math.isfinite(smoothed) or smoothed > diverge * best:
-                break
-            best = min(best, smoothed)
-    finally:
-        model.load_state_dict(saved_model)
-        opt.load_state_dict(saved_opt)
-        model.train(was_training)
-    return pd.DataFrame(rows)
-
-
-def suggest_lr(df: pd.DataFrame) -> float:
-    """A learning rate from an LR range test: a tenth of the LR at the lowest smoothed loss (fast.ai)."""
-    if df.empty:
-        raise ValueError("suggest_lr: the LR range test recorded no steps.")
-    finite = df[df["smooth_loss"].map(math.isfinite)]
-    return float(finite.loc[finite["smooth_loss"].idxmin(), "lr"]) / 10
-
-
-def plot_lr_finder(df: pd.DataFrame, path: str | os.PathLike, suggestion: float | None = None):
-    """Loss against learning rate (log scale), with the suggestion marked; saved atomically as PNG."""
-    import matplotlib.pyplot as plt
-
-    from labkit.plotting import save_figure
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    ax.plot(df["lr"], df["loss"], alpha=0.3, label="loss")
-    ax.plot(df["lr"], df["smooth_loss"], label="smoothed loss")
-    if suggestion is not None:
-        ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggested lr {suggestion:.1e}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
-    finite = df["smooth_loss"][df["smooth_loss"].map(math.isfinite)]
-    if len(finite):  # hide the divergence spike so the useful part is readable
-        low = min(finite.min(), df["loss"][df["loss"].map(math.isfinite)].min())
-        ax.set_ylim(low * 0.95, max(finite.iloc[0] * 1.5, finite.min() * 1.05))
-    ax.legend()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return fig
-
-
 # --------------------------------------------------------------------------- one run's switches
 MODELS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 
@@ -317,7 +211,8 @@ class AblationConfig:
     ema_decay: float = _switch(0.0, "EMA of the weights, used for validation (0 = off, the seed's advice; "
                                     "0.999 suits short runs)")
     ema_warmup: bool = _switch(True, "EMA decay min(d, (1+n)/(10+n)) so short runs do not stay near the init")
-    amp: Any = _switch("auto", "mixed precision: auto (bf16/fp16 on a GPU, off on CPU) | bf16 | fp16 | off")
+    amp: Any = _switch("auto", "mixed precision: auto (bf16 where the GPU or CPU runs it natively, "
+                                 "fp16 + GradScaler on older GPUs, else fp32) | bf16 | fp16 | off")
     seed: int = _switch(0, "random seed")
 
 

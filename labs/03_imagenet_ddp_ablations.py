@@ -18,21 +18,23 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/labkit-course/labkit/blob/main/labs/03_imagenet_ddp_ablations.ipynb)
 #
 # Lab 02 let Ray Train start the workers for us. This lab works one layer lower: **PyTorch's
-# DistributedDataParallel (DDP)**, the machinery Ray Train (and Lightning, and `torchrun`) drive underneath.
-# With it we replay the ablation study of the source project (seed 002): a ResNet-50 on Tiny ImageNet
-# with one training technique switched on after another.
+# DistributedDataParallel (DDP)**, the machinery Ray Train (and Lightning) drive underneath.
+# You write a complete DDP training script in this notebook and launch it with `torchrun`, the way DDP runs
+# in practice; then a launcher replays the ablation study of the source project (seed 002): a ResNet on
+# Tiny ImageNet with one training technique switched on after another.
 #
 # **You will learn to**
-# - start DDP ranks yourself (`torch.multiprocessing` spawn, a process group over gloo or NCCL, a free port,
-#   a timeout), shard the data with `DistributedSampler`, reduce metrics across ranks, checkpoint on rank 0 and resume;
-# - read what each technique of a modern ImageNet recipe does: ResNet variants, MixUp/CutMix, label smoothing,
-#   OneCycleLR + AdamW, progressive resizing, stochastic depth, BlurPool, EMA of the weights;
+# - write and launch a DDP script: `init_process_group`, `DistributedSampler` + `set_epoch`, the DDP wrapper,
+#   all-reduced metrics, a rank-0 checkpoint, `destroy_process_group` — with `torchrun --standalone`;
+# - build each piece of a modern ImageNet recipe and see what it does to one batch: MixUp/CutMix
+#   (`torchvision.transforms.v2`), stochastic depth, progressive resizing, OneCycleLR + AdamW, an EMA of the
+#   weights (`torch.optim.swa_utils`), an LR range test;
 # - run an **ablation study** and read it honestly (one seed, a short run, a stand-in dataset);
 # - understand why the source project's EMA with decay 0.9999 gave 0.5 % accuracy.
 #
-# **Run time**: quick mode (`quick=True`) ≈ 2–3 min on 2 CPU cores (7 ablations, 2 ranks); the full
-# configuration (ResNet-50, 30 epochs × 7 ablations on Tiny ImageNet) is a multi-GPU job — hours on 2–4 GPUs.
-# The same training runs from a terminal: `python -m labkit.imagenet --help`.
+# **Run time**: quick mode (`quick=True`) ≈ 2 min on 2 CPU cores (one `torchrun` run, 7 ablations, 2 ranks);
+# the full configuration (ResNet-50, 30 epochs × 7 ablations on Tiny ImageNet) is a multi-GPU job — hours on
+# 2–4 GPUs. Long sweeps also run from a terminal: `python -m labkit.imagenet --help`.
 
 # %% [markdown]
 # ## 0. Setup
@@ -45,19 +47,28 @@ if "google.colab" in sys.modules:  # Colab only: fetch the course and install la
     # %pip install -q -e /content/labkit
     # %cd /content/labkit
 
+import copy
+import json
 import math
+import os
+import subprocess
+import time
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import seaborn as sns
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.ops import StochasticDepth
+from torchvision.transforms import v2
 
-from labkit import ddp, env, imagenet, params, plotting, recipe, results
-from labkit.exercises import lab02 as exercises
+from labkit import env, imagenet, params, plotting, recipe, results
 from labkit.data.imagenet import load_imagenet
+from labkit.exercises import lab03 as exercises
+from labkit.files import write_text
 from labkit.models.resnet import BlurPool, resnet
 from labkit.models.summary import count_parameters
-from labkit.files import write_text
-from torchvision.ops import StochasticDepth
 
 # %% [markdown]
 # ## 1. Parameters
@@ -82,7 +93,7 @@ progressive_sizes = None       # None: the seed's 64:128:224 ratios of image_siz
 batch_size = 128               # per rank, in the first progressive phase (halved in each later phase)
 lr = 1e-3                      # OneCycleLR peak for one rank, scaled by lr_scaling (seed: 3e-4 at batch 256)
 lr_scaling = "sqrt"            # none | linear | sqrt: how the lr grows with world_size
-amp = "auto"                   # mixed precision on a GPU ("auto", "bf16", "fp16", False)
+amp = "auto"                   # mixed precision: "auto" (bf16 where the GPU/CPU runs it natively), "bf16", "fp16", False
 data = "auto"                  # "auto": the real dataset when present, else a synthetic stand-in
 data_dir = "data/tiny-imagenet"
 layout = "auto"                # auto | tiny-imagenet | ilsvrc | plain
@@ -120,60 +131,288 @@ env.seed_everything(cfg.seed)
 dev = env.pick_device(cfg.device)
 out_dir = results.lab_dir(LAB)
 
-# %%
-print(f"device: {dev} ({env.environment(dev)['device_name']}), {torch.cuda.device_count()} GPU(s), "
-      f"mixed precision: {env.amp_dtype(cfg.amp, dev)}")
-
 # %% [markdown]
-# ## 3. DDP in one cell
-# `ddp.launch(fn, world_size)` is a short, readable launcher (open `labkit/ddp.py`). It
-#
-# 1. finds a **free port** by binding port 0 (the seed hard-coded `MASTER_PORT=12355` and hung when an old
-#    run still held it);
-# 2. **spawns** `world_size` fresh Python processes. Each joins the **process group** with
-#    `dist.init_process_group(backend, rank, world_size, timeout=…)`: **gloo** on CPUs, **NCCL** with one GPU
-#    per rank. The timeout turns a missing peer into an error instead of an endless wait;
-# 3. runs `fn(rank, world_size, device, …)` in every rank. `fn` must live in an importable module: spawn
-#    sends functions *by name*, and a function defined in this notebook cannot be found by the new processes;
-# 4. returns rank 0's result — or, when any rank raises, stops every rank and raises a `DDPError` that
-#    names the rank and carries its traceback. Nothing is left running, also after Ctrl-C.
-#
-# The toy `ddp.hello` all-reduces the rank numbers: every rank ends up with 0 + 1 + … + (world_size − 1).
-
-# %% tags=["nbval-check-output"]
-print(ddp.launch(ddp.hello, cfg.world_size, device=cfg.device))
-
-# %% [markdown]
-# Now let rank 1 fail on purpose while rank 0 waits for it inside `all_reduce`. The error reaches us with
-# the rank's own traceback, and rank 0 is not left hanging:
+# **Precision.** `env.amp_dtype` picks the autocast dtype: bf16 on GPUs and CPUs that run it natively
+# (AVX512-BF16 / AMX), fp16 with a gradient scaler on older GPUs, else fp32; with bf16 or on a GPU the model
+# and the batches use the `channels_last` memory layout. Metrics are always computed in fp32 from the logits.
 
 # %%
-try:
-    ddp.launch(ddp.hello, 2, (1,), device="cpu", timeout_s=60)   # fail_rank=1
-except ddp.DDPError as err:
-    print(str(err).splitlines()[0])
-    print("ranks still running:", ddp.running())
+amp_dtype = env.amp_dtype(cfg.amp, dev)
+print(f"device: {dev} ({env.environment(dev)['device_name']}), {torch.cuda.device_count()} GPU(s); "
+      f"training runs in {env.precision_name(amp_dtype)}"
+      f"{' with channels_last' if env.use_channels_last(dev, amp_dtype) else ''}, metrics in fp32")
+if cfg.quick and dev.type == "cpu":
+    # a quarter-width ResNet-18 at 32 px gains nothing from a second thread in this (notebook) process, and
+    # two threads stall badly when other processes compete for the cores
+    torch.set_num_threads(1)
 
 # %% [markdown]
-# ## 4. The data
+# ## 3. The data
 # Tiny ImageNet has 200 classes of 64×64 pictures (100,000 for training, 10,000 for validation). labkit finds
 # it in its real layout under `data_dir` (`tiny-imagenet-200/`; also ILSVRC's `Data/CLS-LOC/` and plain
 # `train/ val/` folders). When it is absent, labkit writes a **synthetic stand-in in the same layout** —
 # coloured shapes and textures, learnable but not trivial — and says so loudly. Numbers on the stand-in are
-# **not** Tiny ImageNet numbers.
+# **not** Tiny ImageNet numbers. The decoded images are cached on disk, so the DDP ranks below read them fast.
 
 # %%
 data_set = load_imagenet(cfg.data, cfg.data_dir, layout=cfg.layout, image_size=cfg.image_size,
                          max_train=cfg.max_train, max_val=cfg.max_test, standin_classes=cfg.standin_classes,
                          seed=cfg.seed)
-fig = plotting.plot_samples(data_set["train"].images[:16], data_set["train"].labels[:16], data_set.classes,
-                            out_dir / "samples.png")
-fig
+plotting.plot_samples(data_set["train"].images[:16], data_set["train"].labels[:16], data_set.classes,
+                      out_dir / "samples.png");
 
 # %% tags=["nbval-check-output"]
 print(f"{data_set.name}: layout {data_set.layout}, synthetic stand-in: {data_set.synthetic}, "
       f"{len(data_set.classes)} classes, images {tuple(data_set['train'].images.shape[1:])}")
 print(data_set.class_counts().to_string())
+
+# %% [markdown]
+# ## 4. DDP in one script, launched with `torchrun`
+# DDP runs **one process per rank** (per GPU on a GPU machine). Each process runs the same script; what makes
+# them one training job is a *process group*. `torchrun --standalone --nproc-per-node=N script.py` starts the N
+# processes on this machine and hands each its identity in environment variables (`RANK`, `LOCAL_RANK`,
+# `WORLD_SIZE`, `MASTER_ADDR`/`MASTER_PORT` of a rendezvous it runs itself; `--standalone` picks a free port).
+# On a cluster the same script runs with `--nnodes` and a rendezvous address instead.
+#
+# The script below is complete and small — read it top to bottom, it follows PyTorch's `examples/imagenet`:
+#
+# 1. `dist.init_process_group(backend)` — **gloo** on CPUs, **NCCL** with one GPU per rank;
+# 2. every rank loads the data (rank 0 first, behind a `barrier`, because it may write the cache), and a
+#    **`DistributedSampler`** gives each rank its own shard; **`set_epoch`** reshuffles it every epoch;
+# 3. the model is wrapped in **`DistributedDataParallel`**: during `backward()` it all-reduces the gradients,
+#    so every rank takes the same optimizer step and the replicas stay identical;
+# 4. the loop: autocast in the chosen precision, a gradient scaler only for fp16, OneCycleLR per step;
+# 5. metrics are **sums** all-reduced over the ranks, then divided (train loss/accuracy, and a validation
+#    confusion matrix: each rank scores its exact share of the validation images);
+# 6. **rank 0 alone** writes the checkpoint (atomically: a temporary file, then `os.replace`) and the metrics;
+# 7. `dist.destroy_process_group()`.
+#
+# This is the code you edit: change it, re-run the cell (it rewrites the file), launch again.
+
+# %%
+script = out_dir / "ddp_train.py"
+run_dir = out_dir / "ddp_run"
+
+# %%
+%%writefile {script}
+"""Minimal DDP training of a ResNet on ImageNet-style data (after PyTorch's examples/imagenet).
+
+Launch:  torchrun --standalone --nproc-per-node=2 ddp_train.py --data-dir data/tiny-imagenet --out run/
+torchrun starts one process per rank and gives each RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
+"""
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from labkit import env                              # precision choice (bf16 / fp16 / fp32)
+from labkit.data.imagenet import load_imagenet      # real dataset, or the synthetic stand-in
+from labkit.models.resnet import resnet
+from labkit.recipe import RGBTransform              # uint8 batch -> crop/flip -> normalised floats
+
+p = argparse.ArgumentParser()
+p.add_argument("--data-dir", default="data/tiny-imagenet")
+p.add_argument("--standin-classes", type=int, default=10, help="classes of the stand-in when the data is absent")
+p.add_argument("--image-size", type=int, default=64)
+p.add_argument("--max-train", type=int, default=None)
+p.add_argument("--max-val", type=int, default=None)
+p.add_argument("--depth", type=int, default=18)
+p.add_argument("--width", type=float, default=1.0)
+p.add_argument("--epochs", type=int, default=2)
+p.add_argument("--batch-size", type=int, default=64, help="per rank: the global batch is world size x this")
+p.add_argument("--lr", type=float, default=1e-3, help="OneCycle peak, already scaled for the world size")
+p.add_argument("--amp", default="auto")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--out", default="ddp_run")
+args = p.parse_args()
+
+# 1. Join the process group. torchrun set the rendezvous variables; gloo on CPUs, NCCL with one GPU per rank.
+use_cuda = torch.cuda.is_available()
+dist.init_process_group("nccl" if use_cuda else "gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+local_rank = int(os.environ["LOCAL_RANK"])
+device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+if use_cuda:
+    torch.cuda.set_device(device)
+torch.manual_seed(args.seed)                        # same initial weights everywhere (DDP also broadcasts rank 0's)
+
+# 2. Data: rank 0 goes first (it may write the stand-in and the decoded cache), the others wait at the
+#    barrier, then read the cache. Every rank holds the dataset; the DistributedSampler picks its shard.
+if rank != 0:
+    dist.barrier()
+with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+    data = load_imagenet("auto", args.data_dir, image_size=args.image_size, max_train=args.max_train,
+                         max_val=args.max_val, standin_classes=args.standin_classes, seed=args.seed,
+                         progress=False)
+if rank == 0:
+    dist.barrier()
+train_set = TensorDataset(data["train"].images, data["train"].labels)
+val_set = TensorDataset(data["val"].images, data["val"].labels)
+sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)  # rank/world from the group
+train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # exact split: each image counted once
+val_loader = DataLoader(val_shard, batch_size=2 * args.batch_size)
+num_classes = len(data.classes)
+
+# 3. Model, precision, optimizer. Mixed precision where the hardware runs it natively (bf16 on this CPU?).
+dtype = env.amp_dtype(args.amp, device)             # torch.bfloat16 / torch.float16 / None (= fp32)
+scaler = env.grad_scaler(dtype, device)             # only for fp16
+channels_last = env.use_channels_last(device, dtype)
+fmt = torch.channels_last if channels_last else torch.contiguous_format
+model = resnet(args.depth, num_classes, "basic", width=args.width, small_input=args.image_size < 128)
+model = model.to(device, memory_format=fmt)
+model = DDP(model, device_ids=[local_rank] if use_cuda else None)  # all-reduces gradients during backward()
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.3,
+                                                total_steps=args.epochs * len(train_loader))
+criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+train_tf, eval_tf = RGBTransform(args.image_size, train=True), RGBTransform(args.image_size, train=False)
+if rank == 0:
+    print(f"world size {world_size} ({dist.get_backend()}), {env.precision_name(dtype)}, channels_last "
+          f"{channels_last}: {len(sampler)} images and {len(train_loader)} steps per rank and epoch, "
+          f"global batch {world_size * args.batch_size}", flush=True)
+
+# 4. The loop.
+history = []
+for epoch in range(args.epochs):
+    sampler.set_epoch(epoch)                        # a new shuffle each epoch, the same one on every rank
+    model.train()
+    start = time.perf_counter()
+    sums = torch.zeros(3, dtype=torch.float64)      # loss * images, correct, images (this rank)
+    for x, y in train_loader:
+        x = train_tf(x.to(device)).contiguous(memory_format=fmt)
+        y = y.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+    seconds = time.perf_counter() - start
+
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # [true, predicted]
+    with torch.inference_mode():
+        for x, y in val_loader:
+            x = eval_tf(x.to(device)).contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                pred = model(x).float().argmax(1).cpu()
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
+
+    # 5. All-reduce: sum the counts over the ranks, then divide (a mean of per-rank means would weigh ranks, not images).
+    dist.all_reduce(sums)          # gloo reduces CPU tensors; with NCCL move them to the GPU first
+    dist.all_reduce(confusion)
+    recall = confusion.diag() / confusion.sum(1).clamp(min=1)
+    row = {"epoch": epoch + 1, "loss": sums[0].item() / sums[2].item(), "acc": sums[1].item() / sums[2].item(),
+           "images": int(sums[2].item()), "val_acc": (confusion.diag().sum() / confusion.sum()).item(),
+           "val_balanced_acc": recall[confusion.sum(1) > 0].mean().item(), "val_images": int(confusion.sum().item()),
+           "seconds": seconds}
+    history.append(row)
+
+    # 6. Rank 0 writes the checkpoint (every rank holds the same weights) and the metrics.
+    if rank == 0:
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.3f} acc {row['acc']:.3f} "
+              f"val acc {row['val_acc']:.3f} ({row['images']} train / {row['val_images']} val images, "
+              f"{seconds:.1f}s)", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        state = {"epoch": epoch + 1, "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "args": vars(args), "world_size": world_size}
+        torch.save(state, os.path.join(args.out, "checkpoint.pt.tmp"))
+        os.replace(os.path.join(args.out, "checkpoint.pt.tmp"), os.path.join(args.out, "checkpoint.pt"))
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump({"world_size": world_size, "precision": env.precision_name(dtype),
+                       "steps_per_epoch": len(train_loader), "history": history}, f, indent=1)
+
+# 7. Leave the process group.
+dist.destroy_process_group()
+
+# %% [markdown]
+# Launch it on `world_size` ranks with this environment's Python. The notebook waits for the job and prints
+# what rank 0 prints; a rank that fails makes `torchrun` stop the others and report the failing rank's error.
+# The peak learning rate is the one-rank `lr` scaled for the world size (section 6); in quick mode the model
+# is the quarter-width ResNet-18 of the sweep below, trained for one epoch.
+
+# %%
+base = configs[0]
+script_args = ["--data-dir", str(data_set.root), "--standin-classes", str(cfg.standin_classes),
+               "--image-size", str(base.image_size), "--max-train", str(cfg.max_train), "--max-val", str(cfg.max_test),
+               "--depth", str(imagenet.MODELS[base.model]), "--width", str(base.width),
+               "--epochs", str(1 if cfg.quick else base.epochs),                  # quick mode: one epoch shows it all
+               "--batch-size", str(base.batch_size), "--lr", f"{imagenet.peak_lr(base, cfg.world_size):.6g}",
+               "--amp", str(cfg.amp), "--seed", str(cfg.seed), "--out", str(run_dir)]
+command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.world_size}",
+           str(script), *script_args]
+print("$ torchrun --standalone", f"--nproc-per-node={cfg.world_size}", script.name, *script_args[:2], "...")
+threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.world_size))} if dev.type == "cpu" else {}
+started = time.perf_counter()
+job = subprocess.run(command, env={**os.environ, **threads}, capture_output=True, text=True)
+print(job.stdout.strip())
+print(f"torchrun finished in {time.perf_counter() - started:.1f}s with exit code {job.returncode}")
+if job.returncode != 0:
+    raise RuntimeError(f"the DDP script failed; torchrun reported:\n{job.stderr[-4000:]}")
+
+# %% [markdown]
+# What the job left behind: rank 0's metrics and checkpoint. Every rank took the same number of steps (the
+# sampler gives every rank the same share), the validation confusion matrix counts each image exactly once,
+# and the checkpoint holds the plain model's `state_dict` (`model.module`, without DDP's wrapper).
+
+# %% tags=["nbval-check-output"]
+ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
+ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+print(f"world size {ddp_metrics['world_size']}: {ddp_metrics['steps_per_epoch']} steps per rank and epoch, "
+      f"global batch {ddp_metrics['world_size'] * base.batch_size}")
+for h in ddp_metrics["history"]:
+    print(f"epoch {h['epoch']}: {h['images']} training images over all ranks, {h['val_images']} validation images")
+print(f"checkpoint after epoch {ckpt['epoch']}: {len(ckpt['model'])} tensors, "
+      f"{sum(v.numel() for k, v in ckpt['model'].items() if 'running' not in k and 'num_batches' not in k):,} numbers")
+
+# %%
+print(pd.DataFrame(ddp_metrics["history"]).round(3).to_string(index=False))
+
+# %% [markdown]
+# ### Exercise 1 — what does `set_epoch` change?
+# With `shuffle=True`, `DistributedSampler` draws one permutation of the whole dataset from a generator seeded
+# with `seed + epoch` — the **same** permutation on every rank, so the shards never overlap — pads it by repeating
+# its first entries up to a multiple of `world_size`, and gives rank `r` the entries `r, r + world_size, …`.
+# `sampler.set_epoch(epoch)` is the only way the sampler learns the epoch: forget it and every epoch repeats
+# epoch 0's order. Write the indices rank `rank` reads in epoch `epoch` (use `torch.Generator`, `torch.randperm`).
+
+# %%
+def my_epoch_order(dataset_len, world_size, rank, epoch, seed=0):
+    # BEGIN SOLUTION
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    order = torch.randperm(dataset_len, generator=g).tolist()
+    padded = order + order[: math.ceil(dataset_len / world_size) * world_size - dataset_len]
+    return padded[rank::world_size]
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+exercises.check_epoch_order(my_epoch_order)
+
+# %% [markdown]
+# **The same steps, for a sweep.** Seven ablations launched with `torchrun` would pay the start-up (processes,
+# imports, rendezvous) seven times. `labkit.ddp.launch(fn, world_size)` (open `labkit/ddp.py`) does what
+# `torchrun --standalone` does — a free port, one spawned process per rank, `init_process_group` with a
+# timeout, the failing rank's traceback brought back to the caller, no process left behind — but runs a Python
+# function, so `labkit.imagenet` trains all ablations in **one** process group (section 7). Inside each rank
+# it does what your script does, plus the recipe pieces of the next sections.
 
 # %% [markdown]
 # ## 5. The models
@@ -185,9 +424,8 @@ print(data_set.class_counts().to_string())
 #   pooling (the seed's best).
 #
 # Two switches change the module tree without (almost) changing the parameter count: **stochastic depth**
-# (`drop_path_rate`, `torchvision.ops.StochasticDepth`: during training each residual branch is skipped
-# for some samples, deeper blocks more often) and **BlurPool** (`use_blurpool`: a fixed low-pass filter
-# before every stride-2 step, so small shifts of the input change the output less).
+# (`drop_path_rate`) and **BlurPool** (`use_blurpool`: a fixed low-pass filter before every stride-2 step, so
+# small shifts of the input change the output less).
 
 # %% tags=["nbval-check-output"]
 rows = []
@@ -200,47 +438,89 @@ for c in configs:
 print(pd.DataFrame(rows).to_string(index=False))
 
 # %% [markdown]
-# ## 6. The recipe, piece by piece
-# Each piece below is a small function in `labkit/recipe.py` that plugs into the one training loop of the
-# course, `labkit.train.train_one_epoch` (as `transform`, `batch_transform`, `scheduler`, `ema`, …).
+# **Stochastic depth** (Huang et al. 2016) skips a residual block's branch at random during training: the
+# block computes `x + StochasticDepth(p)(F(x))`, and for some samples the branch is zero, so the block is the
+# identity. `torchvision.ops.StochasticDepth(p, mode="row")` drops each sample's branch with probability `p`;
+# labkit's ResNet raises `p` linearly from 0 in the first block to `drop_path_rate` in the last.
 #
-# **Augmentation.** Each image gets its own random-resized crop and horizontal flip, computed for the whole
-# batch at once on the device (`torchvision.ops.roi_align`). **MixUp** blends two images and their labels
-# (`λ ~ Beta(0.2, 0.2)`); **CutMix** pastes a box of one image into another and mixes the labels by the box
-# area (`λ ~ Beta(1, 1)`). Each batch gets one of the two (`torchvision.transforms.v2.RandomChoice`); the
-# targets become *soft labels* — two classes whose weights sum to 1 (one λ per batch; with α = 0.2 it is
-# usually close to 0 or 1, so most MixUp images are only lightly mixed). **Label smoothing 0.1** then moves 10 %
-# of every target's mass evenly over all classes. All three keep the network from becoming over-confident.
+# **Predict, then run.** Below, a batch of 8 branch outputs that are all ones goes through
+# `StochasticDepth(p=0.5, mode="row")` in training mode, then in evaluation mode. Before running it, write down:
+# which values can appear in training mode, what their mean is close to, and what evaluation mode returns.
+
+# %% tags=["nbval-check-output"]
+drop = StochasticDepth(p=0.5, mode="row")
+branch = torch.ones(8, 3)                 # F(x) for 8 samples, 3 features each
+torch.manual_seed(cfg.seed)
+drop.train()
+print("train mode, first feature per sample:", drop(branch)[:, 0].tolist())
+print("train mode, mean over 10,000 samples:", round(drop(torch.ones(10_000, 1)).mean().item(), 2))
+drop.eval()
+print("eval mode, first feature per sample: ", drop(branch)[:, 0].tolist())
+
+# %% [markdown]
+# *Answer.* In training mode each sample's branch is either **dropped (0)** or **kept and scaled by
+# 1 / (1 − p) = 2**, so the mean stays ≈ 1: the block's output has the same expected value as in evaluation
+# mode, where `StochasticDepth` is the identity. That is why nothing needs rescaling at test time — the same
+# trick as dropout, applied to whole residual branches.
+
+# %% [markdown]
+# ## 6. The recipe, piece by piece
+# Each cell below builds one piece from `torch` / `torchvision` and applies it to one batch. The sweep in
+# section 7 uses the same pieces (`labkit/recipe.py` keeps the ones it needs), plugged into the course's one
+# training loop, `labkit.train.train_one_epoch`.
+#
+# **Augmentation and MixUp / CutMix.** Each image gets its own random-resized crop and horizontal flip,
+# computed for the whole batch at once (`labkit.recipe.RGBTransform`, with `torchvision.ops.roi_align`).
+# **MixUp** blends two images and their labels (`λ ~ Beta(0.2, 0.2)`); **CutMix** pastes a box of one image
+# into another and mixes the labels by the box area (`λ ~ Beta(1, 1)`). Each batch gets one of the two
+# (`v2.RandomChoice`); the targets become *soft labels* — two classes whose weights sum to 1 (with α = 0.2, λ is
+# usually close to 0 or 1, so most MixUp images are only lightly mixed). **Label smoothing 0.1**
+# (`nn.CrossEntropyLoss(label_smoothing=0.1)`) then moves 10 % of every target's mass evenly over all classes.
 
 # %%
+num_classes = len(data_set.classes)
+mixup, cutmix = v2.MixUp(alpha=0.2, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)
+mix = v2.RandomChoice([mixup, cutmix])    # what the sweep applies to every training batch
 torch.manual_seed(cfg.seed)
 x, y = next(iter(data_set.loader("train", 8, shuffle=True, seed=cfg.seed)))
 x = recipe.RGBTransform(cfg.image_size, train=True)(x)       # per-image crop + flip, then normalise
 mean, std = torch.tensor(recipe.IMAGENET_MEAN)[:, None, None], torch.tensor(recipe.IMAGENET_STD)[:, None, None]
 fig, axes = plt.subplots(2, 8, figsize=(16, 4.8), layout="constrained")
-for row, (name, mix) in zip(axes, [("MixUp α=0.2", recipe.mixup_cutmix(len(data_set.classes), 0.2, 0)),
-                                   ("CutMix α=1", recipe.mixup_cutmix(len(data_set.classes), 0, 1.0))]):
-    xm, ym = mix(x, y)
+for row, (name, op) in zip(axes, [("MixUp α=0.2", mixup), ("CutMix α=1", cutmix)]):
+    xm, ym = op(x, y)                     # soft targets ym: [8, num_classes]
     for ax, img, soft in zip(row, xm, ym):
         w, k = soft.topk(2)
         ax.imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
         ax.set_title(f"{w[0]:.2f}·class {k[0]} + {w[1]:.2f}·class {k[1]}", fontsize=8)
         ax.axis("off")
     row[0].text(-0.15, 0.5, name, transform=row[0].transAxes, rotation=90, va="center", ha="right")
-plotting.save_figure(fig, out_dir / "mixup_cutmix.png")
-plt.close(fig)
-fig
+plotting.save_figure(fig, out_dir / "mixup_cutmix.png");
+smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
+print(f"loss of uniform logits on the mixed targets: {smooth(torch.zeros_like(ym), ym):.3f} = ln({num_classes})")
+
+# %% [markdown]
+# ### Exercise 2 — MixUp's soft targets
+# `v2.MixUp` pairs image `i` with image `i − 1` (the batch rolled by one) and returns
+# `λ·x + (1 − λ)·x_rolled` with targets `λ·one_hot(y) + (1 − λ)·one_hot(y_rolled)`. Write it for a given `λ`;
+# the check runs torchvision's `v2.MixUp` on the same batch and compares.
+
+# %%
+def my_mixup(x, y, lam, num_classes):
+    # BEGIN SOLUTION
+    one_hot = nn.functional.one_hot(y, num_classes).float()
+    return lam * x + (1 - lam) * x.roll(1, 0), lam * one_hot + (1 - lam) * one_hot.roll(1, 0)
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+exercises.check_mixup_targets(my_mixup)
 
 # %% [markdown]
 # **Progressive resizing.** The seed trained ImageNet at 64 px for epochs 1–30 (batch 256), 128 px for 31–50
 # (batch 128) and 224 px for 51–90 (batch 64): small images early are cheap, and the network sees the full
 # size at the end. `labkit.recipe.progressive_schedule` scales that plan to any run length (the last epoch is
-# always at full size) and `progressive_sizes` scales 64 : 128 : 224 to our `image_size`.
-# **OneCycleLR** (AdamW, weight decay 1e-4) warms the learning rate up for 30 % of the *steps* and anneals it
-# with a cosine; since the batch size changes per phase, the total step count is summed over the plan.
-# Every step also **clips the gradient norm to 1.0** (one bad batch cannot throw the weights far), and on a
-# GPU runs in **mixed precision** (bf16 where supported, else fp16 with a `GradScaler`) with `channels_last`
-# memory layout — both switched on by `labkit.train.train_one_epoch`, off on a CPU where they do not help.
+# always at full size) and `progressive_sizes` scales 64 : 128 : 224 to our `image_size`. The cell times one
+# training step of the sweep's model at each phase: a smaller image costs less per image.
 
 # %% tags=["nbval-check-output"]
 prog = next((c for c in configs if c.progressive), configs[0])
@@ -249,35 +529,94 @@ print(f"{prog.name}: {prog.epochs} epochs")
 print(pd.DataFrame(plan, columns=["image_size", "batch_per_rank"], index=pd.RangeIndex(1, len(plan) + 1, name="epoch")).to_string())
 print("seed's plan on 90 epochs:", sorted(set(recipe.progressive_schedule(90)), reverse=False))
 
+# %%
+net = resnet(imagenet.MODELS[prog.model], num_classes, prog.variant, width=prog.width, small_input=True)
+opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+images_u8, labels = next(iter(data_set.loader("train", max(bs for _, bs in plan), shuffle=True, seed=cfg.seed)))
+for size, bs in sorted(set(plan)):
+    batch = recipe.RGBTransform(size, train=True)(images_u8[:bs])   # crop + resize to this phase's size
+    for _ in range(2):                                                # the second step is timed
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(net(batch), labels[:bs])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    took = time.perf_counter() - start
+    print(f"{size:>3} px, batch {bs:>3}: input {tuple(batch.shape)}, one step {1000 * took:.0f} ms, "
+          f"{bs / took:.0f} img/s")
+
 # %% [markdown]
+# **OneCycleLR + AdamW.** The seed's schedule (`torch.optim.lr_scheduler.OneCycleLR`, AdamW with weight decay
+# 1e-4) warms the learning rate up for 30 % of the *steps* and anneals it with a cosine; it is stepped after
+# every batch, so it needs the total step count — with progressive resizing the batch size changes per
+# phase, so the steps are summed over the plan. Every step also **clips the gradient norm to 1.0**.
+#
 # **The LR scaling rule.** With `world_size` ranks each taking a batch of `B`, one optimizer step sees
-# `world_size × B` images, so the learning rate may grow: ×`world_size` (*linear*, Goyal et al. 2017) or
-# ×√`world_size` (*sqrt*, gentler; the seed's advice for AdamW). `labkit.train.scale_lr` applies the rule.
+# `world_size × B` images, so the peak learning rate may grow: ×`world_size` (*linear*) or ×√`world_size`
+# (*sqrt*, gentler; the seed's advice for AdamW). Lab 02 derived the rules; here `lr_scaling` picks one.
 
 # %% tags=["nbval-check-output"]
-for rule in ("none", "sqrt", "linear"):
-    print(f"{rule:>6}: lr {cfg.lr:g} on 1 rank -> {imagenet.peak_lr(imagenet.make_config(lr=cfg.lr, lr_scaling=rule), cfg.world_size):.3g} "
-          f"on {cfg.world_size} ranks (global batch {cfg.world_size} x {cfg.batch_size})")
+peak = imagenet.peak_lr(prog, cfg.world_size)
+per_rank = math.ceil(len(data_set["train"]) / cfg.world_size)
+total_steps = sum(per_rank // bs for _, bs in plan)                  # drop_last: only full batches
+w = nn.Parameter(torch.zeros(1))
+opt = torch.optim.AdamW([w], lr=peak, weight_decay=1e-4)
+sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=total_steps, pct_start=0.3,
+                                            anneal_strategy="cos")
+lrs = []
+for _ in range(total_steps):
+    lrs.append(opt.param_groups[0]["lr"])
+    opt.step()
+    sched.step()
+print(f"peak lr {cfg.lr:g} x {cfg.lr_scaling}({cfg.world_size}) = {peak:.3g}; {total_steps} steps, "
+      f"highest at step {lrs.index(max(lrs)) + 1}: starts at {lrs[0]:.2g}, ends at {lrs[-1]:.2g}")
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3), layout="constrained")
+ax.plot(range(1, total_steps + 1), lrs, marker=".")
+ax.set(xlabel="optimizer step", ylabel="learning rate", title=f"OneCycleLR over {prog.name}'s {total_steps} steps")
+plotting.save_figure(fig, out_dir / "onecycle.png");
 
 # %% [markdown]
 # **EMA of the weights — and why the seed's EMA failed.** An exponential moving average keeps a second copy
 # of the weights, `ema ← d · ema + (1 − d) · weights`, after every step, and validates with it: the noise of
-# the last steps averages out. It averages over roughly `1 / (1 − d)` steps. With the seed's `d = 0.9999`
-# that is **10,000 steps** — more than a short run has. After `N` steps the randomly initialised weights
-# still make up `d^N` of the average: a short run's EMA is mostly the *untrained* network, which guesses —
-# **0.5 % is exactly chance on 200 classes**, the number the seed saw. Two fixes: a decay that fits the run
-# (`0.999` ≈ 1,000 steps), and a **warm-up** (timm/TensorFlow): use `min(d, (1 + n) / (10 + n))` at update
-# `n`, so the EMA follows the model closely at first. `labkit.recipe.make_ema` wraps
-# `torch.optim.swa_utils.AveragedModel` (BatchNorm statistics averaged too) with that warm-up.
+# the last steps averages out. `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn(d)` does it
+# (`use_buffers=True` averages the BatchNorm statistics too). The cell trains a small model for a few steps and
+# checks the update by hand.
+
+# %%
+torch.manual_seed(cfg.seed)
+toy = nn.Linear(4, 1)
+ema = AveragedModel(toy, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+opt = torch.optim.SGD(toy.parameters(), lr=0.1)
+by_hand = None
+for step in range(1, 21):
+    loss = (toy(torch.randn(16, 4)) - 1).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    ema.update_parameters(toy)                 # the first call copies the weights, later ones average
+    w_now = toy.weight.detach().clone()
+    by_hand = w_now if by_hand is None else 0.9 * by_hand + 0.1 * w_now
+    if step % 5 == 0:
+        print(f"step {step:>2}: weight[0] {w_now[0, 0]:+.3f}  ema {ema.module.weight[0, 0]:+.3f}  "
+              f"(by hand {by_hand[0, 0]:+.3f})")
+
+# %% [markdown]
+# The EMA averages over roughly `1 / (1 − d)` steps. With the seed's `d = 0.9999` that is **10,000 steps** —
+# more than a short run has. After `N` steps the randomly initialised weights still make up `d^N` of the
+# average: a short run's EMA is mostly the *untrained* network, which guesses — **0.5 % is exactly chance on
+# 200 classes**, the number the seed saw. Two fixes: a decay that fits the run (`0.999` ≈ 1,000 steps), and a
+# **warm-up** (timm/TensorFlow): use `min(d, (1 + n) / (10 + n))` at update `n`, so the EMA follows the model
+# closely at first. The sweep's EMA (`labkit.recipe.make_ema`) is the `AveragedModel` above with that warm-up.
 
 # %% tags=["nbval-check-output"]
-per_rank = math.ceil(len(data_set["train"]) / cfg.world_size)
 steps = sum(per_rank // bs for _, bs in imagenet.schedule(configs[-1]))
 seed_steps = 100_000 // 256 * 5   # the seed: 5 epochs of Tiny ImageNet at batch 256
 rows = []
 for d in (0.9999, 0.999, 0.99):
     for n in (steps, seed_steps):
-        warm = math.prod(recipe.ema_decay_at(i, d) for i in range(1, n + 1))
+        warm = math.prod(min(d, (1 + i) / (10 + i)) for i in range(1, n + 1))
         rows.append({"decay": d, "horizon (steps)": round(1 / (1 - d)), "steps": n,
                      "init weight, no warm-up": f"{d ** n:.3f}", "init weight, warm-up": f"{warm:.1e}"})
 print(pd.DataFrame(rows).to_string(index=False))
@@ -285,38 +624,65 @@ print(pd.DataFrame(rows).to_string(index=False))
 # %% [markdown]
 # **LR range test.** Before training, the seed looked for a learning rate with an *LR finder*: raise the
 # learning rate exponentially, one batch at a time, and watch the loss. It falls while the rate is useful and
-# explodes when it is too large; a common pick is a tenth of the rate at the lowest loss. The test runs in this
-# process on one model and restores the weights and the optimizer afterwards.
+# explodes when it is too large; a common pick (fast.ai) is a tenth of the rate at the lowest smoothed loss.
+# The test runs in this process on one model and puts the weights back afterwards.
 
 # %%
-if cfg.quick and dev.type == "cpu":
-    # a quarter-width ResNet-18 at 32 px gains nothing from a second thread, and two threads stall
-    # badly when other processes compete for the cores (each parallel region waits for both)
-    torch.set_num_threads(1)
+def lr_range_test(model, loader, transform, start_lr=1e-6, end_lr=1.0, steps=100, smooth=0.05):
+    """Loss per learning rate, raised exponentially from start_lr to end_lr; stops once the loss explodes."""
+    saved = copy.deepcopy(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=start_lr)
+    rows, avg, best, batches = [], 0.0, math.inf, iter(loader)
+    model.train()
+    for i in range(steps):
+        lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            x, y = next(batches)
+        except StopIteration:             # start the loader again when the test outlasts one epoch
+            batches = iter(loader)
+            x, y = next(batches)
+        loss = nn.functional.cross_entropy(model(transform(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        avg = smooth * loss.item() + (1 - smooth) * avg
+        rows.append({"lr": lr, "loss": loss.item(), "smooth_loss": avg / (1 - (1 - smooth) ** (i + 1))})
+        if not math.isfinite(rows[-1]["smooth_loss"]) or rows[-1]["smooth_loss"] > 4 * best:
+            break
+        best = min(best, rows[-1]["smooth_loss"])
+    model.load_state_dict(saved)
+    return pd.DataFrame(rows)
+
+
 if cfg.lr_finder_steps:
     c = configs[-1]
-    net = resnet(imagenet.MODELS[c.model], len(data_set.classes), c.variant, width=c.width,
-                 small_input=c.image_size < 128).to(dev)
-    finder = recipe.lr_finder(net, data_set.loader("train", min(c.batch_size, 64)), recipe.loss_fn(c.label_smoothing),
-                              device=dev, transform=recipe.RGBTransform(c.image_size, train=True),
-                              start_lr=1e-6, end_lr=1.0, steps=cfg.lr_finder_steps)
-    suggested = recipe.suggest_lr(finder)
+    torch.manual_seed(cfg.seed)
+    net = resnet(imagenet.MODELS[c.model], num_classes, c.variant, width=c.width, small_input=c.image_size < 128)
+    finder = lr_range_test(net, data_set.loader("train", min(c.batch_size, 64), seed=cfg.seed),
+                           recipe.RGBTransform(c.image_size, train=True), steps=cfg.lr_finder_steps)
+    suggested = float(finder.loc[finder["smooth_loss"].idxmin(), "lr"]) / 10
     print(f"suggested peak lr: {suggested:.1e} (this run uses {cfg.lr:g} per rank)")
-    fig = recipe.plot_lr_finder(finder, out_dir / "lr_finder.png", suggested)
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    ax.plot(finder["lr"], finder["loss"], alpha=0.3, label="loss")
+    ax.plot(finder["lr"], finder["smooth_loss"], label="smoothed loss")
+    ax.axvline(suggested, color="C3", linestyle="--", label=f"suggested lr {suggested:.1e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
+    ax.legend()
+    plotting.save_figure(fig, out_dir / "lr_finder.png");
 else:
-    finder, suggested, fig = None, None, None
-fig
+    finder, suggested = None, None
 
 # %% [markdown]
 # ## 7. Run the ablations
-# All ablations run in **one** process group: spawning ranks and importing PyTorch costs seconds per rank,
-# so `imagenet.run_ablations` pays it once and trains the configs one after another. In every rank:
-# `DistributedSampler` (with `set_epoch`, so each epoch is shuffled differently but identically on all ranks)
-# gives the rank its shard; DDP all-reduces the gradients during `backward()`; metrics are summed over
-# ranks with `all_reduce`; rank 0 writes a checkpoint every epoch (`results/03_ablations/checkpoints/<name>/last.pt`)
-# and reports the epoch to this notebook. Validation uses the EMA weights when EMA is on. The *gap* is the
-# clean (un-augmented) top-1 on training images minus the validation top-1 — the overfitting the seed
-# watched shrink with stochastic depth.
+# All ablations run in **one** process group started by `labkit.ddp.launch`, one config after another. In every
+# rank it does what your script does — `DistributedSampler` with `set_epoch`, the DDP wrapper, sums all-reduced
+# over the ranks, a rank-0 checkpoint every epoch (`results/03_ablations/checkpoints/<name>/last.pt`) — plus the
+# row's recipe pieces: MixUp/CutMix and label smoothing, progressive resizing, stochastic depth and BlurPool,
+# the EMA (validation then uses the EMA weights), AdamW + OneCycleLR, gradient clipping, in the precision above.
+# The *gap* is the clean (un-augmented) top-1 on training images minus the validation top-1 — the overfitting
+# the seed watched shrink with stochastic depth.
 
 # %%
 runs = imagenet.run_ablations(configs, data_set, world_size=cfg.world_size, device=cfg.device,
@@ -331,13 +697,18 @@ runs = imagenet.run_ablations(configs, data_set, world_size=cfg.world_size, devi
 table = imagenet.ablation_table(runs)
 write_text(out_dir / "ablations.csv", table.to_csv(index=False))
 print(table.round(3).to_string(index=False))
-fig = plotting.plot_comparison(table, out_dir / "ablations.png", ["top1", "top5", "gap", "images_per_s"],
-                               label_col="ablation", title="Lab 03 ablations")
-fig
+plotting.plot_comparison(table, out_dir / "ablations.png", ["top1", "top5", "gap", "images_per_s"],
+                         label_col="ablation", title="Lab 03 ablations");
 
 # %%
-fig = imagenet.plot_curves(runs, out_dir / "learning_curves.png")
-fig
+curves = pd.DataFrame([{"ablation": r["name"], **h} for r in runs for h in r["history"]])
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
+for ax, (col, title) in zip(axes, (("loss", "training loss (mixed targets)"),
+                                   ("val_acc", "validation top-1"), ("gap", "train − val top-1"))):
+    sns.lineplot(data=curves, x="epoch", y=col, hue="ablation", marker="o", ax=ax, legend=ax is axes[1])
+    ax.set(title=title, xlabel="epoch", ylabel=col)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+plotting.save_figure(fig, out_dir / "learning_curves.png");
 
 # %% [markdown]
 # ## 9. Against the source project
@@ -358,8 +729,8 @@ seed_vs_this = pd.DataFrame([
     {"claim": "EMA 0.9999 on a short run: top-1", "seed 002": "0.005 (chance)",
      "this run": f"EMA 0.999 + warm-up: {get('+EMA', 'top1'):.3f}"},
 ])
-print(f"data: {data_set.name}, synthetic stand-in: {data_set.synthetic}, {len(data_set.classes)} classes, "
-      f"{cfg.epochs} epochs")
+print(f"data: {data_set.name}, synthetic stand-in: {data_set.synthetic}, {num_classes} classes "
+      f"(chance {1 / num_classes:.3f}), {cfg.epochs} epochs")
 print(seed_vs_this.to_string(index=False))
 if data_set.synthetic:
     print("These are stand-in numbers: they are NOT Tiny ImageNet results and can neither confirm nor refute the seed's.")
@@ -368,77 +739,49 @@ if not earlier.empty and "images_per_s" in earlier:
     print("\nthroughput of earlier labs' runs (images/s):")
     print(earlier.groupby("lab")["images_per_s"].last().round(0).to_string())
 
-
 # %% [markdown]
-# ## 10. Exercises
-# **1. Which images does a rank read?** `DistributedSampler(dataset, num_replicas, rank, shuffle=False)`
-# pads the index list so that every rank gets the same number of samples (DDP needs equal step counts:
-# a rank with one batch more would wait forever in `all_reduce`), then hands rank `r` every
-# `world_size`-th index starting at `r`. Write the indices rank `rank` reads.
-
-# %%
-def my_shard(dataset_len, world_size, rank):
-    # BEGIN SOLUTION
-    per_rank = math.ceil(dataset_len / world_size)
-    padded = list(range(dataset_len))
-    padded += padded[: per_rank * world_size - dataset_len]   # repeat the first indices
-    return padded[rank::world_size]
-    # END SOLUTION
-
-
-# %% tags=["nbval-check-output"]
-exercises.check_sampler_shard(my_shard(10, 4, 3), 10, 4, 3)
-
-
-# %% [markdown]
-# **2. The LR scaling rule.** Write `my_scale_lr(lr, world_size, rule)` for the rules `"none"`, `"linear"`
-# and `"sqrt"` (section 6). Then try: which rule keeps the seed's 4-GPU advice (3e-4 → 6e-4)?
-
-# %%
-def my_scale_lr(lr, world_size, rule):
-    # BEGIN SOLUTION
-    return {"none": lr, "linear": lr * world_size, "sqrt": lr * math.sqrt(world_size)}[rule]
-    # END SOLUTION
-
-
-# %% tags=["nbval-check-output"]
-exercises.check_lr_scaling(my_scale_lr)
-
-# %% [markdown]
-# **3. (open)** Resume a run: `python -m labkit.imagenet --quick --stop-after 1 --name try` stops after one
-# epoch; `python -m labkit.imagenet --resume results/03_ablations/checkpoints/try/last.pt` continues at epoch 2
-# with the same settings, data, optimizer, scheduler and EMA state. Compare the final checkpoint with an
-# uninterrupted run (`--quick --name straight`): why are the weights the same, not just similar?
-# (Hint: where does `labkit.imagenet` seed the random generators, and what does `set_epoch` do?)
+# ## 10. Exercise 3 (open) — resume a run
+# Your script writes `checkpoint.pt` every epoch but cannot resume from it. Add a `--resume PATH` option, the
+# way `examples/imagenet` does: load the model (into `model.module`), optimizer and scheduler states, and start
+# the loop at the saved epoch. Then stop a run after one epoch (`--epochs` 1 is not the same — why not? look at
+# OneCycleLR's `total_steps`) and compare the resumed run's final weights with an uninterrupted one.
+# `python -m labkit.imagenet --quick --stop-after 1 --name try` and `--resume results/03_ablations/checkpoints/try/last.pt`
+# do this for the sweep's runner: why are its weights the same, not just similar? (Hint: where does
+# `labkit.imagenet` seed the random generators, and what does `set_epoch` do?)
 
 # %% [markdown]
 # ## 11. Save the run record
 # One JSON record for the whole study: the parameters, the environment, the data, one row per epoch and
-# ablation, and the headline numbers of the best ablation.
+# ablation, the headline numbers of the best ablation and the `torchrun` script's run.
 
 # %%
 best = max(runs, key=lambda r: r["final"]["top1"])
+last_ddp = ddp_metrics["history"][-1]
 record = results.RunRecord(
-    lab=LAB, params={k: v for k, v in cfg.items()}, env=env.environment(dev, cfg.world_size),
+    lab=LAB, params={**{k: v for k, v in cfg.items()}, "precision": env.precision_name(amp_dtype)},
+    env={**env.environment(dev, cfg.world_size), "precision": env.precision_name(amp_dtype)},
     data=data_set.describe(), epochs=[{"ablation": r["name"], **h} for r in runs for h in r["history"]],
     final={"best_ablation": best["name"], "top1": best["final"]["top1"], "top5": best["final"]["top5"],
-           "gap": best["final"]["gap"], "ablations": len(runs),
+           "gap": best["final"]["gap"], "ablations": len(runs), "chance": 1 / num_classes,
            "seconds": sum(r["final"]["seconds"] for r in runs),
            "images_per_s": sum(r["final"]["images_per_s"] for r in runs) / len(runs),
-           "suggested_lr": suggested})
-for name in ("samples.png", "mixup_cutmix.png", "ablations.png", "learning_curves.png", "ablations.csv",
-             "lr_finder.png"):
+           "suggested_lr": suggested, "precision": env.precision_name(amp_dtype),
+           "torchrun_val_acc": last_ddp["val_acc"], "torchrun_val_balanced_acc": last_ddp["val_balanced_acc"]})
+for name in ("samples.png", "mixup_cutmix.png", "onecycle.png", "ablations.png", "learning_curves.png",
+             "ablations.csv", "lr_finder.png", "ddp_train.py", "ddp_run/metrics.json"):
     if (out_dir / name).exists():
         record.add_artifact(out_dir / name)
 print("saved", results.save(record))
 
 # %% [markdown]
 # ## Take-aways
-# - DDP is a few explicit steps: spawn ranks, join a process group (free port, timeout), shard the data
-#   with `DistributedSampler.set_epoch`, wrap the model, all-reduce what you report, checkpoint on rank 0.
-#   A launcher must also *fail well*: the failing rank's traceback reaches you and no process is left behind.
-# - Run many short experiments in one process group: start-up costs seconds per rank.
+# - A DDP job is one script run by N processes: `init_process_group`, a `DistributedSampler` with `set_epoch`,
+#   the DDP wrapper (gradients all-reduced in `backward()`), metrics summed over ranks, a rank-0 checkpoint,
+#   `destroy_process_group`. `torchrun` starts the processes and hands each its rank.
+# - Start-up costs seconds per rank: run many short experiments in one process group.
+# - Each recipe piece is a few lines of `torch`/`torchvision`: MixUp/CutMix make soft targets, stochastic depth
+#   drops residual branches (and rescales the survivors), OneCycle is stepped per batch, an EMA averages over
+#   `1 / (1 − decay)` steps — match the decay to the run, and warm it up.
 # - An ablation on a few epochs and one seed measures the mechanics, not the technique; the seed's numbers
 #   (≈ 67 % with everything on) came from long GPU runs on the real data.
-# - An EMA averages over `1 / (1 − decay)` steps: match the decay to the run, and warm it up.
 # - Next: Lab 04 trains a Vision Transformer on lung images with Lightning and MLflow.
