@@ -18,35 +18,76 @@ def _one_check_line(capsys) -> str:
 
 
 def _fedavg(states, sizes):
+    """A right answer: float64 accumulation, integers rounded, dtype kept."""
     total = sum(sizes)
-    return {k: sum(s[k] * (n / total) for s, n in zip(states, sizes)) for k in states[0]}
+    out = {}
+    for k, first in states[0].items():
+        mean = sum(s[k].double() * (n / total) for s, n in zip(states, sizes))
+        out[k] = (mean if first.is_floating_point() else mean.round()).to(first.dtype)
+    return out
 
 
-def test_fedavg_right_and_wrong(capsys):
+def test_fedavg_right_answer_passes(capsys):
     exercises.check_fedavg(_fedavg)
     assert "FedAvg" in _one_check_line(capsys)
-    plain = lambda states, sizes: {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
+
+
+def test_fedavg_typical_wrong_answers_fail_with_a_hint():
+    def plain(states, sizes):
+        return {k: (torch.stack([s[k].double() for s in states]).mean(0)).to(states[0][k].dtype) for k in states[0]}
     with pytest.raises(AssertionError, match="plain mean"):
         exercises.check_fedavg(plain)
 
     def in_place(states, sizes):
         out = states[0]
         for k in out:
-            out[k].mul_(sizes[0] / sum(sizes))
-            for s, n in zip(states[1:], sizes[1:]):
-                out[k].add_(s[k] * n / sum(sizes))
+            if out[k].is_floating_point():
+                out[k].mul_(sizes[0] / sum(sizes))
+                for s, n in zip(states[1:], sizes[1:]):
+                    out[k].add_(s[k] * n / sum(sizes))
         return out
     with pytest.raises(AssertionError, match="in place"):
         exercises.check_fedavg(in_place)
-    with pytest.raises(AssertionError, match="keys"):
-        exercises.check_fedavg(lambda states, sizes: {"weight": states[0]["fc.weight"]})
-    with pytest.raises(AssertionError, match="dtype"):
-        exercises.check_fedavg(lambda states, sizes: {k: v.double() for k, v in _fedavg(states, sizes).items()})
+
+    def params_only(states, sizes):
+        return {k: v for k, v in _fedavg(states, sizes).items() if "running" not in k and "num_batches" not in k}
+    with pytest.raises(AssertionError, match="BatchNorm buffers"):
+        exercises.check_fedavg(params_only)
+
+    def all_float(states, sizes):
+        return {k: v.float() for k, v in _fedavg(states, sizes).items()}
+    with pytest.raises(AssertionError, match="num_batches_tracked.*dtype|dtype.*integer"):
+        exercises.check_fedavg(all_float)
+
+    def truncates(states, sizes):
+        total = sum(sizes)
+        return {k: sum(s[k].double() * (n / total) for s, n in zip(states, sizes)).to(states[0][k].dtype)
+                for k in states[0]}
+    with pytest.raises(AssertionError, match="round it"):
+        exercises.check_fedavg(truncates)
+
+    def counter_summed(states, sizes):
+        out = _fedavg(states, sizes)
+        out.update({k: sum(s[k] for s in states) for k in out if not out[k].is_floating_point()})
+        return out
+    with pytest.raises(AssertionError, match="integer counter"):
+        exercises.check_fedavg(counter_summed)
+
     with pytest.raises(AssertionError, match="not implemented yet"):
         exercises.check_fedavg(_stub)
 
 
-def test_reference_fedavg_is_weighted_mean():
-    a = {"w": torch.tensor([0.0, 4.0])}
-    b = {"w": torch.tensor([4.0, 0.0])}
-    assert torch.allclose(exercises.reference_fedavg([a, b], [3, 1])["w"], torch.tensor([1.0, 3.0]))
+def test_reference_fedavg_is_weighted_mean_and_rounds_counters():
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(10)}
+    b = {"w": torch.tensor([4.0, 0.0]), "n": torch.tensor(3)}
+    ref = exercises.reference_fedavg([a, b], [3, 1])
+    assert torch.allclose(ref["w"], torch.tensor([1.0, 3.0]))
+    assert ref["n"].dtype == torch.int64 and ref["n"].item() == 8      # (30 + 3) / 4 = 8.25
+
+
+def test_check_states_hold_bn_buffers_and_a_counter():
+    states, sizes = exercises._client_states()
+    keys = set(states[0])
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= keys
+    assert states[0]["1.num_batches_tracked"].dtype == torch.int64
+    assert all((s["1.running_var"] > 0).all() for s in states)
