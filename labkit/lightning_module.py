@@ -1,31 +1,41 @@
-"""A Lightning module that trains any labkit classifier, and a callback that logs epochs to MLflow.
+"""Lightning plumbing for the labs: a base module that holds everything except the lesson.
 
-:class:`LitClassifier` wraps a plain ``nn.Module`` (``labkit.models.vit.ViT``, ``AlzheimerCNN``,
-a ResNet …): cross-entropy, AdamW with a cosine schedule, accuracy and per-class precision /
-recall / F1 from ``torchmetrics`` (which sum their counts over all DDP processes before computing).
-Batches arrive as uint8 images; the transform (e.g. ``labkit.data.augment.BatchAugment``) turns
-them into normalised floats **on the device**, so augmentation runs on the GPU when there is one.
+Lab 04 writes ``training_step``, ``validation_step`` and ``configure_optimizers`` itself, in a
+subclass of :class:`ClassifierBase` defined in the notebook. The base class keeps what every
+classifier repeats: the model, the batch transform (uint8 → normalised floats **on the device**,
+``channels_last`` when asked), per-class metrics from ``torchmetrics`` (they sum their counts over
+all DDP processes before computing, so every image counts once), the test step that scores a
+checkpoint, and the helpers the optimizer needs (:func:`decay_groups`, :func:`cosine_warmup`).
 
-Logged names (``self.log``): ``train_loss``, ``train_acc``, ``val_loss`` (mean over all processes:
-``sync_dist=True``), ``val_acc``, ``val_f1_macro``, ``val_precision/<class>``, ``val_recall/<class>``,
-``val_f1/<class>``, ``lr``; the same with ``test_`` in :meth:`test_step`.
+Logged names: ``val_acc``, ``val_f1_macro``, ``val_precision/<class>``, ``val_recall/<class>``,
+``val_f1/<class>`` (by :meth:`ClassifierBase.on_validation_epoch_end`); the same with ``test_``
+after :meth:`Trainer.test`, plus ``test_loss``. The subclass logs ``train_loss``, ``val_loss`` …
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torch.utils.data import DistributedSampler
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from labkit.train import to_float
 
+#: Module kinds whose weights are scales/shifts of a normalisation, not feature detectors: no decay.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
-def _metrics(num_classes: int) -> MetricCollection:
+
+def class_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy, macro-F1 and per-class precision / recall / F1 (summed over processes when computed)."""
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "f1_macro": MulticlassF1Score(num_classes, average="macro"),
@@ -35,63 +45,49 @@ def _metrics(num_classes: int) -> MetricCollection:
     })
 
 
-class LitClassifier(pl.LightningModule):
-    """Train/validate/test ``model`` (logits ``[B, K]``) on batches ``(x uint8 [B,C,H,W], y int64 [B])``.
+class ClassifierBase(pl.LightningModule):
+    """Everything around the steps for ``model`` (logits ``[B, K]``) on batches ``(x uint8, y int64)``.
 
-    ``transform_train`` / ``transform_eval`` map the uint8 batch to the model's float input on the
-    device (default: scale to [-1, 1]). After :meth:`Trainer.test`, :attr:`test_outputs` holds
-    ``y_true``, ``y_pred`` and ``probs`` (NumPy) for confusion matrices and tables.
+    Subclasses write ``training_step``, ``validation_step`` (update :attr:`val_loss` and
+    :attr:`val_metrics`) and ``configure_optimizers``. ``channels_last`` stores the model and
+    every batch NHWC (fast convolutions on GPUs and on CPUs with bf16). After
+    :meth:`Trainer.test`, :attr:`test_outputs` holds ``y_true``, ``y_pred`` and ``probs`` (NumPy).
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], lr: float = 3e-4, weight_decay: float = 0.05,
                  transform_train: Callable | None = None, transform_eval: Callable | None = None,
-                 label_smoothing: float = 0.0, warmup_epochs: int = 0) -> None:
+                 warmup_epochs: int = 0, channels_last: bool = False) -> None:
         super().__init__()
         if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"LitClassifier: lr={lr!r} must be > 0 and weight_decay={weight_decay!r} >= 0.")
-        self.model = model
+            raise ValueError(f"{type(self).__name__}: lr={lr!r} must be > 0 and weight_decay={weight_decay!r} >= 0.")
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.classes = list(classes)
-        self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
-        self.warmup_epochs = warmup_epochs
+        self.lr, self.weight_decay, self.warmup_epochs = lr, weight_decay, warmup_epochs
+        self.channels_last = channels_last
         self.transform_train = transform_train or to_float
         self.transform_eval = transform_eval or to_float
         k = len(self.classes)
         self.train_acc = MulticlassAccuracy(k, average="micro")
-        self.val_metrics = _metrics(k)
-        self.test_metrics = _metrics(k)
+        self.val_loss = MeanMetric()          # sum of losses / number of images, over all processes
+        self.val_metrics = class_metrics(k)
+        self.test_loss = MeanMetric()
+        self.test_metrics = class_metrics(k)
         self.test_outputs: dict[str, np.ndarray] = {}
         self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """The uint8 batch as the model's float input, on the batch's device (augmented when ``train``)."""
         x = (self.transform_train if train else self.transform_eval)(x)
-        if x.is_cuda and x.dim() == 4:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(self._prepare(x, train=True))
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.train_acc.update(logits.detach(), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
-        return loss
-
-    def _eval_step(self, batch, stage: str, metrics: MetricCollection) -> torch.Tensor:
-        x, y = batch
-        logits = self(self._prepare(x, train=False))
-        loss = F.cross_entropy(logits, y)
-        metrics.update(logits, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
-        return logits
-
-    def _log_epoch(self, stage: str, metrics: MetricCollection) -> None:
-        values = metrics.compute()  # torchmetrics sums the counts of all processes first
-        for name, value in values.items():
+    def log_class_metrics(self, stage: str, metrics: MetricCollection) -> None:
+        """Log ``metrics`` (already summed over processes) as ``<stage>_acc``, ``<stage>_recall/<class>`` …"""
+        for name, value in metrics.compute().items():
             if value.ndim == 0:
                 self.log(f"{stage}_{name}", value, sync_dist=True, prog_bar=name == "acc")
             else:
@@ -99,54 +95,99 @@ class LitClassifier(pl.LightningModule):
                     self.log(f"{stage}_{name}/{cls}", v, sync_dist=True)
         metrics.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
-
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_metrics)
+        self.log_class_metrics("val", self.val_metrics)
 
+    # ----------------------------------------------------------------- scoring a checkpoint
     def on_test_epoch_start(self) -> None:
         self._test_batches = []
 
     def test_step(self, batch, batch_idx: int) -> None:
-        logits = self._eval_step(batch, "test", self.test_metrics)
-        self._test_batches.append((batch[1].detach().cpu(), logits.detach().float().softmax(1).cpu()))
+        x, y = batch
+        logits = self(self.prepare(x, train=False)).float()   # metrics in fp32 from the logits
+        self.test_loss.update(F.cross_entropy(logits, y, reduction="none"))
+        self.test_metrics.update(logits, y)
+        self._test_batches.append((y.detach().cpu(), logits.detach().softmax(1).cpu()))
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_metrics)
+        self.log("test_loss", self.test_loss.compute())
+        self.test_loss.reset()
+        self.log_class_metrics("test", self.test_metrics)
         if self._test_batches:
             y = torch.cat([b[0] for b in self._test_batches]).numpy()
             probs = torch.cat([b[1] for b in self._test_batches]).numpy()
             self.test_outputs = {"y_true": y, "y_pred": probs.argmax(1), "probs": probs}
         self._test_batches = []
 
-    def configure_optimizers(self):
-        """AdamW (no weight decay on biases, norms, embeddings) + per-epoch cosine decay with
-        optional linear warm-up."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer is not None else 1
-        warm = min(self.warmup_epochs, epochs - 1)
 
-        def factor(epoch: int) -> float:
-            if epoch < warm:
-                return (epoch + 1) / (warm + 1)
-            t = (epoch - warm) / max(1, epochs - warm)
-            return 0.5 * (1 + np.cos(np.pi * t)) * 0.95 + 0.05
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+# --------------------------------------------------------------------------- optimizer helpers
+def no_decay_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get no weight decay, chosen by **kind**, never by name:
+    every bias, the weights of normalisation layers (:data:`NORM_TYPES`), and the parameters the
+    model lists in ``model.no_weight_decay()`` (timm's convention; the ViT lists its position
+    embedding and [CLS] token)."""
+    declared = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    names = []
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            if pname == "bias" or isinstance(module, NORM_TYPES) or full in declared:
+                names.append(full)
+    unknown = declared - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.no_weight_decay() names {sorted(unknown)}, which are not parameters.")
+    return sorted(names)
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW parameter groups: weights with ``weight_decay``, and :func:`no_decay_names` with 0."""
+    skip = set(no_decay_names(model))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in params if n not in skip], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if n in skip], "weight_decay": 0.0}]
+
+
+def cosine_warmup(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
+                  floor: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-epoch schedule: linear warm-up for ``warmup_epochs``, then cosine decay to ``floor`` × LR."""
+    epochs = max(1, int(epochs))
+    warm = min(warmup_epochs, epochs - 1)
+
+    def factor(epoch: int) -> float:
+        if epoch < warm:
+            return (epoch + 1) / (warm + 1)
+        t = (epoch - warm) / max(1, epochs - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- validation shards
+class EvalShardSampler(DistributedSampler):
+    """Each rank reads ``rank, rank + world, rank + 2·world, …``: every image exactly once over all
+    ranks. ``DistributedSampler`` instead pads the index list so all ranks get the same count, and
+    the padded images count twice in validation metrics. Ranks may differ by one image; that is
+    fine for evaluation (no gradient all-reduce), and the metrics sum counts over ranks.
+
+    It subclasses ``DistributedSampler`` so Lightning leaves it in place."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# --------------------------------------------------------------------------- MLflow and checkpoints
 class MlflowEpochLogger(pl.Callback):
     """After each training epoch (validation included), rank 0 logs ``trainer.callback_metrics``
-    into an existing MLflow run with ``step`` = the epoch number (1, 2, …); at the start of fitting it logs ``params`` and
-    the worker's device information. Other ranks do nothing."""
+    into an existing MLflow run with ``step`` = the epoch number (1, 2, …); at the start of fitting it
+    logs ``params`` and the worker's device information (precision included). Other ranks do nothing."""
 
     def __init__(self, uri: str, run_id: str, params: dict | None = None, device_info: dict | None = None) -> None:
         super().__init__()
@@ -171,6 +212,60 @@ class MlflowEpochLogger(pl.Callback):
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         tracking.log_metrics(self.uri, self.run_id, metrics, step=trainer.current_epoch + 1)
+
+
+# --------------------------------------------------------------------------- Ray workers' callbacks
+class EpochHistory(pl.Callback):
+    """Rank 0 keeps every epoch's metrics (Ray's Result keeps only those of kept checkpoints)
+    and prints one progress line per epoch (Ray streams it to the notebook)."""
+
+    def __init__(self, epochs: int, n_train: int, show: bool) -> None:
+        self.rows: list[dict] = []
+        self.epochs, self.n_train, self.show = epochs, n_train, show
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.tick = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer, module) -> None:
+        self.train_s = time.perf_counter() - self.tick
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        seconds = time.perf_counter() - self.tick
+        row = {"epoch": trainer.current_epoch + 1, "loss": m.pop("train_loss", None),
+               "acc": m.pop("train_acc", None), "val_loss": m.pop("val_loss", None),
+               "val_acc": m.pop("val_acc", None), **m, "seconds": seconds,
+               "images_per_s": self.n_train / max(getattr(self, "train_s", seconds), 1e-9)}
+        self.rows.append(row)
+        if self.show:
+            # sys.stdout, not print: Ray Train V2 also routes print() into its logger (twice on screen)
+            sys.stdout.write(f"epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.3f} acc {row['acc']:.3f} | "
+                             f"val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} | {seconds:.1f}s "
+                             f"({row['images_per_s']:.0f} img/s)\n")
+            sys.stdout.flush()
+
+
+def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
+    """The lab's own callbacks for a worker — the epoch history (returned too, for rank 0's
+    return value) and, with tracking, the MLflow logger. Add ``RayTrainReportCallback()`` after them."""
+    history = EpochHistory(config["epochs"], n_train, show=rank == 0 and config.get("progress", True))
+    callbacks = [history]
+    if config.get("mlflow_run_id"):
+        from labkit.env import environment
+
+        uri = config.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        callbacks.append(MlflowEpochLogger(uri, config["mlflow_run_id"], params=config["params"],
+                                           device_info=environment("auto") if rank == 0 else None))
+    return callbacks, history
+
+
+def worker_result(trainer, history, rank: int) -> dict | None:
+    """What rank 0 returns to the driver (``Result.return_value``): every epoch and the precision used."""
+    if rank != 0:
+        return None
+    module = trainer.lightning_module
+    return {"history": history.rows, "precision": str(trainer.precision),
+            "channels_last": bool(getattr(module, "channels_last", False))}
 
 
 def load_weights(module: pl.LightningModule, checkpoint_path, map_location="cpu") -> dict:

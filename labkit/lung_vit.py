@@ -1,16 +1,13 @@
-"""Lab 04: a conv-stem ViT on the 9 lung classes — a Lightning module trained on Ray Train, the
-3 best checkpoints kept, the best one scored on the test set, the run tracked in MLflow.
+"""Lab 04's plumbing: parameters, data, the ViT, the worker's callbacks and loaders, the MLflow run,
+scoring the best checkpoint and the run record — and the same training as a command for a cluster.
 
-The same training runs from the notebook and as a command that ``ray job submit`` can send to a
-cluster (seed 004's way)::
+The lesson — the LightningModule's steps, the Ray Train function and the ``TorchTrainer`` driver
+— is written in ``labs/04_lung_vit.ipynb``. For long runs on a cluster (seed 004's way), this
+module carries a compact copy of those three pieces (:class:`LitViT`, :func:`train_func`,
+:func:`train`), built on the same :class:`labkit.lightning_module.ClassifierBase`::
 
     python -m labkit.lung_vit --workers 2 --epochs 12 --image-size 128
     ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- python -m labkit.lung_vit --quick
-
-Driver (:func:`train`): data once, the MLflow run, Ray via :func:`labkit.distributed.ray_cluster`,
-a ``TorchTrainer``, then ``Result.get_best_checkpoint("val_loss", "min")`` scored on the test set.
-Workers (:func:`train_func`): a Lightning ``Trainer`` with ``RayDDPStrategy``, ``RayLightningEnvironment``
-and ``RayTrainReportCallback`` (checkpoint + metrics every epoch), prepared by ``prepare_trainer``.
 """
 from __future__ import annotations
 
@@ -22,17 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from labkit import distributed
+from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, worker_callbacks, worker_result
 from labkit.data.lung import data_root
 from labkit.params import Config, ParameterError, Rule, check
 from labkit.ray_train import quiet_ray_worker_logs
 from labkit.results import RunRecord, lab_dir
 
 LAB = "04_lung_vit"
-KEEP = 3  # checkpoints kept by Ray: the 3 lowest val_loss
+KEEP = 3  # checkpoints kept by Ray: the 3 lowest val_loss (and, while training, the latest)
 
 #: The lab's knobs and their real-run defaults (the notebook's parameters cell mirrors these).
 DEFAULTS: dict[str, Any] = dict(
@@ -80,27 +80,40 @@ def build_model(cfg: dict, num_classes: int = 9):
                heads=cfg["heads"], mlp_dim=cfg["mlp_dim"], dropout=cfg.get("dropout", 0.1))
 
 
-def build_module(cfg: dict, classes, model=None):
-    """A :class:`~labkit.lightning_module.LitClassifier` around ``model`` (default: :func:`build_model`)
-    with labkit's on-device augmentation for training and plain normalisation for evaluation."""
+def module_kwargs(cfg: dict) -> dict:
+    """What a :class:`~labkit.lightning_module.ClassifierBase` needs besides model and classes:
+    LR, weight decay, warm-up, on-device augmentation, and ``channels_last`` for the precision."""
     from labkit.data.augment import batch_transform
-    from labkit.lightning_module import LitClassifier
 
-    model = model if model is not None else build_model(cfg, len(classes))
-    return LitClassifier(model, classes, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.05),
-                         transform_train=batch_transform(train=True), transform_eval=batch_transform(train=False),
-                         warmup_epochs=1 if cfg["epochs"] > 3 else 0)
+    return dict(lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.05), warmup_epochs=1 if cfg["epochs"] > 3 else 0,
+                transform_train=batch_transform(train=True), transform_eval=batch_transform(train=False),
+                channels_last=bool(cfg.get("channels_last", False)))
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """Lightning's precision: ``"auto"`` → ``"bf16-mixed"`` on a GPU that supports bf16, else
-    ``"32-true"`` (CPU autocast is slower than fp32 for this model)."""
+    """Lightning's ``precision`` for ``precision`` on GPU or CPU workers of this kind of machine.
+
+    ``"auto"`` follows :func:`labkit.env.amp_dtype`: ``"bf16-mixed"`` where bf16 runs natively (recent
+    GPUs; CPUs with AVX512-BF16/AMX), ``"16-mixed"`` on other GPUs, else ``"32-true"``. ``"32"`` forces fp32.
+    """
+    from labkit.env import amp_dtype
+
     if precision == "auto":
-        return "bf16-mixed" if use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+        dtype = amp_dtype("auto", torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
+        return {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(dtype, "32-true")
     if precision == "16-mixed" and not use_gpu:
         raise ParameterError("precision='16-mixed' needs GPU workers (fp16 autocast); use 'auto', '32' or "
                              "'bf16-mixed' on CPU.")
     return "32-true" if precision == "32" else precision
+
+
+def use_channels_last(precision: str, use_gpu: bool) -> bool:
+    """``channels_last`` for the stem's convolutions: on GPUs, and on CPUs running bf16
+    (:func:`labkit.env.use_channels_last`)."""
+    from labkit.env import use_channels_last as wanted
+
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+    return wanted(torch.device("cuda" if use_gpu else "cpu"), dtype)
 
 
 def load_data(cfg: dict, progress: bool = False):
@@ -112,7 +125,7 @@ def load_data(cfg: dict, progress: bool = False):
                      progress=progress)
 
 
-# --------------------------------------------------------------------------- worker side
+# --------------------------------------------------------------------------- worker side plumbing
 def quiet_lightning() -> None:
     """Keep Lightning's banner lines, a deprecation warning and Ray Train V2's per-report INFO dump
     (every metric of every epoch) out of the notebook; warnings and errors still show."""
@@ -124,100 +137,88 @@ def quiet_lightning() -> None:
     quiet_ray_worker_logs()
 
 
-def _callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
-    import sys
-
-    import lightning.pytorch as pl
-    from ray.train.lightning import RayTrainReportCallback
-
-    class EpochHistory(pl.Callback):
-        """Rank 0 keeps every epoch's metrics (Ray's Result keeps only those of kept checkpoints)
-        and prints one progress line per epoch (Ray streams it to the notebook)."""
-
-        def __init__(self) -> None:
-            self.rows: list[dict] = []
-
-        def on_train_epoch_start(self, trainer, module) -> None:
-            self.tick = time.perf_counter()
-
-        def on_validation_epoch_start(self, trainer, module) -> None:
-            self.train_s = time.perf_counter() - self.tick
-
-        def on_train_epoch_end(self, trainer, module) -> None:
-            m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            seconds = time.perf_counter() - self.tick
-            row = {"epoch": trainer.current_epoch + 1, "loss": m.pop("train_loss", None),
-                   "acc": m.pop("train_acc", None), "val_loss": m.pop("val_loss", None),
-                   "val_acc": m.pop("val_acc", None), **m, "seconds": seconds,
-                   "images_per_s": n_train / max(getattr(self, "train_s", seconds), 1e-9)}
-            self.rows.append(row)
-            if rank == 0 and config.get("progress", True):
-                # sys.stdout, not print: Ray Train V2 also routes print() into its logger (twice on screen)
-                sys.stdout.write(f"epoch {row['epoch']}/{config['epochs']}: loss {row['loss']:.3f} acc "
-                                 f"{row['acc']:.3f} | val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} | "
-                                 f"{seconds:.1f}s ({row['images_per_s']:.0f} img/s)\n")
-                sys.stdout.flush()
-
-    history = EpochHistory()
-    callbacks = [history]
-    if config.get("mlflow_run_id"):
-        from labkit.env import environment
-        from labkit.lightning_module import MlflowEpochLogger
-
-        uri = config.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-        callbacks.append(MlflowEpochLogger(uri, config["mlflow_run_id"], params=config["params"],
-                                           device_info=environment("auto") if rank == 0 else None))
-    callbacks.append(RayTrainReportCallback())  # after the others: it saves the checkpoint and reports
-    return callbacks, history
-
-
-def train_func(config: dict) -> list[dict] | None:
-    """What every Ray Train worker runs: Lightning ``fit`` with Ray's strategy, environment and
-    report callback. Returns the per-epoch history on rank 0 (``Result.return_value``)."""
-    import lightning.pytorch as pl
+def worker_setup(config: dict) -> tuple[int, int]:
+    """A worker's first lines: quiet logs, its share of CPU threads, the common seed (identical
+    initial weights on every worker). Returns ``(rank, world_size)``."""
     import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from labkit.env import seed_everything
 
     quiet_lightning()
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    use_gpu = bool(config["use_gpu"])
-    if not use_gpu and config.get("threads"):
+    if not config["use_gpu"] and config.get("threads"):
         torch.set_num_threads(config["threads"])
-    seed_everything(config["seed"])                      # identical initial weights on every worker
-    data = load_data(config)                             # reads the cache the driver prepared
-    module = build_module(config, data.classes)
-    callbacks, history = _callbacks(config, rank, len(data["train"]))
+    seed_everything(config["seed"])
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+class LitViT(ClassifierBase):
+    """The notebook's module, for ``python -m labkit.lung_vit`` (the notebook teaches these steps)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(self.prepare(x, train=True))
+        loss = F.cross_entropy(logits.float(), y)
+        self.train_acc.update(logits.detach().float(), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(self.prepare(x, train=False)).float()
+        self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
+        self.val_metrics.update(logits, y)
+        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(decay_groups(self.model, self.weight_decay), lr=self.lr)
+        sched = cosine_warmup(opt, self.trainer.max_epochs, self.warmup_epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def train_func(config: dict) -> dict | None:
+    """What every Ray Train worker of the command runs (the notebook's ``train_func``, same steps)."""
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+    from torch.utils.data import DistributedSampler
+
+    from labkit.lightning_module import EvalShardSampler
+
+    rank, world = worker_setup(config)
+    data = load_data(config)
+    module = LitViT(build_model(config, len(data.classes)), data.classes, **module_kwargs(config))
+    callbacks, history = worker_callbacks(config, rank, len(data["train"]))
     trainer = pl.Trainer(
-        max_epochs=config["epochs"], accelerator="gpu" if use_gpu else "cpu", devices="auto",
-        strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()],
-        callbacks=callbacks, precision=resolve_precision(config["precision"], use_gpu),
+        max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
+        strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], precision=config["precision"],
+        callbacks=[*callbacks, RayTrainReportCallback()], use_distributed_sampler=False,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="labkit-lightning-"))
     trainer = prepare_trainer(trainer)
-    # Lightning swaps the shuffling sampler for a DistributedSampler: each worker sees 1/world_size.
-    trainer.fit(module, data.loader("train", config["batch_size"], seed=config["seed"]),
-                data.loader("val", config["batch_size"]))
-    return history.rows if rank == 0 else None
+    train_sampler = DistributedSampler(range(len(data["train"])), world, rank, shuffle=True, seed=config["seed"])
+    val_sampler = EvalShardSampler(range(len(data["val"])), world, rank)
+    trainer.fit(module, data.loader("train", config["batch_size"], sampler=train_sampler),
+                data.loader("val", config["batch_size"], sampler=val_sampler))
+    return worker_result(trainer, history, rank)
 
 
 # --------------------------------------------------------------------------- driver side
 @dataclass
 class LungRun:
-    """What :func:`train` returns."""
+    """What :func:`collect` returns."""
 
     run_name: str
     history: pd.DataFrame                  # every epoch (from rank 0)
     kept: pd.DataFrame                     # the checkpoints Ray kept: path, epoch, val_loss
     best_path: Path                        # folder of the best checkpoint (lowest val_loss)
     best: dict                             # epoch, val_loss of the best checkpoint
-    test: dict                             # test metrics of the best checkpoint
+    test: dict                             # test metrics of the best checkpoint (summarize() included)
     outputs: dict                          # y_true, y_pred, probs on the test set
-    module: Any                            # LitClassifier with the best weights (on the CPU)
+    module: Any                            # the module with the best weights (on the CPU)
     plan: Any                              # labkit.distributed.ScalingPlan
-    precision: str
+    precision: str                         # what the workers trained in ("bf16-mixed", "32-true", ...)
+    channels_last: bool
     fit_seconds: float
     run_dir: Path
     tracking_uri: str | None = None
@@ -226,91 +227,57 @@ class LungRun:
     result: Any = None                     # ray.train.Result
 
 
-def checkpoint_config():
-    """Keep the :data:`KEEP` checkpoints with the lowest ``val_loss`` (Ray deletes the others)."""
-    from ray.train import CheckpointConfig
-
-    return CheckpointConfig(num_to_keep=KEEP, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")
-
-
-def _worker_config(cfg: dict, plan, uri: str | None, mlflow_run_id: str | None) -> dict:
+def worker_config(cfg: dict, plan, uri: str | None = None, mlflow_run_id: str | None = None) -> dict:
+    """The ``train_loop_config`` every worker receives: the lab's parameters with absolute paths, the
+    cores per worker, the resolved precision and ``channels_last``, and where to log in MLflow."""
     from labkit import tracking
 
     keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "depth", "heads", "dim", "mlp_dim",
-            "dropout", "precision", "data", "max_train", "max_test", "seed")
+            "dropout", "data", "max_train", "max_test", "seed")
+    precision = resolve_precision(cfg.get("precision", "auto"), plan.use_gpu)
     config = {k: cfg.get(k, DEFAULTS.get(k)) for k in keys}
     config.update(data_dir=str(data_root(cfg.get("data_dir")).resolve()), use_gpu=plan.use_gpu,
+                  precision=precision, channels_last=use_channels_last(precision, plan.use_gpu),
                   threads=plan.cpus_per_worker, progress=cfg.get("progress", True), mlflow_run_id=mlflow_run_id,
                   tracking_uri=uri if uri and tracking.is_local(uri) else None,   # a server's URI stays in the env
-                  params={**{k: cfg.get(k) for k in (*keys, "workers")}, "backend": plan.backend})
+                  params={**{k: cfg.get(k) for k in (*keys, "workers")}, "backend": plan.backend,
+                          "precision": precision})
     return config
 
 
-def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None, run_name: str | None = None,
-          quiet: bool = True) -> LungRun:
-    """Train the lab's ViT on ``cfg.workers`` Ray workers and test its best checkpoint.
-
-    A bad ``workers``/``device``/``precision`` fails before Ray starts; Ray is shut down at the
-    end whatever happens; with ``cfg.track`` the MLflow run is marked FAILED when training fails.
-    """
-    from labkit import tracking
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    cfg = {**DEFAULTS, **cfg}
-    address = distributed.resolve_address(cfg.get("address"))
-    plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.machine_resources()) \
-        if address is None else None
-    if plan is not None:
-        resolve_precision(cfg["precision"], plan.use_gpu)
-    data = data if data is not None else load_data(cfg, progress=True)
-    run_name = run_name or distributed.default_run_name()
-    run_dir = (lab_dir(LAB, results_dir) / "ray").resolve() / run_name
-    uri = mlflow_run_id = None
-    if cfg.get("track"):
-        uri, mlflow_run_id = tracking.create_run(LAB, run_name, results_dir=results_dir,
-                                                 tags={"model": "vit-conv-stem", "synthetic": str(data.synthetic)})
-    try:
-        with distributed.ray_cluster(address, quiet=quiet) as cluster:
-            if plan is None:
-                plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.cluster_resources(),
-                                                where=f"the cluster at {address}")
-            if plan.notice:
-                print(plan.notice)
-            trainer = TorchTrainer(
-                train_func, train_loop_config=_worker_config(cfg, plan, uri, mlflow_run_id),
-                torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
-                scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                             resources_per_worker=plan.resources()),
-                run_config=RunConfig(
-                    name=run_name, storage_path=str(run_dir.parent), checkpoint_config=checkpoint_config(),
-                    logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
-            tick = time.perf_counter()
-            result = trainer.fit()
-            fit_seconds = time.perf_counter() - tick
-        run = _finish(cfg, data, result, plan, run_name, run_dir, fit_seconds, uri, mlflow_run_id, cluster)
-    except BaseException:
-        if mlflow_run_id:
-            tracking.end_run(uri, mlflow_run_id, "FAILED")
-        raise
-    return run
-
-
-def _finish(cfg, data, result, plan, run_name, run_dir, fit_seconds, uri, mlflow_run_id, cluster) -> LungRun:
-    """Reload the best checkpoint, score the test set, log the outcome to MLflow."""
+def start_tracking(cfg: dict, data, run_name: str, results_dir=None) -> tuple[str | None, str | None]:
+    """With ``cfg.track``, create the run's MLflow run (``(uri, run_id)``); else ``(None, None)``."""
+    if not cfg.get("track"):
+        return None, None
     from labkit import tracking
 
-    history = pd.DataFrame(result.return_value or [])
+    return tracking.create_run(LAB, run_name, results_dir=results_dir,
+                               tags={"model": "vit-conv-stem", "synthetic": str(data.synthetic)})
+
+
+def run_dir_for(run_name: str, results_dir=None) -> Path:
+    """Where Ray stores the run's checkpoints: ``results/04_lung_vit/ray/<run_name>``."""
+    return (lab_dir(LAB, results_dir) / "ray").resolve() / run_name
+
+
+def collect(result, cfg: dict, data, plan, *, run_name: str, run_dir: Path, fit_seconds: float,
+            uri: str | None = None, mlflow_run_id: str | None = None, cluster: dict | None = None) -> LungRun:
+    """After ``trainer.fit()``: the history, the kept checkpoints, the best one scored on the test set
+    (accuracy, balanced accuracy, macro-F1 beside the majority rate), MLflow's run completed."""
+    from labkit import tracking
+
+    value = result.return_value or {}
+    history = pd.DataFrame(value.get("history", []))
     best = result.get_best_checkpoint(metric="val_loss", mode="min")
     kept = pd.DataFrame([{"path": c.path, "epoch": int(m["epoch"]) + 1, "val_loss": m["val_loss"]}
                          for c, m in result.best_checkpoints]).sort_values("val_loss").reset_index(drop=True)
     best_info = kept.iloc[0].to_dict()
-    precision = resolve_precision(cfg["precision"], torch.cuda.is_available() and plan.use_gpu)
-    module, test, outputs = score_checkpoint(best, cfg, data, precision)
+    module, test, outputs = score_checkpoint(best, cfg, data)
     run = LungRun(run_name=run_name, history=history, kept=kept, best_path=Path(best.path),
-                  best={"epoch": best_info["epoch"], "val_loss": best_info["val_loss"]}, test=test,
-                  outputs=outputs, module=module, plan=plan, precision=precision, fit_seconds=fit_seconds,
-                  run_dir=run_dir, tracking_uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster, result=result)
+                  best={"epoch": int(best_info["epoch"]), "val_loss": float(best_info["val_loss"])}, test=test,
+                  outputs=outputs, module=module, plan=plan, precision=value.get("precision", "?"),
+                  channels_last=bool(value.get("channels_last")), fit_seconds=fit_seconds, run_dir=run_dir,
+                  tracking_uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster or {}, result=result)
     if mlflow_run_id:
         tracking.log_metrics(uri, mlflow_run_id, {**test, "best_epoch": run.best["epoch"],
                                                   "best_val_loss": run.best["val_loss"], "fit_seconds": fit_seconds})
@@ -321,27 +288,31 @@ def _finish(cfg, data, result, plan, run_name, run_dir, fit_seconds, uri, mlflow
     return run
 
 
-def score_checkpoint(checkpoint, cfg: dict, data, precision: str = "32-true"):
+def score_checkpoint(checkpoint, cfg: dict, data):
     """Load a Ray checkpoint (``checkpoint.ckpt`` written by ``RayTrainReportCallback``) into a fresh
-    module and test it on this machine; returns ``(module, metrics, outputs)``."""
-    import lightning.pytorch as pl
-
+    module and test it on this machine, in fp32; returns ``(module, metrics, outputs)``. ``metrics``
+    holds Lightning's ``test_*`` values and :func:`labkit.metrics.summarize` of the predictions."""
+    from labkit import metrics as lk_metrics
     from labkit.env import pick_device
     from labkit.lightning_module import load_weights
 
     quiet_lightning()
     device = pick_device(cfg.get("device", "auto"))
-    module = build_module(cfg, data.classes)
+    module = ClassifierBase(build_model(cfg, len(data.classes)), data.classes,
+                            **{**module_kwargs(cfg), "channels_last": False})
     with checkpoint.as_directory() as folder:
         load_weights(module, Path(folder) / "checkpoint.ckpt")
-    on_gpu = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
-        tester = pl.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=cfg.get("progress", True), default_root_dir=tmp,
-                            precision=precision if on_gpu else "32-true")
-        metrics = tester.test(module, dataloaders=data.loader("test", cfg["batch_size"]), verbose=False)[0]
-    return module.cpu(), {k: float(v) for k, v in metrics.items()}, module.test_outputs
+        tester = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                            default_root_dir=tmp, precision="32-true")
+        values = tester.test(module, dataloaders=data.loader("test", cfg["batch_size"]), verbose=False)[0]
+    out = module.test_outputs
+    summary = lk_metrics.summarize(out["y_true"], out["y_pred"], len(data.classes),
+                                   train_labels=data["train"].labels)
+    test = {k: float(v) for k, v in values.items()}
+    test.update({f"test_{k}": v for k, v in summary.items()})
+    return module.cpu(), test, out
 
 
 def save_best(run: LungRun, path: str | os.PathLike, cfg: dict, classes) -> Path:
@@ -356,15 +327,18 @@ def save_best(run: LungRun, path: str | os.PathLike, cfg: dict, classes) -> Path
 
 
 def record(run: LungRun, cfg: dict, data) -> RunRecord:
-    """A :class:`~labkit.results.RunRecord` of ``run`` (params without the cluster address)."""
+    """A :class:`~labkit.results.RunRecord` of ``run`` (params without the cluster address); ``final``
+    carries acc, balanced_acc, macro_f1, majority_rate and chance of the best checkpoint on the test set."""
     from labkit import tracking
     from labkit.env import environment
 
     params = {k: v for k, v in cfg.items() if k not in ("address", "progress")}
     params["address"] = "set" if cfg.get("address") or os.environ.get("RAY_ADDRESS") else None
     env = {**environment(cfg.get("device", "auto"), run.plan.workers), "backend": run.plan.backend,
-           "use_gpu": run.plan.use_gpu, "precision": run.precision}
-    final = {**run.test, "best_epoch": run.best["epoch"], "best_val_loss": run.best["val_loss"],
+           "use_gpu": run.plan.use_gpu, "precision": run.precision, "channels_last": run.channels_last}
+    headline = {k: run.test[f"test_{k}"] for k in ("acc", "balanced_acc", "macro_f1", "majority_rate", "chance")
+                if f"test_{k}" in run.test}
+    final = {**headline, **run.test, "best_epoch": run.best["epoch"], "best_val_loss": run.best["val_loss"],
              "fit_seconds": run.fit_seconds, "kept_checkpoints": len(run.kept), "best_checkpoint": str(run.best_path),
              "kept": run.kept[["epoch", "val_loss"]].to_dict("records"),
              "seconds_per_epoch": float(run.history["seconds"].mean()) if len(run.history) else None,
@@ -374,6 +348,54 @@ def record(run: LungRun, cfg: dict, data) -> RunRecord:
                     final=final)
     rec.add_artifact(run.run_dir)
     return rec
+
+
+def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None, run_name: str | None = None,
+          quiet: bool = True) -> LungRun:
+    """The command's driver (the notebook writes its own): Ray, a ``TorchTrainer`` keeping the
+    :data:`KEEP` best checkpoints by ``val_loss``, then :func:`collect`. The MLflow run is marked
+    FAILED when training fails; Ray is shut down whatever happens."""
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from labkit import tracking
+
+    cfg = {**DEFAULTS, **cfg}
+    address = distributed.resolve_address(cfg.get("address"))
+    plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.machine_resources()) \
+        if address is None else None
+    if plan is not None:
+        resolve_precision(cfg["precision"], plan.use_gpu)
+    data = data if data is not None else load_data(cfg, progress=True)
+    run_name = run_name or distributed.default_run_name()
+    run_dir = run_dir_for(run_name, results_dir)
+    uri, mlflow_run_id = start_tracking(cfg, data, run_name, results_dir)
+    try:
+        with distributed.ray_cluster(address, quiet=quiet) as cluster:
+            if plan is None:
+                plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.cluster_resources(),
+                                                where=f"the cluster at {address}")
+            if plan.notice:
+                print(plan.notice)
+            trainer = TorchTrainer(
+                train_func, train_loop_config=worker_config(cfg, plan, uri, mlflow_run_id),
+                torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
+                scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                             resources_per_worker=plan.resources()),
+                run_config=RunConfig(
+                    name=run_name, storage_path=str(run_dir.parent),
+                    checkpoint_config=CheckpointConfig(num_to_keep=KEEP, checkpoint_score_attribute="val_loss",
+                                                       checkpoint_score_order="min"),
+                    logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
+            tick = time.perf_counter()
+            result = trainer.fit()
+            fit_seconds = time.perf_counter() - tick
+        return collect(result, cfg, data, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
+                       uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)
+    except BaseException:
+        if mlflow_run_id:
+            tracking.end_run(uri, mlflow_run_id, "FAILED")
+        raise
 
 
 # --------------------------------------------------------------------------- command line

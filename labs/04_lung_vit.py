@@ -28,14 +28,16 @@
 # - build a ViT with a **convolutional stem** and explain, with numbers, why it shrinks the token sequence 16× and
 #   the attention matrix 256×, and why **pre-LayerNorm** blocks train stably;
 # - run a Lightning `Trainer` inside Ray Train (`RayDDPStrategy`, `RayLightningEnvironment`,
-#   `RayTrainReportCallback`, `prepare_trainer`) and choose the precision (`bf16-mixed` on a GPU, 32-bit on CPU);
-# - keep the top-3 checkpoints by `val_loss` and score the test set with the best one;
+#   `RayTrainReportCallback`, `prepare_trainer`), writing the LightningModule's steps and the worker function
+#   yourself, and choose the precision (`bf16-mixed` where the hardware runs bf16 natively, GPU or CPU);
+# - keep the top-3 checkpoints by `val_loss` (and know why a fourth can stay on disk), validate every image exactly
+#   once across workers, and score the test set with the best checkpoint against the majority-class rate;
 # - track parameters, per-epoch and per-class metrics and the checkpoint in MLflow, and open them in the MLflow UI;
 # - send the same training to a running Ray cluster with `ray job submit`.
 #
-# **Run time**: quick mode (`quick=True`: 3 epochs, 32 px, 540 training images) ≈ 3–5 min on 2 CPU cores (about a
-# minute of it is Ray starting up, and the first run writes the stand-in data: ≈ 1 min); the full configuration (12 epochs, 128 px, 2 workers) takes hours on a CPU
-# and ≈ 10 min with one GPU per worker.
+# **Run time**: quick mode (`quick=True`: 6 epochs of a smaller ViT, 32 px, 540 training images) ≈ 2–3 min on 2 CPU cores (about a
+# minute of it is Ray starting up, and the first run writes the stand-in data: ≈ 1 min); the full configuration
+# (12 epochs, 128 px, 2 workers) takes hours on a CPU and ≈ 10 min with one GPU per worker.
 
 # %% [markdown]
 # ## 0. Setup
@@ -48,7 +50,7 @@ if "google.colab" in sys.modules:  # Colab: fetch the course and install labkit 
     # %pip install -q -e /content/labkit
     # %cd /content/labkit
 
-import inspect
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,10 +59,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
+from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from labkit import distributed, env, lung_vit, params, plotting, results, tracking, train
+from labkit import distributed, env, lung_vit, metrics, params, plotting, results, tracking, train
 from labkit.data.augment import batch_transform
+from labkit.exercises import lab04 as checks
+from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, no_decay_names
 from labkit.models import vit
 from labkit.models.cnn import AlzheimerCNN
 from labkit.models.summary import count_parameters
@@ -74,8 +79,8 @@ from labkit.models.summary import count_parameters
 # - `depth`, `heads`, `dim`, `mlp_dim`: transformer blocks, attention heads per block, token width, MLP width
 #   (`dim` must be divisible by `heads`: each head gets `dim / heads` features).
 # - `image_size` must be divisible by 4 (the conv stem halves the resolution twice).
-# - `precision`: `"auto"` = `"bf16-mixed"` on a GPU that supports it, else `"32"`; or force `"32"`, `"bf16-mixed"`,
-#   `"16-mixed"` (GPU only).
+# - `precision`: `"auto"` = `"bf16-mixed"` where bf16 runs natively (recent GPUs, and CPUs with AVX512-BF16/AMX),
+#   `"16-mixed"` on older GPUs, else `"32"`; or force `"32"`, `"bf16-mixed"`, `"16-mixed"` (GPU only).
 # - `track`: log the run to MLflow (a local store in `results/04_lung_vit/`, or the server in `$MLFLOW_TRACKING_URI`).
 # - `data_dir`: the dataset root (`train/ val/ test/`); the environment variable `DATA_PATH` is used when
 #   `data_dir=None`. When the data is missing, a synthetic stand-in is written there.
@@ -121,11 +126,17 @@ out_dir = results.lab_dir("04_lung_vit")
 # %% [markdown]
 # Ray's plan for this machine: how many workers, CPU (gloo) or one GPU each (NCCL), and the precision each
 # worker will use. An impossible request (more workers than cores) fails here, before Ray starts.
+# With `bf16-mixed`, Lightning runs the forward pass under `torch.autocast` in bf16 (the stem's convolutions — stored
+# `channels_last` — and the transformer's matrix products); weights, optimizer state, the loss and every metric stay
+# in fp32. On this course's 2-core CPU (AVX512-BF16) that is about twice as fast as fp32.
 
 # %%
+plan = None
 if distributed.resolve_address(cfg.address) is None:
     plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.machine_resources())
-    print("plan:", plan.describe(), "| precision:", lung_vit.resolve_precision(cfg.precision, plan.use_gpu))
+    precision = lung_vit.resolve_precision(cfg.precision, plan.use_gpu)
+    print("plan:", plan.describe(), "| precision:", precision,
+          "| channels_last:", lung_vit.use_channels_last(precision, plan.use_gpu))
     if plan.notice:
         print(plan.notice)
 else:
@@ -193,34 +204,192 @@ print("stem output:", tuple(model.stem(x).shape), " tokens:", tuple(model.tokens
       " logits:", tuple(model.eval()(x).shape))
 
 # %% [markdown]
-# ## 5. Lightning inside Ray Train
-# The model is a plain `nn.Module`; `labkit.lightning_module.LitClassifier` wraps any labkit model with the training,
-# validation and test steps, AdamW with a cosine schedule, and per-class precision/recall/F1 from `torchmetrics`.
-# `val_loss` is logged with `sync_dist=True`: averaged over all workers before Ray reads it. Every Ray worker runs
-# the function below: a Lightning `Trainer` with Ray's DDP strategy and cluster environment, and
-# `RayTrainReportCallback`, which saves a checkpoint after every epoch and reports it to Ray with the metrics.
+# ### Exercises on the model
+# **Exercise 1 — tokens and attention cost.** A stem that shrinks each side `downsample`× turns an
+# `image_size × image_size` image into how many tokens ([CLS] not counted)? And how many times smaller is the
+# attention matrix than with one token per pixel? Return both.
 
 # %%
-print(inspect.getsource(lung_vit.train_func))
+def my_token_count(image_size, downsample):
+    # BEGIN SOLUTION
+    tokens = (image_size // downsample) ** 2
+    return tokens, (image_size * image_size) ** 2 // tokens ** 2
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+checks.check_token_count(my_token_count)
+
 
 # %% [markdown]
-# On the driver (this notebook), `lung_vit.train` starts Ray, builds the `TorchTrainer` and — the line to
-# notice — `CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")`:
-# Ray keeps only the three checkpoints with the lowest validation loss and deletes the others as training goes.
-# Afterwards `Result.get_best_checkpoint(metric="val_loss", mode="min")` is reloaded here to score the test set.
+# **Exercise 2 — a pre-LN block.** Write the forward pass of a pre-LayerNorm transformer block from its parts
+# `block.norm1`, `block.attn`, `block.norm2`, `block.mlp` (see the diagram above). The check hands you the parts of a
+# block (calling `block(x)` itself is not allowed), recomputes the block from its weights with `torch.nn.functional`,
+# and tells a post-LN version apart.
 
 # %%
-print(inspect.getsource(lung_vit.checkpoint_config))
+def my_prenorm_block(x, block):
+    # BEGIN SOLUTION
+    x = x + block.attn(block.norm1(x))
+    x = x + block.mlp(block.norm2(x))
+    return x
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+checks.check_prenorm_block(my_prenorm_block)
 
 # %% [markdown]
-# ## 6. Train
-# Ray starts (about a minute on 2 CPU cores), the workers load the cached data and train; rank 0 prints one line per
-# epoch and, with `track=True`, logs each epoch to MLflow.
+# ## 5. The LightningModule: the steps, written here
+# Lightning splits training into methods it calls for you: `training_step` returns the loss (Lightning does
+# `backward`, the DDP gradient all-reduce and the optimizer step), `validation_step` scores a batch, and
+# `configure_optimizers` says how to update. Everything else lives in `labkit.lightning_module.ClassifierBase`:
+# the model, the batch transform (uint8 → augmented, normalised floats **on the device**, `channels_last` when the
+# precision wants it), the `torchmetrics` objects, the per-class logging and the test step that scores a checkpoint.
+#
+# Three details carry the lesson:
+# - **Metrics in fp32.** Under `bf16-mixed` the logits come out of autocast in bf16; `.float()` before the loss and
+#   the metrics keeps the numbers we compare honest.
+# - **Every validation image counts once.** `val_loss` is a `torchmetrics.MeanMetric`: each worker adds up its
+#   per-image losses and counts, and the sums of all workers are combined before dividing. (Logging a per-batch
+#   mean with `sync_dist=True` would average the workers' means instead, and the default `DistributedSampler`
+#   pads the validation set so a few images count twice — see the worker function below.) This `val_loss` decides
+#   which checkpoints Ray keeps.
+# - **Weight decay by kind.** AdamW shrinks weights towards zero; that regularises the weights of linear and conv
+#   layers, but not biases, the scales and shifts of normalisation layers, or the position embedding and [CLS]
+#   token (learned *values*, not feature detectors). `decay_groups` picks them **by what they are** — a bias,
+#   a parameter of a `LayerNorm`/`BatchNorm`, or one the model lists in `no_weight_decay()` — never by a piece of
+#   the name (`"token" in name` would also exempt `to_tokens.weight`, the token projection).
 
 # %%
-run = lung_vit.train(cfg, data=ds)
-print(f"{run.plan.describe()}, precision {run.precision}; trainer.fit took {run.fit_seconds:.0f} s "
-      f"(training itself {run.history['seconds'].sum():.0f} s)")
+class LitViT(ClassifierBase):
+    """The lab's LightningModule: ClassifierBase (labkit) holds model, transforms, metrics and the test step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch                                               # uint8 images [B, 1, S, S], labels [B]
+        logits = self(self.prepare(x, train=True))                 # augment + normalise on the device
+        loss = F.cross_entropy(logits.float(), y)                  # loss in fp32, also under bf16 autocast
+        self.train_acc.update(logits.detach().float(), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)   # mean over the workers
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
+        return loss                                                # Lightning: backward, all-reduce, step
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(self.prepare(x, train=False)).float()
+        self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))   # per-image losses: sum and count
+        self.val_metrics.update(logits, y)                         # per-class counts, summed over workers
+        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)    # what Ray ranks checkpoints by
+
+    def configure_optimizers(self):
+        groups = decay_groups(self.model, self.weight_decay)       # decay / no decay, chosen by parameter kind
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        schedule = cosine_warmup(optimizer, self.trainer.max_epochs, self.warmup_epochs)   # per epoch
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
+# %% [markdown]
+# Which parameters go without weight decay? Everything that is a bias or belongs to a normalisation layer, plus the
+# two the ViT declares; the token projection `to_tokens.weight` is an ordinary weight and decays.
+
+# %% tags=["nbval-check-output"]
+skip = no_decay_names(model)
+n_decay = sum(p.numel() for n, p in model.named_parameters() if n not in skip)
+print(f"decayed: {len(list(model.parameters())) - len(skip)} tensors ({n_decay:,} values); "
+      f"not decayed: {len(skip)} tensors ({n_params - n_decay:,} values)")
+print("not decayed, other than biases and norms:", [n for n in skip if not n.endswith(".bias") and "norm" not in n
+                                                    and not n.startswith("stem.")])
+print("to_tokens.weight decays:", "to_tokens.weight" not in skip)
+
+# %% [markdown]
+# ## 6. The Ray Train function: Lightning inside every worker
+# Ray runs `train_func` in each worker process; Ray ships it — and the `LitViT` class above — to the workers by
+# pickling them (`cloudpickle` handles functions and classes defined in a notebook). Four Ray pieces turn a
+# Lightning `Trainer` into a distributed one:
+# - `RayDDPStrategy()`: PyTorch DDP on the process group Ray set up (gloo on CPUs, NCCL on GPUs);
+# - `RayLightningEnvironment()`: Lightning reads rank and world size from Ray instead of environment variables;
+# - `RayTrainReportCallback()`: after every epoch, saves a Lightning checkpoint and reports it to Ray with the
+#   logged metrics (`val_loss` among them);
+# - `prepare_trainer(trainer)`: checks the pieces fit together.
+#
+# The worker also shards the data itself (`use_distributed_sampler=False`): a shuffling `DistributedSampler` for
+# training — the same number of batches on every worker, which DDP's all-reduce needs — and `EvalShardSampler` for
+# validation, which hands out every image exactly once (`DistributedSampler` would pad the last round by repeating
+# images). labkit does the plumbing: quiet logs and thread counts (`worker_setup`), the per-epoch history and
+# MLflow logging (`worker_callbacks`), and what rank 0 sends back (`worker_result`).
+
+# %%
+def train_func(config):
+    """What every Ray Train worker runs; returns the epoch history on rank 0 (Result.return_value)."""
+    import lightning.pytorch as pl
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+    from torch.utils.data import DistributedSampler
+
+    from labkit import lightning_module, lung_vit
+
+    rank, world = lung_vit.worker_setup(config)          # quiet logs, CPU threads, one seed: same initial weights
+    data = lung_vit.load_data(config)                     # the decoded cache the driver wrote
+    module = LitViT(lung_vit.build_model(config, len(data.classes)), data.classes, **lung_vit.module_kwargs(config))
+    callbacks, history = lightning_module.worker_callbacks(config, rank, len(data["train"]))
+    trainer = pl.Trainer(
+        max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
+        strategy=RayDDPStrategy(),                        # DDP on Ray's process group
+        plugins=[RayLightningEnvironment()],              # rank and world size from Ray
+        callbacks=[*callbacks, RayTrainReportCallback()], # last: checkpoint + metrics to Ray every epoch
+        precision=config["precision"],                    # "bf16-mixed", "16-mixed" or "32-true"
+        use_distributed_sampler=False,                    # we shard the data ourselves, below
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="labkit-lightning-"))
+    trainer = prepare_trainer(trainer)
+    train_sampler = DistributedSampler(range(len(data["train"])), world, rank, shuffle=True, seed=config["seed"])
+    val_sampler = lightning_module.EvalShardSampler(range(len(data["val"])), world, rank)   # each image once
+    trainer.fit(module, data.loader("train", config["batch_size"], sampler=train_sampler),
+                data.loader("val", config["batch_size"], sampler=val_sampler))
+    return lung_vit.worker_result(trainer, history, rank)
+
+
+# %% [markdown]
+# ## 7. Train: the driver
+# This notebook is Ray's *driver*. It starts Ray, builds the `TorchTrainer` and waits for `fit()`. The line to
+# notice is `CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")`:
+# Ray ranks the reported checkpoints by `val_loss` and deletes the others as training goes. The MLflow run is
+# created here; rank 0 logs each epoch into it, and it is marked FAILED if training fails.
+#
+# **Predict, then run.** The run trains `epochs` epochs and reports one checkpoint per epoch. Before you run the
+# next cell, write down: how many `checkpoint_*` folders will be left on disk when `fit()` returns — always
+# exactly 3? And will the best checkpoint be the one of the last epoch?
+
+# %%
+run_name = distributed.default_run_name()
+run_dir = lung_vit.run_dir_for(run_name)                 # results/04_lung_vit/ray/<run_name>
+uri, mlflow_run_id = lung_vit.start_tracking(cfg, ds, run_name)
+try:
+    with distributed.ray_cluster(cfg.address) as cluster:
+        if plan is None:                                  # a remote cluster: plan with its resources
+            plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.cluster_resources())
+        trainer = TorchTrainer(
+            train_func,
+            train_loop_config=lung_vit.worker_config(cfg, plan, uri, mlflow_run_id),
+            scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                         resources_per_worker=plan.resources()),
+            torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
+            run_config=RunConfig(
+                name=run_name, storage_path=str(run_dir.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss",
+                                                   checkpoint_score_order="min"),
+                logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
+        tick = time.perf_counter()
+        result = trainer.fit()
+        fit_seconds = time.perf_counter() - tick
+    run = lung_vit.collect(result, cfg, ds, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
+                           uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)
+except BaseException:
+    if mlflow_run_id:
+        tracking.end_run(uri, mlflow_run_id, "FAILED")
+    raise
+print(f"{plan.describe()}, precision {run.precision}, channels_last {run.channels_last}; trainer.fit took "
+      f"{run.fit_seconds:.0f} s (training itself {run.history['seconds'].sum():.0f} s)")
 
 # %%
 cols = ["epoch", "loss", "acc", "val_loss", "val_acc", "val_f1_macro", "lr", "seconds", "images_per_s"]
@@ -229,33 +398,66 @@ plotting.plot_history(run.history, out_dir / "training_curves.png", title="Lab 0
 
 # %% [markdown]
 # ### What Ray kept
-# Three checkpoints — the three lowest `val_loss` values of the run, whatever their epoch — and the best of them is
-# the one we test. Ray Train V2's `Result.metrics_dataframe` only holds the epochs of kept checkpoints; the full
-# history above came back as the training function's return value.
+# Ray Train V2's `Result.best_checkpoints` lists the checkpoints still on disk with their metrics; the full history
+# above came back as rank 0's return value (`Result.metrics_dataframe` only holds the epochs of kept checkpoints).
 
 # %%
 kept = run.kept[["epoch", "val_loss"]]
 display(kept.round(4))
 lowest3 = run.history.nsmallest(3, "val_loss")["epoch"].tolist()
 print("checkpoint folders on disk:", len([p for p in run.run_dir.glob("checkpoint_*") if p.is_dir()]))
-print("kept epochs:", sorted(kept["epoch"]), "| the 3 lowest val_loss epochs:", sorted(lowest3))
+print("kept epochs:", sorted(kept["epoch"]), "| the 3 lowest val_loss epochs:", sorted(lowest3),
+      "| last epoch:", int(run.history["epoch"].max()))
 print(f"best: epoch {run.best['epoch']} (val_loss {run.best['val_loss']:.4f}) -> scored on the test set")
 
 # %% [markdown]
-# ## 7. Evaluate the best checkpoint
-# Per-class precision (of the images called *X*, how many are *X*), recall (of the *X* images, how many were found)
-# and F1, then the confusion matrix. On the stand-in, X-ray vs OCT is easy; the mistakes sit *within* a modality,
-# between classes whose lesions look alike or are faint.
+# **What happened.** Three folders when the last epoch is among the three lowest `val_loss` values; **four** when it
+# is not: Ray never deletes the *latest* checkpoint, because a restarted run resumes from it. The best checkpoint is
+# the lowest `val_loss`, which is often — not always — the last epoch; with a noisy validation loss it can be an
+# earlier one, and that is the checkpoint the test set sees.
 #
-# **In quick mode** (3 epochs of ~8 steps each at 32 px) neither the ViT nor the CNN below gets far past telling
-# the modalities apart: expect an accuracy near 2/9 and many zero rows in the table. That run shows the
-# mechanics; the per-class story needs the full configuration (a CNN on this stand-in reaches ~0.44 validation
-# accuracy after 8 epochs at 32 px, measured on 2 CPU cores) — and real scans before it means anything medical.
+# **Exercise 3 — which checkpoints stay?** Given each epoch's `val_loss` and `num_to_keep`, return the epochs
+# (counted from 1, sorted) whose checkpoints are on disk after training with
+# `CheckpointConfig(num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")`. The check
+# replays Ray's bookkeeping report by report; the cell after it applies your rule to this run.
 
 # %%
+def my_kept_epochs(val_losses, num_to_keep):
+    # BEGIN SOLUTION
+    epochs = range(1, len(val_losses) + 1)
+    best = sorted(epochs, key=lambda e: val_losses[e - 1])[:num_to_keep]
+    return sorted(set(best) | {len(val_losses)})
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+checks.check_kept_checkpoints(my_kept_epochs)
+
+# %%
+print("your rule on this run:", my_kept_epochs(run.history["val_loss"].tolist(), 3),
+      "| Ray kept:", sorted(run.kept["epoch"]))
+
+# %% [markdown]
+# ## 8. Evaluate the best checkpoint
+# The best checkpoint, reloaded on the driver and scored on the test set in fp32. With 9 classes, chance is 1/9,
+# but the honest baseline is the **majority-class rate**: the accuracy of always answering the most common
+# training class. **Balanced accuracy** (the mean of the per-class recalls) is 1/9 for any constant answer, and
+# **macro-F1** averages the classes' F1 without weighting by size. Then per-class precision (of the images called
+# *X*, how many are *X*), recall (of the *X* images, how many were found), F1, and the confusion matrix. On the
+# stand-in, X-ray vs OCT is easy; the mistakes sit *within* a modality, between classes whose lesions look alike.
+#
+# **In quick mode** (a few hundred 32 px images, six short epochs) the ViT — like the CNN below — learns little more
+# than which *modality* an image is: one class per modality, a balanced accuracy near 2/9, twice chance. That run
+# shows the mechanics; the per-class story needs the full configuration — and real scans before it means anything
+# medical.
+
+# %% tags=["nbval-check-output"]
 y_true, y_pred = run.outputs["y_true"], run.outputs["y_pred"]
-print(f"test accuracy {run.test['test_acc']:.2f}   macro F1 {run.test['test_f1_macro']:.2f}   "
-      f"(chance {1 / len(ds.classes):.2f})")
+summary = metrics.summarize(y_true, y_pred, len(ds.classes), train_labels=ds["train"].labels)
+print("ViT, best checkpoint, test set: " + "   ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+print(f"balanced accuracy above the majority-class rate: {summary['balanced_acc'] > summary['majority_rate']}")
+
+# %%
 table = plotting.classification_table(y_true, y_pred, ds.classes)
 display(table.round(2))
 plotting.plot_confusion(y_true, y_pred, ds.classes, out_dir / "confusion_matrix.png");
@@ -286,7 +488,7 @@ fig.suptitle("[CLS] attention, last block (mean over heads)")
 plotting.save_figure(fig, out_dir / "cls_attention.png");
 
 # %% [markdown]
-# ## 8. Compare with Lab 01's CNN on the same data
+# ## 9. Compare with Lab 01's CNN on the same data
 # Lab 01's `AlzheimerCNN`, built for 9 classes, trained `cnn_epochs` epochs in this process with Lab 01's plain loop
 # on exactly these images. Transformers have no built-in notion of "nearby pixels" and usually need much more data
 # (or pre-training) than a CNN; with a few hundred images and a few epochs, do not be surprised if the CNN wins.
@@ -306,18 +508,20 @@ else:
     cnn_seconds = time.perf_counter() - tick
     cnn_test = train.evaluate(cnn, ds.loader("test", cfg.batch_size), device=dev,
                               transform=batch_transform(train=False), return_outputs=True)
+    cnn_summary = metrics.summarize(cnn_test["y_true"], cnn_test["y_pred"], len(ds.classes),
+                                    train_labels=ds["train"].labels)
     cnn_row = {"run": f"Lab 01 CNN, 1 process, {cfg.cnn_epochs} epochs", "parameters": count_parameters(cnn),
-               "test_acc": cnn_test["acc"], "test_f1_macro": f1_score(cnn_test["y_true"], cnn_test["y_pred"],
-                                                                      average="macro"), "seconds": cnn_seconds}
+               **{k: cnn_summary[k] for k in ("acc", "balanced_acc", "macro_f1")}, "seconds": cnn_seconds}
 vit_row = {"run": f"ViT, Ray {cfg.workers} workers, {cfg.epochs} epochs", "parameters": n_params,
-           "test_acc": run.test["test_acc"], "test_f1_macro": run.test["test_f1_macro"], "seconds": run.fit_seconds}
+           **{k: summary[k] for k in ("acc", "balanced_acc", "macro_f1")}, "seconds": run.fit_seconds}
 comparison = pd.DataFrame([vit_row] + ([cnn_row] if cnn_row else []))
 display(comparison.set_index("run").round(3))
-plotting.plot_comparison(comparison, out_dir / "vit_vs_cnn.png", metrics=["test_acc", "test_f1_macro"],
+print(f"majority-class rate {summary['majority_rate']:.3f}, chance {summary['chance']:.3f}")
+plotting.plot_comparison(comparison, out_dir / "vit_vs_cnn.png", metrics=["acc", "balanced_acc", "macro_f1"],
                          title="ViT vs Lab 01's CNN, same data");
 
 # %% [markdown]
-# ## 9. The run in MLflow
+# ## 10. The run in MLflow
 # Rank 0 logged the parameters, the device, every epoch's metrics (loss, accuracy, per-class precision / recall /
 # F1) into one MLflow run; the driver added the test metrics and the best checkpoint. The store is a SQLite file in
 # `results/04_lung_vit/` with the artifacts beside it — not MLflow's default `./mlruns` — and nothing about your
@@ -350,9 +554,10 @@ if run.mlflow_run_id:
     print("run id:", run.mlflow_run_id)
 
 # %% [markdown]
-# ## 10. The same training on a Ray cluster: `ray job submit`
+# ## 11. The same training on a Ray cluster: `ray job submit`
 # The training is also a command, `python -m labkit.lung_vit` (`--help` lists the options, which are the
-# parameters above). Seed 004 sent it to its GPU cluster with `ray job submit`: the working directory (this course
+# parameters above); it runs the same steps as the cells above (labkit keeps a copy of `LitViT` and `train_func`
+# for it, on the same `ClassifierBase`). Seed 004 sent it to its GPU cluster with `ray job submit`: the working directory (this course
 # folder) is uploaded, and the runtime environment file sets `DATA_PATH` for the nodes. On a machine with Ray,
 # start a cluster and submit. The job server lives in Ray's dashboard process, so it needs `ray[default]` and a head
 # started *with* the dashboard; new Ray clusters use token authentication, and the CLI sends `~/.ray/auth_token`
@@ -381,48 +586,17 @@ print(runtime_env.read_text() if runtime_env.is_file() else "(see labs/ray_runti
 
 
 # %% [markdown]
-# ## 11. Exercises
-# **Exercise 1 — tokens and attention cost.** A stem that shrinks each side `downsample`× turns an
-# `image_size × image_size` image into how many tokens ([CLS] not counted)? And how many times smaller is the
-# attention matrix than with one token per pixel? Return both.
-
-# %%
-def my_token_count(image_size, downsample):
-    # BEGIN SOLUTION
-    tokens = (image_size // downsample) ** 2
-    return tokens, (image_size * image_size) ** 2 // tokens ** 2
-    # END SOLUTION
-
-
-# %% tags=["nbval-check-output"]
-vit.check_token_count(my_token_count)
-
-
-# %% [markdown]
-# **Exercise 2 — a pre-LN block.** Write the forward pass of a pre-LayerNorm transformer block from its parts
-# `block.norm1`, `block.attn`, `block.norm2`, `block.mlp` (see section 4). The check compares it with
-# `labkit.models.vit.Block` and tells a post-LN version apart.
-
-# %%
-def my_prenorm_block(x, block):
-    # BEGIN SOLUTION
-    x = x + block.attn(block.norm1(x))
-    x = x + block.mlp(block.norm2(x))
-    return x
-    # END SOLUTION
-
-
-# %% tags=["nbval-check-output"]
-vit.check_prenorm_block(my_prenorm_block)
-
-# %% [markdown]
-# **Exercise 3 (open).** Re-run with `depth=2` and `depth=8` (same epochs). Does test accuracy follow the parameter
+# ## 12. Open exercises
+# **Exercise 4 (open).** Re-run with `depth=2` and `depth=8` (same epochs). Does balanced accuracy follow the parameter
 # count? Then try `image_size=64` with the quick settings: how do tokens, seconds per epoch and accuracy change?
+# And `precision="32"`: how much slower is an epoch, and does the result move more than between two seeds?
 
 # %% [markdown]
-# ## 12. Save the run record
-# The record keeps the parameters (a cluster address only as "set"), the environment, the data, every epoch, the test
-# metrics of the best checkpoint, the comparison and where the checkpoints and the MLflow store are.
+# ## 13. Save the run record
+# The record keeps the parameters (a cluster address only as "set"), the environment (with the precision and
+# `channels_last` the workers used), the data, every epoch, the test metrics of the best checkpoint — accuracy,
+# balanced accuracy, macro-F1 beside the majority-class rate —, the comparison and where the checkpoints and the
+# MLflow store are.
 
 # %%
 record = lung_vit.record(run, cfg, ds)
@@ -439,10 +613,17 @@ print("saved", path)
 # - A **conv stem** gives the transformer tokens that already describe local texture, and shrinks the sequence
 #   16× (attention 256×) — the difference between an impossible and a cheap model at 128 px.
 # - **Pre-LN** blocks keep an identity path for gradients; attention goes through `F.scaled_dot_product_attention`.
-# - Lightning on Ray Train is four pieces: `RayDDPStrategy`, `RayLightningEnvironment`, `RayTrainReportCallback`,
-#   `prepare_trainer` — the LightningModule itself does not know about Ray.
+# - A LightningModule is three methods you write — `training_step`, `validation_step`, `configure_optimizers` —
+#   and it does not know about Ray. Lightning on Ray Train is four pieces in the worker function:
+#   `RayDDPStrategy`, `RayLightningEnvironment`, `RayTrainReportCallback`, `prepare_trainer`.
+# - Validation metrics that pick checkpoints must count every image once: shard without padding and sum counts
+#   over workers (`torchmetrics`), instead of averaging per-worker means.
 # - `CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")` keeps the best
-#   three; test with `Result.get_best_checkpoint`, not with the last epoch.
+#   three (plus the latest, until training ends); test with `Result.get_best_checkpoint`, not with the last epoch.
+# - Weight decay belongs on weights: exempt biases, normalisation parameters and embeddings by their kind.
+# - Judge a classifier against the majority-class rate and with balanced accuracy, not against 1/K.
+# - `bf16-mixed` speeds up training wherever bf16 runs natively — recent GPUs and many recent CPUs — while the loss
+#   and the metrics stay in fp32.
 # - Track runs in MLflow from **one** process (rank 0), keep the store inside the project's results, and keep
 #   addresses and credentials in environment variables, never in files.
 # - The notebook's training is also a command, so `ray job submit` can run it on a real cluster unchanged.

@@ -107,3 +107,25 @@ def test_sequence_stats():
     s = sequence_stats(128)
     assert s["tokens"] == 32 * 32 and s["pixels"] == 128 * 128
     assert s["sequence_ratio"] == 16 and s["attention_ratio"] == 256
+
+
+def test_no_weight_decay_by_parameter_kind():
+    """Biases, normalisation weights, the position embedding and the [CLS] token get no weight decay;
+    chosen by kind, so `to_tokens.weight` (an ordinary weight whose name holds "token") decays."""
+    from labkit.lightning_module import decay_groups, no_decay_names
+
+    model = ViT(num_classes=4, image_size=16, dim=32, depth=1, heads=4, mlp_dim=64, stem_channels=16)
+    assert no_decay_names(model) == sorted([
+        "cls_token", "pos_embed",
+        *[f"stem.{i}.{k}" for i in range(5) for k in ("1.weight", "1.bias")],      # BatchNorm scale and shift
+        "to_tokens.bias",
+        "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias",
+        "blocks.0.norm2.weight", "blocks.0.norm2.bias", "blocks.0.mlp.0.bias", "blocks.0.mlp.3.bias",
+        "norm.weight", "norm.bias", "head.bias"])
+    decay, no_decay = decay_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    named = dict(model.named_parameters())
+    assert any(p is named["to_tokens.weight"] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+    # every weight that decays is a matrix or a conv kernel
+    assert all(p.ndim >= 2 for p in decay["params"])

@@ -162,6 +162,11 @@ class ViT(nn.Module):
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that are embeddings, not weights of a layer: AdamW leaves them undecayed (timm's
+        convention; see ``labkit.lightning_module.no_decay_names``)."""
+        return {"pos_embed", "cls_token"}
+
     def position_embedding(self, h: int, w: int) -> torch.Tensor:
         """The position embedding for an ``h × w`` token grid (interpolated when it differs from the
         grid the model was built for); ``[1, 1 + h*w, dim]``."""
@@ -228,45 +233,3 @@ def sequence_stats(image_size: int, downsample: int = 4) -> dict:
     return {"pixels": pixels, "tokens": tokens, "sequence_ratio": pixels // tokens,
             "attention_pixels": pixels ** 2, "attention_tokens": tokens ** 2,
             "attention_ratio": pixels ** 2 // tokens ** 2}
-
-
-# --------------------------------------------------------------------------- lab 04 exercise checks
-def check_token_count(fn) -> None:
-    """Check ``fn(image_size, downsample) -> (tokens, attention_ratio)``: the tokens a stem that
-    shrinks each side ``downsample``× makes from an ``image_size²`` image ([CLS] left out), and how
-    many times smaller the attention matrix is than with one token per pixel."""
-    for size, d in ((32, 4), (128, 4), (224, 4), (64, 2), (96, 8)):
-        try:
-            got = fn(size, d)
-        except NotImplementedError as exc:
-            raise AssertionError("the token-count exercise is not implemented yet: complete the cell above.") from exc
-        want = sequence_stats(size, d)
-        if tuple(got) != (want["tokens"], want["attention_ratio"]):
-            raise AssertionError(
-                f"fn({size}, {d}) returned {tuple(got)}, expected ({want['tokens']}, {want['attention_ratio']}): "
-                f"the grid is (image_size/downsample)² tokens, and attention grows with the square of the token "
-                f"count, so it shrinks by (downsample²)² = downsample⁴.")
-    print("✓ token count and attention cost are right: a 4× stem gives 16× fewer tokens, 256× smaller attention")
-
-
-def check_prenorm_block(fn) -> None:
-    """Check ``fn(x, block) -> y``: the pre-LayerNorm residual block written with the parts of a
-    :class:`Block` (``norm1``, ``attn``, ``norm2``, ``mlp``)."""
-    torch.manual_seed(0)
-    block = Block(dim=16, heads=4, mlp_dim=32).eval()
-    x = torch.randn(2, 5, 16)
-    try:
-        got = fn(x, block)
-    except NotImplementedError as exc:
-        raise AssertionError("the pre-LN block exercise is not implemented yet: complete the cell above.") from exc
-    post = block.norm2(block.norm1(x + block.attn(x)) + block.mlp(block.norm1(x + block.attn(x))))
-    if not isinstance(got, torch.Tensor) or got.shape != x.shape:
-        raise AssertionError(f"fn returned {type(got).__name__} {getattr(got, 'shape', '')}; return a tensor shaped "
-                             f"like x {tuple(x.shape)}.")
-    if torch.allclose(got, post, atol=1e-5):
-        raise AssertionError("that is the post-LN block of the original Transformer (normalise after adding); "
-                             "pre-LN normalises the input of each sub-layer: x + attn(norm1(x)).")
-    if not torch.allclose(got, block(x), atol=1e-5):
-        raise AssertionError("the output differs from the block's: first x = x + block.attn(block.norm1(x)), then "
-                             "x = x + block.mlp(block.norm2(x)); return x.")
-    print("✓ pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)) — the residual path stays an identity")
