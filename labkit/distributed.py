@@ -1,12 +1,14 @@
-"""Ray Train for the labs: start or join a Ray cluster, size the run to it, train, shut down.
+"""Ray plumbing for the labs: size the run, start or join a Ray cluster, shut it down, keep the results.
 
-A thin layer over Ray Train (not a re-implementation); Lab 02 uses it in a few lines::
+Lab 02 writes its worker function and its ``TorchTrainer`` in the notebook; this module holds
+what surrounds them (Lab 04 uses the same pieces)::
 
-    from labkit import distributed
-    run = distributed.train_with_ray(cfg)      # cfg = labkit.params.check("02_ray", ...)
-    run.history                                 # one dict per epoch, averaged over the workers
-
-The pieces, in the order :func:`train_with_ray` uses them:
+    plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.machine_resources())
+    with distributed.ray_cluster(cfg.address) as cluster:        # ray.init ... ray.shutdown, always
+        trainer = TorchTrainer(train_loop_per_worker, train_loop_config=distributed.worker_config(cfg, plan, run_dir),
+                               scaling_config=ScalingConfig(num_workers=plan.workers, ...), run_config=RunConfig(...))
+        result = trainer.fit()
+    run = distributed.RayRun.from_result(result, plan, run_dir, fit_seconds, cluster)
 
 - :func:`plan_scaling` — a pure function: how many workers, CPU (gloo) or GPU (NCCL), how many CPU
   cores each. It refuses impossible requests *before* Ray starts (Ray would wait forever for CPUs
@@ -14,11 +16,13 @@ The pieces, in the order :func:`train_with_ray` uses them:
 - :func:`ray_cluster` — a context manager: ``ray.init`` for a local cluster sized to this machine,
   or the cluster at ``address`` / ``$RAY_ADDRESS`` (checked first, so a wrong address fails in
   seconds), quiet logs, and ``ray.shutdown()`` on the way out, also when training fails.
-- :func:`make_trainer` — ``TorchTrainer`` with ``ScalingConfig``, ``RunConfig``, ``FailureConfig``
-  and ``CheckpointConfig``, running :func:`labkit.ray_train.train_loop_per_worker` on every worker.
+- :func:`worker_config`, :class:`RayRun`, :func:`speedup_table` — the worker's config with absolute
+  paths, the outcome of a run (history, timings, Ray's ``Result``) and a scaling table.
 """
 from __future__ import annotations
 
+import copyreg
+import importlib
 import logging
 import os
 import socket
@@ -42,6 +46,21 @@ from labkit.params import ParameterError  # noqa: E402
 from labkit.results import lab_dir  # noqa: E402
 
 LAB = "02_ray"
+
+
+def _pickle_torch_classes_by_reference() -> None:
+    """Let cloudpickle ship notebook-defined worker functions that use ``torch`` and ``.classes``.
+
+    Ray pickles a function defined in a notebook by value, with the submodules of its global modules
+    whose names appear in its code: ``torch`` plus any ``ds.classes`` pulls in ``torch.classes``, a
+    ``ModuleType`` subclass that cloudpickle cannot pickle ("cannot pickle '_Classes' object"). Pickle
+    it by reference (import it again on the worker), as cloudpickle does for plain modules."""
+    classes_type = type(torch.classes)
+    if classes_type not in copyreg.dispatch_table:
+        copyreg.pickle(classes_type, lambda module: (importlib.import_module, (module.__name__,)))
+
+
+_pickle_torch_classes_by_reference()
 DEFAULT_PORTS = {"ray": 10001, "gcs": 6379}  # Ray Client (ray://host) and the cluster's GCS (host)
 
 
@@ -229,7 +248,7 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
     else:  # the cluster's nodes get this labkit (torch and ray must be installed there)
         kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
     tick = time.perf_counter()
-    tries = 1 if address else 2  # a local start can time out on a busy machine (a slow agent); try once more
+    tries = 1 if address else 3  # a local start can time out on a busy machine (a slow raylet): try again
     for attempt in range(1, tries + 1):
         try:
             ray.init(**kwargs)
@@ -256,40 +275,18 @@ def worker_config(cfg: dict, plan: ScalingPlan, run_dir: Path, progress: bool = 
     """The ``train_loop_config`` every worker receives: the lab's parameters with absolute paths
     (Ray workers run in their own working directory) and the cores each worker may use."""
     keys = ("epochs", "batch_size", "lr", "lr_scaling", "image_size", "data", "max_train", "max_test", "seed",
-            "fail_at_epoch")
+            "fail_at_epoch", "amp")
     config = {k: cfg.get(k) for k in keys}
     config.update(data_dir=str(resolve_path(cfg.get("data_dir", "data/alzheimer")).resolve()),
                   lr_scaling=cfg.get("lr_scaling") or "none", data=cfg.get("data") or "auto",
-                  run_dir=str(run_dir), threads=plan.cpus_per_worker, progress=progress,
+                  amp=cfg.get("amp", "auto"), run_dir=str(run_dir), threads=plan.cpus_per_worker, progress=progress,
                   resume_from=str(resume_from) if resume_from else None)
     return config
 
 
-def make_trainer(cfg: dict, plan: ScalingPlan, *, run_dir: Path, keep: int = 2, max_failures: int = 1,
-                 progress: bool = True, resume_from: str | os.PathLike | None = None):
-    """A ``TorchTrainer`` that runs :func:`labkit.ray_train.train_loop_per_worker` on ``plan.workers``
-    workers, stores checkpoints under ``run_dir`` (keeping the last ``keep``) and restarts the
-    workers up to ``max_failures`` times after a crash."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    return TorchTrainer(
-        ray_train.train_loop_per_worker,
-        train_loop_config=worker_config(cfg, plan, run_dir, progress, resume_from),
-        torch_config=TorchConfig(backend=plan.backend, timeout_s=300),      # a hung peer fails, not hangs
-        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                     resources_per_worker=plan.resources()),
-        run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=max_failures),     # restart the workers after a crash
-            checkpoint_config=CheckpointConfig(num_to_keep=keep),        # only the last `keep` checkpoints
-            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),    # Ray Train's chatter off
-    )
-
-
 @dataclass
 class RayRun:
-    """The outcome of :func:`train_with_ray`: per-epoch history, timings and Ray's ``Result``."""
+    """The outcome of one ``trainer.fit()`` (see :meth:`from_result`): per-epoch history, timings and Ray's ``Result``."""
 
     history: list[dict]
     plan: ScalingPlan
@@ -309,6 +306,15 @@ class RayRun:
         """Ray's own table of reported metrics: in Train V2 only those reported with a checkpoint
         that is still kept (the last ``keep`` epochs); :attr:`history` has every epoch."""
         return self.result.metrics_dataframe if self.result is not None else None
+
+    @classmethod
+    def from_result(cls, result: Any, plan: ScalingPlan, run_dir: Path, fit_seconds: float,
+                    cluster: dict | None = None) -> "RayRun":
+        """Collect ``trainer.fit()``'s ``Result``: the history is the worker function's return value
+        (every epoch, also those whose checkpoint was deleted); restarts come from the attempt log."""
+        return cls(history=list(result.return_value or []), plan=plan, run_dir=Path(run_dir),
+                   fit_seconds=fit_seconds, cluster=dict(cluster or {}), result=result,
+                   restarts=max(ray_train.count_attempts(run_dir) - 1, 0))
 
     def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load the final weights (from :attr:`checkpoint`) into ``model`` and return it."""
@@ -331,6 +337,12 @@ def default_run_name() -> str:
     return datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
 
 
+def new_run_dir(storage: str | os.PathLike | None = None, lab: str = LAB) -> Path:
+    """A fresh, absolute run folder ``storage/run-<time>`` (default ``results/<lab>/ray``) for
+    ``RunConfig(name=run_dir.name, storage_path=str(run_dir.parent))``."""
+    return Path(storage or lab_dir(lab) / "ray").resolve() / default_run_name()
+
+
 def prepare_data(cfg: dict):
     """Load (and, the first time, write and cache) the dataset on the driver, before any worker
     starts, so that the workers only read the cache instead of racing to write it."""
@@ -339,60 +351,6 @@ def prepare_data(cfg: dict):
     return load_alzheimer(data=cfg.get("data") or "auto", data_dir=cfg.get("data_dir", "data/alzheimer"),
                           image_size=cfg["image_size"], max_train=cfg.get("max_train"),
                           max_test=cfg.get("max_test"), seed=cfg.get("seed", 0), progress=False)
-
-
-def train_with_ray(cfg: dict, *, storage: str | os.PathLike | None = None, name: str | None = None,
-                   keep: int = 2, max_failures: int = 1, progress: bool = True, quiet: bool = True,
-                   resume_from: str | os.PathLike | None = None, data_ready: bool = False) -> RayRun:
-    """Train Lab 01's model with Ray Train on ``cfg.workers`` workers and return a :class:`RayRun`.
-
-    ``cfg`` holds the lab's parameters (workers, epochs, batch_size, lr, lr_scaling, image_size,
-    device, data, data_dir, seed, address, fail_at_epoch, max_train, max_test). Checkpoints go to
-    ``storage/name`` (default ``results/02_ray/ray/run-<time>``). A bad ``workers``/``device``
-    or an unreachable ``address`` fails before any worker starts; Ray is shut down at the end,
-    whatever happens. ``data_ready=True`` skips loading the data on the driver first.
-    """
-    address = resolve_address(cfg.get("address"))
-    plan = None
-    if address is None:  # fail fast, before Ray starts
-        plan = plan_scaling(cfg["workers"], cfg.get("device", "auto"), **machine_resources())
-    run_dir = Path(storage or lab_dir(LAB) / "ray").resolve() / (name or default_run_name())
-    if not data_ready:
-        prepare_data(cfg)
-    with ray_cluster(address, quiet=quiet) as cluster:
-        if plan is None:
-            plan = plan_scaling(cfg["workers"], cfg.get("device", "auto"), **cluster_resources(),
-                                where=f"the cluster at {address}")
-        if plan.notice:
-            print(plan.notice)
-        trainer = make_trainer(cfg, plan, run_dir=run_dir, keep=keep, max_failures=max_failures,
-                               progress=progress, resume_from=resume_from)
-        tick = time.perf_counter()
-        try:
-            if progress:
-                with ray_train.ProgressBars(run_dir, cfg["epochs"]):
-                    result = trainer.fit()
-            else:
-                result = trainer.fit()
-        except Exception as exc:
-            raise RuntimeError(
-                f"Ray Train failed after {ray_train.count_attempts(run_dir)} attempt(s) "
-                f"(max_failures={max_failures}): {exc}\nRun folder: {run_dir}") from exc
-        fit_seconds = time.perf_counter() - tick
-    return RayRun(history=list(result.return_value or []), plan=plan, run_dir=run_dir, fit_seconds=fit_seconds,
-                  cluster=cluster, restarts=max(ray_train.count_attempts(run_dir) - 1, 0), result=result)
-
-
-def sweep(cfg: dict, workers: Sequence[int], **kwargs: Any) -> list[RayRun]:
-    """Train once per worker count in ``workers`` (one Ray start for all) for a speedup plot."""
-    counts = [int(w) for w in workers]
-    if resolve_address(cfg.get("address")) is None:
-        for w in counts:  # check every count before spending minutes on the first
-            plan_scaling(w, cfg.get("device", "auto"), **machine_resources())
-    prepare_data(cfg)
-    with ray_cluster(cfg.get("address"), quiet=kwargs.get("quiet", True)):
-        return [train_with_ray({**cfg, "workers": w, "fail_at_epoch": None}, data_ready=True, **kwargs)
-                for w in counts]
 
 
 def speedup_table(runs: Sequence[RayRun]) -> pd.DataFrame:

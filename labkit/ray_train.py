@@ -1,18 +1,16 @@
-"""What every Ray Train worker runs in Lab 02: Lab 01's loop plus a handful of Ray calls.
+"""Plumbing around the Ray Train worker function of Lab 02 (the function itself lives in the notebook).
 
-:func:`train_loop_per_worker` is the function ``TorchTrainer`` starts once per worker (see
-:mod:`labkit.distributed` for the driver side). It uses the same data, model and
-``labkit.train.train_one_epoch`` / ``evaluate`` as Lab 01; the Ray calls are marked ``# Ray:``.
-The small helpers around it (checkpoint save/restore, metric averaging across ranks, the
-all-reduce timer, the one-time crash for the fault-tolerance demo) are plain functions that the
-tests call directly.
+Lab 02 defines ``train_loop_per_worker`` in a notebook cell: Lab 01's loop plus the Ray calls. What
+every such worker repeats, and what the tests call directly, is here: checkpoint save/restore
+(the files inside a ``ray.train.Checkpoint``), the all-reduce timer (a DDP communication hook),
+the one-time crash of the fault-tolerance demo, attempt counting, quiet worker logs and the
+progress relay (worker writes ``progress.json``, the driver draws ``tqdm`` bars from it).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.train import shard_indices, unwrap
+from labkit.train import unwrap
 
 CHECKPOINT_FILE = "checkpoint.pt"
 ATTEMPTS_FILE = "attempts.log"
@@ -70,37 +68,6 @@ def broadcast_buffers(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buf in unwrap(model).buffers():
             dist.broadcast(buf.data, src=0)
-
-
-def reduce_epoch(train: dict, val: dict, sync_s: float | None, device: torch.device) -> dict:
-    """Combine one epoch's per-rank statistics into the numbers of the whole run.
-
-    Loss and accuracy are image-weighted means over all ranks (= over the whole split), images are
-    summed, the epoch time is that of the slowest rank (everyone waits for it at each all-reduce),
-    and the time split (data / compute / all-reduce) is the mean over ranks.
-    """
-    keys = ("loss", "acc", "val_loss", "val_acc")
-    weights = (train["images"], train["images"], val["images"], val["images"])
-    sums = [train["loss"] * weights[0], train["acc"] * weights[1], val["loss"] * weights[2], val["acc"] * weights[3],
-            train["images"], val["images"], train["data_s"], train["compute_s"], sync_s or 0.0, val["seconds"]]
-    times = [train["seconds"]]
-    world = 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        where = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        s = torch.tensor(sums, dtype=torch.float64, device=where)
-        t = torch.tensor(times, dtype=torch.float64, device=where)
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        sums, times = s.tolist(), t.tolist()
-    images, val_images = sums[4], sums[5]
-    out = {k: sums[i] / (images if i < 2 else val_images) for i, k in enumerate(keys)}
-    seconds = times[0]
-    out.update(images=int(images), val_images=int(val_images), seconds=seconds,
-               images_per_s=images / seconds if seconds > 0 else 0.0,
-               data_s=sums[6] / world, compute_s=sums[7] / world,
-               sync_s=None if sync_s is None else sums[8] / world, val_seconds=sums[9] / world)
-    return out
 
 
 class AllReduceTimer:
@@ -208,7 +175,7 @@ def crash_halfway(loader, fail_at_epoch: int | None, epoch: int, rank: int, worl
         yield batch
 
 
-# --------------------------------------------------------------------------- the training function
+# --------------------------------------------------------------------------- quiet workers, progress relay
 def quiet_ray_worker_logs() -> None:
     """Hide Ray Train's per-report INFO line ("Reporting training result …"): its logger is named after
     its file, so ``LoggingConfig(log_level=…)`` does not reach it."""
@@ -227,100 +194,6 @@ def quiet_prints():
     the driver already showed once (:func:`say` writes to the real stdout and still gets through)."""
     with open(os.devnull, "w") as sink, redirect_stdout(sink):
         yield
-
-
-def worker_lr(config: dict, world_size: int) -> float:
-    """The learning rate every worker uses: ``config["lr"]`` scaled for ``world_size`` workers by
-    ``config["lr_scaling"]`` (``labkit.train.scale_lr``: none / linear / sqrt)."""
-    from labkit.train import scale_lr
-
-    return scale_lr(config["lr"], world_size, config.get("lr_scaling", "none"))
-
-
-def train_loop_per_worker(config: dict) -> list[dict]:
-    """Train the Lab 01 model on this worker's share of the data; returns the per-epoch history.
-
-    Every worker runs this same function; Ray tells it its rank, builds the process group (gloo or
-    NCCL), wraps the model in DistributedDataParallel and gives each worker a different slice of the
-    training set. After each epoch the metrics (averaged over all workers) are reported to Ray, with
-    a checkpoint from rank 0, so a restarted run continues after the last finished epoch.
-    """
-    import ray.train
-    import ray.train.torch
-
-    from labkit.data.alzheimer import load_alzheimer
-    from labkit.data.augment import batch_transform
-    from labkit.env import amp_dtype, seed_everything
-    from labkit.models.cnn import AlzheimerCNN
-    from labkit.timing import format_seconds
-    from labkit.train import evaluate, train_one_epoch
-
-    quiet_ray_worker_logs()
-    ctx = ray.train.get_context()                                # Ray: who am I, how many are we?
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()                        # Ray: this worker's GPU, or the CPU
-    if device.type == "cpu" and config.get("threads"):
-        torch.set_num_threads(config["threads"])                 # the CPU cores Ray reserved for this worker
-    run_dir = Path(config["run_dir"])
-    attempt = record_attempt(run_dir) if rank == 0 else 0
-    started = time.perf_counter()
-
-    # Same data and model as Lab 01: every worker reads the cache the driver prepared.
-    seed_everything(config["seed"])                              # identical initial weights on every rank
-    with quiet_prints():
-        ds = load_alzheimer(data=config["data"], data_dir=config["data_dir"], image_size=config["image_size"],
-                            max_train=config["max_train"], max_test=config["max_test"], seed=config["seed"],
-                            progress=False)
-    model = AlzheimerCNN(num_classes=len(ds.classes), image_size=config["image_size"])
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)                 # Ray: move to the device, wrap in DDP
-    sync_timer = AllReduceTimer.attach(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=worker_lr(config, world_size))
-    loss_fn = nn.CrossEntropyLoss()
-    dtype = amp_dtype("auto", device)
-    augment, normalise = batch_transform(train=True), batch_transform(train=False)  # Lab 01's, on the device
-    seed_everything(config["seed"] + rank)                       # different augmentation on each rank
-
-    # Ray: add a DistributedSampler, so each worker trains on its own 1/world_size of the images.
-    train_loader = ray.train.torch.prepare_data_loader(
-        ds.loader("train", batch_size=config["batch_size"], seed=config["seed"]), move_to_device=False)
-    test_set = ds.splits["test"]
-    test_loader = ds.loader("test", batch_size=config["batch_size"],
-                            sampler=shard_indices(len(test_set.labels), rank, world_size))
-
-    # Ray: after a crash, continue from the last checkpoint (or from a checkpoint of an earlier run).
-    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
-    done, history = restore(checkpoint, model, optimizer)
-    setup_s = time.perf_counter() - started  # loading data, building the model: once per attempt
-    progress = ProgressFile(run_dir, config["epochs"], done) if rank == 0 and config.get("progress") else None
-
-    for epoch in range(done + 1, config["epochs"] + 1):
-        tick = time.perf_counter()
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)                # a new shuffle every epoch
-        if sync_timer:
-            sync_timer.reset()
-        loader = crash_halfway(train_loader, config.get("fail_at_epoch"), epoch, rank, world_size, run_dir)
-        loader = progress.batches(loader, epoch, len(train_loader)) if progress else loader
-        stats = train_one_epoch(model, loader, optimizer, loss_fn, device=device,
-                                transform=augment, amp_dtype=dtype, progress=False)
-        broadcast_buffers(model)
-        val = evaluate(unwrap(model), test_loader, loss_fn, device=device,
-                       transform=normalise, amp_dtype=dtype)
-        row = {"epoch": epoch, **reduce_epoch(stats, val, sync_timer.seconds if sync_timer else None, device),
-               "lr": optimizer.param_groups[0]["lr"], "world_size": world_size, "attempt": attempt,
-               "epoch_s": time.perf_counter() - tick, "setup_s": setup_s if epoch == done + 1 else 0.0}
-        history.append(row)
-        with tempfile.TemporaryDirectory() as folder:            # Ray: report metrics + checkpoint
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(folder, model, optimizer, epoch, history)
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=f"epoch{epoch:03d}_attempt{attempt or 1}")
-        if progress:
-            progress.epoch_done(row, format_seconds)
-    return history
 
 
 class ProgressFile:

@@ -45,11 +45,16 @@ if "google.colab" in sys.modules:  # Colab only: fetch the course and install la
     # %pip install -q -e /content/labkit
     # %cd /content/labkit
 
-import inspect
+import tempfile
+import time
+from pathlib import Path
+
 import pandas as pd
 import torch
+import torch.distributed as dist
+from torch import nn
 import labkit
-from labkit import distributed, env, params, plotting, ray_train, results, train
+from labkit import distributed, env, metrics, params, plotting, ray_train, results, timing, train
 from labkit.exercises import lab02 as exercises
 from labkit.data.augment import batch_transform
 from labkit.models.cnn import AlzheimerCNN
@@ -61,7 +66,9 @@ from labkit.models.summary import count_parameters
 # `papermill labs/02_ray.ipynb out.ipynb -p workers 2 -p quick True`.
 # The defaults are the source project's configuration: 2 workers, 5 epochs, batch 32 **per worker**, Adam 1e-3, 128 px.
 #
-# - `lr_scaling`: how the learning rate grows with the number of workers (`"none"`, `"linear"`, `"sqrt"`; see exercise 1).
+# - `amp`: mixed precision. `"auto"` = bf16 autocast where the hardware runs it natively (recent GPUs, and CPUs
+#   with AVX512-BF16/AMX), fp16 **with a gradient scaler** on older GPUs, else fp32; `False` forces fp32.
+# - `lr_scaling`: how the learning rate grows with the number of workers (`"none"`, `"linear"`, `"sqrt"`; see exercise 3).
 # - `address`: a running Ray cluster (`"ray://head:10001"` or `"head:6379"`); `None` starts a local cluster on this
 #   machine (the environment variable `RAY_ADDRESS` works too). A cluster is how you outgrow one machine.
 # - `fail_at_epoch`: kill one worker once at that epoch, to watch Ray Train restart it from the last checkpoint.
@@ -75,6 +82,7 @@ lr = 1e-3
 lr_scaling = "none"           # "none", "linear" or "sqrt"
 image_size = 128
 device = "auto"
+amp = "auto"                  # "auto", "bf16", "fp16" or False (fp32)
 data = "auto"                 # "auto": the real dataset when present, else a synthetic stand-in
 data_dir = "data/alzheimer"
 quick = False
@@ -95,7 +103,7 @@ def _worker_counts(value):
 
 cfg = params.check("02_ray", rules={"sweep": params.Rule(list, optional=True, test=_worker_counts)},
                    workers=workers, epochs=epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
-                   image_size=image_size, device=device, data=data, data_dir=data_dir, quick=quick, seed=seed,
+                   image_size=image_size, device=device, amp=amp, data=data, data_dir=data_dir, quick=quick, seed=seed,
                    address=address, fail_at_epoch=fail_at_epoch, sweep=sweep)
 env.seed_everything(cfg.seed)
 out_dir = results.lab_dir("02_ray")
@@ -107,11 +115,18 @@ out_dir = results.lab_dir("02_ray")
 # forever for cores that do not exist. (With `address` set, the plan is made from the cluster's resources instead.)
 
 # %%
+plan = None
 if distributed.resolve_address(cfg.address) is None:
     plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.machine_resources())
     print("plan:", plan.describe())
     if plan.notice:
         print(plan.notice)
+    worker_device = torch.device("cuda" if plan.use_gpu else "cpu")
+    worker_dtype = env.amp_dtype(cfg.amp, worker_device)
+    print(f"precision in the workers: {env.precision_name(worker_dtype)}"
+          + (" autocast (convolutions and matmuls; weights, optimizer and metrics stay fp32)" if worker_dtype is not None else "")
+          + (" with a GradScaler" if worker_dtype == torch.float16 else "")
+          + (", channels_last" if env.use_channels_last(worker_device, worker_dtype) else ""))
 else:
     print(f"Ray cluster at {distributed.resolve_address(cfg.address)}: the plan is made once connected.")
 
@@ -151,6 +166,48 @@ print(f"layout: {ds.layout}   synthetic stand-in: {ds.synthetic}   image tensor:
 print(counts.to_string())
 
 # %% [markdown]
+# ### Predict, then run
+# **Predict** before you run the next cell: with `workers` workers and `batch_size` images per worker, how many
+# optimizer steps does *each worker* take per epoch on this training set, and how many images does each one see?
+# And with a single worker? Write your numbers down. The next cell asks a real `DistributedSampler`.
+
+# %% tags=["nbval-check-output"]
+n_train = len(ds.splits["train"].labels)
+for world in sorted({1, cfg.workers}):
+    shard = torch.utils.data.DistributedSampler(range(n_train), num_replicas=world, rank=0, shuffle=False)
+    steps = len(torch.utils.data.DataLoader(range(n_train), batch_size=cfg.batch_size, sampler=shard))
+    print(f"{world} worker(s): each sees {len(shard)} of {n_train} images per epoch in {steps} steps "
+          f"of {cfg.batch_size} (global batch {world * cfg.batch_size})")
+
+# %% [markdown]
+# **The answer.** Each worker sees `ceil(n_train / workers)` images, so it takes `workers` times *fewer* steps,
+# each with a `workers` times bigger *global* batch (the gradients of all workers are averaged). The total work
+# per epoch is the same; what changes is that the steps run side by side — which only pays off when every
+# worker has hardware of its own (section 3). Fewer, bigger steps also change the optimisation: exercise 3.
+#
+# **Exercise 1 — who reads which image?** `prepare_data_loader` gives each worker a
+# `DistributedSampler(dataset, num_replicas=world_size, rank=rank)`. Without shuffling, which dataset indices does
+# rank `rank` read? Write the rule (hint: every rank gets the same number of samples; the sampler pads the list
+# by repeating its first indices, then deals them out like cards). The check tries a small case and this lab's
+# training set.
+
+# %%
+import math
+
+def my_shard(dataset_len, world_size, rank):
+    # BEGIN SOLUTION
+    per_rank = math.ceil(dataset_len / world_size)
+    padded = list(range(dataset_len))
+    padded += padded[: per_rank * world_size - dataset_len]
+    return padded[rank::world_size]
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+exercises.check_sampler_shard(my_shard, 5, 2, 1)
+exercises.check_sampler_shard(my_shard, n_train, 2, 1)
+
+# %% [markdown]
 # ## 5. The model
 # Exactly Lab 01's `AlzheimerCNN`; every worker builds its own copy (same seed, and DDP also copies rank 0's
 # weights to the others at the start).
@@ -162,39 +219,256 @@ print(f"AlzheimerCNN at {cfg.image_size} px: {n_params:,} parameters ({n_params 
 
 # %% [markdown]
 # ## 6. The training function every worker runs
-# Read it: it is Lab 01's loop (`train_one_epoch`, `evaluate`) with a few Ray calls, marked `# Ray:`.
-# - `prepare_model` moves the model to the worker's device and wraps it in DDP;
-# - `prepare_data_loader` adds the `DistributedSampler` (each worker gets its own slice; `set_epoch` reshuffles);
-# - `ray.train.report(metrics, checkpoint=...)` after each epoch: metrics from every rank, the checkpoint (model,
-#   optimizer, epoch, history) from rank 0 only. In Ray 2.5x+ "Train V2", `Result.metrics` and
-#   `metrics_dataframe` only keep metrics reported **together with a checkpoint** — so we checkpoint every epoch;
-# - `ray.train.get_checkpoint()` returns the last checkpoint when Ray restarts the workers after a crash: the
-#   loop continues with the next epoch.
-#
-# Metrics are averaged over the workers (each evaluates its own part of the test set), so the numbers describe the
-# whole run, not one worker.
+# First Lab 01's loop for one epoch, unchanged except for one detail: it returns **sums** (loss × images, correct
+# answers, images) instead of means, so that the workers' numbers can be added up later. Under DDP,
+# `loss.backward()` also averages the gradients over all workers (the all-reduce of section 3) — no extra line.
+# Precision follows `amp`: autocast to bf16 (or fp16 with a `GradScaler`, which scales the loss so that small fp16
+# gradients do not underflow to zero), and `channels_last` images where `env.use_channels_last` says so.
 
 # %%
-print(inspect.getsource(ray_train.train_loop_per_worker))
+def train_epoch(model, batches, optimizer, loss_fn, *, device, augment, dtype, scaler, channels_last):
+    """One pass over ``batches`` (Lab 01's loop); returns sums and timings, not means."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    images, data_s = 0, 0.0
+    timing.sync(device)
+    start = tick = time.perf_counter()
+    for x, y in batches:
+        data_s += time.perf_counter() - tick                       # waiting for the next batch
+        x, y = augment(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:                                     # fp16: scaled loss, unscaled step
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()                                        # DDP: gradients all-reduced in here
+            optimizer.step()
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.detach().float().argmax(1) == y).sum()  # metrics in fp32
+        images += len(y)
+        tick = time.perf_counter()
+    timing.sync(device)
+    seconds = time.perf_counter() - start
+    return {"loss_sum": loss_sum.item(), "correct": correct.item(), "images": images,
+            "seconds": seconds, "data_s": data_s}
+
 
 # %% [markdown]
-# And the driver side: a `TorchTrainer` built from `ScalingConfig` (how many workers, GPU or not), `RunConfig`
-# (where checkpoints go, how many to keep, how many restarts to allow). `train_with_ray` wraps it in
-# `ray.init(...)` / `ray.shutdown()` — the shutdown also happens when training fails.
+# Each worker only knows its own shard. To report the numbers **of the whole run**, the workers add up their sums
+# and counts with one `all_reduce` and divide afterwards: an image-weighted mean. (Averaging the per-worker
+# *means* is wrong as soon as the shards differ in size — exercise 2.) The epoch time is the slowest worker's
+# (everyone waits for it at every gradient all-reduce); the time split is the mean over workers.
 
 # %%
-print(inspect.getsource(distributed.make_trainer))
+def all_reduce_epoch(sums, val, sync_s, device):
+    """This epoch's numbers for the whole run: sums and counts added over all workers, then divided."""
+    totals = torch.tensor([sums["loss_sum"], sums["correct"], sums["images"],
+                           val["loss"] * val["images"], val["acc"] * val["images"], val["images"],
+                           sums["data_s"], sums["seconds"] - sums["data_s"], sync_s or 0.0], dtype=torch.float64)
+    slowest = torch.tensor([sums["seconds"]], dtype=torch.float64)
+    world = 1
+    if dist.is_available() and dist.is_initialized():             # Ray set up the process group
+        world = dist.get_world_size()
+        where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        totals, slowest = totals.to(where), slowest.to(where)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)              # add up every worker's sums and counts
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)             # the epoch lasts as long as the slowest worker
+    t, seconds = totals.tolist(), slowest.item()
+    return {"loss": t[0] / t[2], "acc": t[1] / t[2], "val_loss": t[3] / t[5], "val_acc": t[4] / t[5],
+            "images": round(t[2]), "val_images": round(t[5]), "seconds": seconds,
+            "images_per_s": t[2] / seconds if seconds > 0 else 0.0,
+            "data_s": t[6] / world, "compute_s": t[7] / world, "sync_s": None if sync_s is None else t[8] / world}
+
+
+# %% [markdown]
+# **Exercise 2 — the weighted all-reduce.** Four workers evaluated shards of 3, 1, 2 and 0 images and
+# hold `(sum, count)` pairs, e.g. `(2.0, 3)` for a summed loss of 2.0 over 3 images. Write `my_global_mean(pairs)`:
+# the mean over **all images**, as `all_reduce_epoch` computes it (a worker with no images counts for nothing).
+# The check compares with the plain mean over every image and tells you if you averaged the workers' means.
+
+# %%
+def my_global_mean(pairs):
+    # BEGIN SOLUTION
+    total = sum(s for s, _ in pairs)
+    count = sum(n for _, n in pairs)
+    return total / count
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+exercises.check_global_mean(my_global_mean)
+
+# %% [markdown]
+# Now the function every worker runs. It is the loop above plus the Ray lines, each marked `# RAY:`
+# (eight lines):
+# - `ray.train.get_context()` / `ray.train.torch.get_device()`: this worker's rank, the number of workers, its device;
+# - `ray.train.torch.prepare_model` moves the model to the worker's device and wraps it in DDP;
+# - `ray.train.torch.prepare_data_loader` adds a `DistributedSampler` (each worker gets its own slice), and
+#   `sampler.set_epoch(epoch)` gives a new shuffle each epoch;
+# - `ray.train.report(metrics, checkpoint=...)` after each epoch: metrics from every rank, the checkpoint (model,
+#   optimizer, epoch, history; `ray_train.save_checkpoint`) from rank 0 only. In Ray 2.5x+ "Train V2",
+#   `Result.metrics` and `metrics_dataframe` only keep metrics reported **together with a checkpoint** — so we
+#   checkpoint every epoch;
+# - `ray.train.get_checkpoint()` returns the last checkpoint when Ray restarts the workers after a crash: the
+#   loop continues with the next epoch (`ray_train.restore` loads it).
+#
+# labkit does the plumbing around it: counting attempts, the crash for `fail_at_epoch`, timing the gradient
+# all-reduce (`AllReduceTimer`) and relaying progress to this notebook. Ray ships this function, defined right
+# here, to every worker (with `cloudpickle`): edit it and re-run the training cell.
+
+# %%
+def train_loop_per_worker(config):
+    """Train Lab 01's model on this worker's share of the data; returns the per-epoch history."""
+    import ray.train
+    import ray.train.torch
+
+    ray_train.quiet_ray_worker_logs()
+    ctx = ray.train.get_context()                                  # RAY: who am I, how many are we?
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()                          # RAY: this worker's GPU, or the CPU
+    if device.type == "cpu" and config.get("threads"):
+        torch.set_num_threads(config["threads"])                   # the cores Ray reserved for this worker
+    run_dir = Path(config["run_dir"])
+    attempt = ray_train.record_attempt(run_dir) if rank == 0 else 0
+    started = time.perf_counter()
+
+    # Lab 01: the same cached data, model, optimizer and precision.
+    env.seed_everything(config["seed"])                            # identical initial weights on every rank
+    with ray_train.quiet_prints():                                 # the driver already showed the data notices
+        ds = distributed.prepare_data(config)
+    model = AlzheimerCNN(num_classes=len(ds.classes), image_size=config["image_size"])
+    dtype = env.amp_dtype(config["amp"], device)                   # bf16 / fp16 autocast, or None (fp32)
+    scaler = env.grad_scaler(dtype, device)                        # only for fp16
+    channels_last = env.use_channels_last(device, dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)                   # RAY: to the device, wrapped in DDP
+    sync_timer = ray_train.AllReduceTimer.attach(model)            # times DDP's gradient all-reduce (CPU)
+    lr = train.scale_lr(config["lr"], world_size, config["lr_scaling"])  # exercise 3
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    augment, normalise = batch_transform(train=True), batch_transform(train=False)
+    to_eval = (lambda x: normalise(x).contiguous(memory_format=torch.channels_last)) if channels_last else normalise
+    env.seed_everything(config["seed"] + rank)                     # different augmentation on each rank
+
+    train_loader = ray.train.torch.prepare_data_loader(           # RAY: adds a DistributedSampler
+        ds.loader("train", batch_size=config["batch_size"], seed=config["seed"]), move_to_device=False)
+    n_test = len(ds.splits["test"].labels)                         # evaluation: every test image exactly once
+    test_loader = ds.loader("test", batch_size=config["batch_size"],
+                            sampler=train.shard_indices(n_test, rank, world_size))
+
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")  # RAY: after a crash, the last checkpoint
+    done, history = ray_train.restore(checkpoint, model, optimizer)
+    setup_s = time.perf_counter() - started
+    progress = ray_train.ProgressFile(run_dir, config["epochs"], done) if rank == 0 and config.get("progress") else None
+
+    for epoch in range(done + 1, config["epochs"] + 1):
+        tick = time.perf_counter()
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)                  # RAY/DDP: a new shuffle of the shards each epoch
+        if sync_timer:
+            sync_timer.reset()
+        batches = ray_train.crash_halfway(train_loader, config.get("fail_at_epoch"), epoch, rank, world_size, run_dir)
+        batches = progress.batches(batches, epoch, len(train_loader)) if progress else batches
+        sums = train_epoch(model, batches, optimizer, loss_fn, device=device, augment=augment, dtype=dtype,
+                           scaler=scaler, channels_last=channels_last)
+        ray_train.broadcast_buffers(model)                         # rank 0's BatchNorm statistics everywhere
+        val = train.evaluate(train.unwrap(model), test_loader, loss_fn, device=device, transform=to_eval,
+                             amp_dtype=dtype)
+        row = {"epoch": epoch, **all_reduce_epoch(sums, val, sync_timer.seconds if sync_timer else None, device),
+               "lr": optimizer.param_groups[0]["lr"], "world_size": world_size, "attempt": attempt,
+               "epoch_s": time.perf_counter() - tick, "setup_s": setup_s if epoch == done + 1 else 0.0}
+        history.append(row)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:                                          # one copy of the weights is enough
+                ray_train.save_checkpoint(folder, model, optimizer, epoch, history)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)  # RAY: the folder as a checkpoint
+            ray.train.report(row, checkpoint=checkpoint,           # RAY: metrics + checkpoint, every epoch
+                             checkpoint_dir_name=f"epoch{epoch:03d}_attempt{attempt or 1}")
+        if progress:
+            progress.epoch_done(row, timing.format_seconds)
+    return history
+
+
+# %% [markdown]
+# **Exercise 3 — the learning-rate scaling rule.** With `workers` workers, one optimizer step averages the
+# gradients of `workers × batch_size` images: a bigger batch, so a less noisy gradient. The *linear* rule
+# (Goyal et al., 2017) multiplies the learning rate by `world_size`; the *sqrt* rule by `sqrt(world_size)`
+# (gentler, common with Adam); `"none"` keeps it. Implement it (the worker above calls `train.scale_lr`, which
+# follows the same rule). Then re-run with `-p lr_scaling linear` and compare the curves.
+
+# %%
+def my_scale_lr(lr, world_size, rule="none"):
+    # BEGIN SOLUTION
+    if rule == "linear":
+        return lr * world_size
+    if rule == "sqrt":
+        return lr * math.sqrt(world_size)
+    return lr
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+exercises.check_lr_scaling(my_scale_lr)
 
 # %% [markdown]
 # ## 7. Train
-# Ray starts a local cluster (or joins `address`), launches the workers and streams their output here: a progress
-# bar per epoch and one line per epoch with the time left. Ray's start-up takes about a minute on 2 CPU cores —
-# it is measured separately below. With `fail_at_epoch` set, one worker kills itself halfway through that epoch:
-# Ray prints the dead worker's error (tracebacks are expected here), restarts the worker group, and the training
-# function continues from the last checkpoint.
+# The driver side, in this notebook: a `TorchTrainer` runs `train_loop_per_worker` on every worker.
+# `ScalingConfig` says how many workers and what each one gets (the plan of section 2), `RunConfig` where
+# checkpoints go, `CheckpointConfig` how many to keep and `FailureConfig` how many restarts to allow.
+# `distributed.worker_config` turns the parameters into the `config` dict each worker receives (absolute paths:
+# workers run in their own folders).
 
 # %%
-run = distributed.train_with_ray(cfg, data_ready=True)
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+
+def make_trainer(plan, run_dir, fail_at_epoch=cfg.fail_at_epoch, progress=True):
+    """A TorchTrainer for ``plan`` (workers, CPU/GPU) that stores its checkpoints in ``run_dir``."""
+    return TorchTrainer(
+        train_loop_per_worker,                                     # the function above, shipped to every worker
+        train_loop_config=distributed.worker_config({**cfg, "fail_at_epoch": fail_at_epoch}, plan, run_dir,
+                                                    progress=progress),
+        torch_config=TorchConfig(backend=plan.backend, timeout_s=300),  # gloo on CPUs, NCCL on GPUs
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker=plan.resources()),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=1),           # restart the workers once after a crash
+            checkpoint_config=CheckpointConfig(num_to_keep=2),      # keep only the last 2 checkpoints
+            logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)),  # Ray Train's chatter off
+    )
+
+
+# %% [markdown]
+# Now train. `distributed.ray_cluster` starts a local Ray cluster (or joins `address`) and shuts it down
+# afterwards, also when training fails; the workers' progress is drawn here as two bars plus one line per
+# epoch. Ray's start-up takes about a minute on 2 CPU cores — it is measured separately below. With
+# `fail_at_epoch` set, one worker kills itself halfway through that epoch: Ray prints the dead worker's error
+# (tracebacks are expected here), restarts the worker group, and `get_checkpoint()` continues from the last
+# checkpoint.
+
+# %%
+run_dir = distributed.new_run_dir()
+with distributed.ray_cluster(cfg.address) as cluster:              # ray.init(...) ... ray.shutdown()
+    if plan is None:                                               # a remote cluster: plan from its resources
+        plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.cluster_resources(),
+                                        where=f"the cluster at {cluster['address']}")
+    trainer = make_trainer(plan, run_dir)
+    with ray_train.ProgressBars(run_dir, cfg.epochs):
+        tick = time.perf_counter()
+        result = trainer.fit()
+        fit_seconds = time.perf_counter() - tick
+run = distributed.RayRun.from_result(result, plan, run_dir, fit_seconds, cluster)
 summary = run.summary()
 print(f"{run.plan.describe()}; restarts: {run.restarts}")
 print(f"ray.init {summary['init_seconds']:.1f} s, trainer.fit {summary['fit_seconds']:.1f} s "
@@ -225,6 +499,9 @@ plotting.plot_history(run.history, out_dir / "training_curves.png", title=f"Lab 
 # %%
 breakdown = table[["data_s", "compute_s", "sync_s"]].astype(float)
 display(breakdown.round(2))
+if breakdown["sync_s"].notna().all():
+    share = breakdown["sync_s"].sum() / (breakdown["data_s"] + breakdown["compute_s"]).sum()
+    print(f"gradient all-reduce in flight during {share:.0%} of the training time (overlapping compute)")
 ax = breakdown.plot.bar(figsize=(7, 3.5), rot=0, title="seconds per epoch (averaged over workers)")
 ax.set(xlabel="epoch", ylabel="seconds")
 fig = ax.get_figure()
@@ -248,18 +525,20 @@ display(run.metrics_dataframe[["epoch", "loss", "val_acc", "attempt"]])
 # %% [markdown]
 # ## 8. Evaluate the trained model
 # The last checkpoint holds the final weights; load them into a fresh model here in the notebook and evaluate
-# it on the whole test set. Compare the accuracy with the majority-class rate, as in Lab 01.
+# it on the whole test set, in the workers' precision, with the metrics computed in fp32 from the logits.
+# Read accuracy beside the **majority-class rate** (always answering the most common training class) and
+# balanced accuracy beside **chance** (1/K): a model that learned nothing scores exactly those.
 
 # %% tags=["nbval-check-output"]
-dev = env.pick_device(cfg.device)
+dev = env.pick_device("cuda" if run.plan.use_gpu else "cpu")
 final_model = run.load_model(AlzheimerCNN(num_classes=len(ds.classes), image_size=cfg.image_size)).to(dev)
 test_loader = ds.loader("test", batch_size=cfg.batch_size)
 final = train.evaluate(final_model, test_loader, device=dev, transform=batch_transform(train=False),
-                       amp_dtype=env.amp_dtype("auto", dev), return_outputs=True)
+                       amp_dtype=env.amp_dtype(cfg.amp, dev), return_outputs=True)
 y_true, y_pred = final["y_true"], final["y_pred"]
-majority = float((y_true == pd.Series(y_true).mode()[0]).mean())
-print(f"test accuracy       {final['acc']:.2f}")
-print(f"majority-class rate {majority:.2f}")
+scores = metrics.summarize(y_true, y_pred, num_classes=len(ds.classes), train_labels=ds.splits["train"].labels)
+for name in ("acc", "balanced_acc", "macro_f1", "majority_rate", "chance"):
+    print(f"{name:<14}{scores[name]:.2f}")
 
 # %%
 plotting.plot_confusion(y_true, y_pred, ds.classes, out_dir / "confusion_matrix.png");
@@ -274,7 +553,7 @@ plotting.plot_confusion(y_true, y_pred, ds.classes, out_dir / "confusion_matrix.
 baseline = results.latest("01_baseline")
 ray_row = {"run": f"Lab 02 Ray ({cfg.workers} workers, {run.plan.backend})", "device": "cuda" if run.plan.use_gpu else "cpu",
            "seconds_per_epoch": summary["seconds_per_epoch"], "total_seconds": summary["total_seconds"],
-           "test_acc": final["acc"]}
+           "test_acc": scores["acc"], "balanced_acc": scores["balanced_acc"]}
 comparison = None
 if baseline is None:
     print("No Lab 01 record in results/01_baseline/ yet: run labs/01_baseline.ipynb first to compare. "
@@ -283,12 +562,13 @@ if baseline is None:
 else:
     base_row = {"run": "Lab 01 baseline (1 process)", "device": baseline.env.get("device"),
                 "seconds_per_epoch": baseline.final.get("seconds_per_epoch"),
-                "total_seconds": baseline.final.get("total_seconds"), "test_acc": baseline.final.get("test_acc")}
+                "total_seconds": baseline.final.get("total_seconds"), "test_acc": baseline.final.get("test_acc"),
+                "balanced_acc": baseline.final.get("balanced_acc")}
     comparison = pd.DataFrame([base_row, ray_row])
     ratio = {k: ray_row[k] / base_row[k] for k in ("seconds_per_epoch", "total_seconds") if base_row[k]}
     display(comparison.set_index("run").round(3))
     print("Ray / baseline: " + ", ".join(f"{k} × {v:.2f}" for k, v in ratio.items()))
-    keys = ("image_size", "epochs", "batch_size", "max_train", "max_test", "data")
+    keys = ("image_size", "epochs", "batch_size", "max_train", "max_test", "data", "amp")
     differ = {k: (baseline.params.get(k), cfg.get(k)) for k in keys if baseline.params.get(k) != cfg.get(k)}
     print("settings differ (Lab 01 vs Lab 02): " + str(differ) if differ else "same data and settings as the Lab 01 run")
     plotting.plot_comparison(comparison, out_dir / "training_comparison.png",
@@ -303,7 +583,18 @@ else:
 
 # %%
 if cfg.sweep:
-    sweep_runs = distributed.sweep(cfg, cfg.sweep, progress=False)
+    sweep_runs, plans = [], {}
+    if distributed.resolve_address(cfg.address) is None:           # check every count before Ray starts
+        plans = {w: distributed.plan_scaling(w, cfg.device, **distributed.machine_resources()) for w in cfg.sweep}
+    with distributed.ray_cluster(cfg.address):                     # one Ray start for every count
+        for count in cfg.sweep:
+            count_plan = plans.get(count) or distributed.plan_scaling(count, cfg.device,
+                                                                      **distributed.cluster_resources())
+            count_dir = distributed.new_run_dir()
+            tick = time.perf_counter()
+            count_result = make_trainer(count_plan, count_dir, fail_at_epoch=None, progress=False).fit()
+            sweep_runs.append(distributed.RayRun.from_result(count_result, count_plan, count_dir,
+                                                             time.perf_counter() - tick))
     speed = distributed.speedup_table(sweep_runs)
     display(speed.round(3))
     plotting.plot_comparison(speed.assign(run=speed["workers"].astype(str) + " workers"), out_dir / "speedup.png",
@@ -313,54 +604,7 @@ else:
     print("sweep=None: set e.g. sweep=[1, 2] to measure speedup and efficiency.")
 
 # %% [markdown]
-# ## 10. Exercises
-# **Exercise 1 — the learning-rate scaling rule.** With `workers` workers, one optimizer step averages the
-# gradients of `workers × batch_size` images: a bigger batch, so a less noisy gradient. The *linear* rule
-# (Goyal et al., 2017) multiplies the learning rate by `world_size`; the *sqrt* rule by `sqrt(world_size)`
-# (gentler, common with Adam); `"none"` keeps it. Implement it; Ray workers use `labkit.train.scale_lr`, which
-# follows the same rule. Then re-run with `-p lr_scaling linear` and compare the curves.
-
-# %%
-import math
-
-def my_scale_lr(lr, world_size, rule="none"):
-    # BEGIN SOLUTION
-    if rule == "linear":
-        return lr * world_size
-    if rule == "sqrt":
-        return lr * math.sqrt(world_size)
-    return lr
-    # END SOLUTION
-
-
-# %% tags=["nbval-check-output"]
-exercises.check_lr_scaling(my_scale_lr)
-
-
-# %% [markdown]
-# **Exercise 2 — who reads which image?** `prepare_data_loader` gave each worker a
-# `DistributedSampler(dataset, num_replicas=world_size, rank=rank)`. Without shuffling, which dataset indices does
-# rank `rank` read? Write the rule (hint: every rank gets the same number of samples; the sampler pads the list
-# by repeating its first indices, then deals them out like cards). The check tries a small case and this lab's
-# training set.
-
-# %%
-def my_shard(dataset_len, world_size, rank):
-    # BEGIN SOLUTION
-    per_rank = math.ceil(dataset_len / world_size)
-    padded = list(range(dataset_len))
-    padded += padded[: per_rank * world_size - dataset_len]
-    return padded[rank::world_size]
-    # END SOLUTION
-
-
-# %% tags=["nbval-check-output"]
-exercises.check_sampler_shard(my_shard(5, 2, 1), 5, 2, 1)
-n_train = len(ds.splits["train"].labels)
-exercises.check_sampler_shard(my_shard(n_train, 2, 1), n_train, 2, 1)
-
-# %% [markdown]
-# ## 11. Save the run record
+# ## 10. Save the run record
 # The record keeps parameters, environment (world size = number of workers, backend), data, every epoch (with the
 # attempt that trained it) and the final numbers, including the number of restarts. `labkit summary` and later
 # labs read it.
@@ -369,8 +613,10 @@ exercises.check_sampler_shard(my_shard(n_train, 2, 1), n_train, 2, 1)
 record = results.RunRecord(lab="02_ray", params=dict(cfg), data=ds.describe(), epochs=run.history,
                            env={**env.environment("cuda" if run.plan.use_gpu else "cpu", world_size=cfg.workers),
                                 "backend": run.plan.backend, "cpus_per_worker": run.plan.cpus_per_worker,
-                                "ray_cluster": run.cluster})
-record.final = {**summary, "test_acc": final["acc"], "test_loss": final["loss"], "majority_rate": majority,
+                                "ray_cluster": run.cluster,
+                                "precision": env.precision_name(env.amp_dtype(cfg.amp, dev)),
+                                "channels_last": env.use_channels_last(dev, env.amp_dtype(cfg.amp, dev))})
+record.final = {**summary, **scores, "test_acc": scores["acc"], "test_loss": final["loss"],
                 "parameters": n_params, "run_dir": str(run.run_dir)}
 if comparison is not None:
     record.final["comparison"] = comparison.to_dict(orient="records")
@@ -384,8 +630,10 @@ print("saved", path)
 
 # %% [markdown]
 # ## Take-aways
-# - Going distributed with Ray Train changed a handful of lines: `prepare_model`, `prepare_data_loader`,
-#   `report`, `get_checkpoint`. The training loop is Lab 01's.
+# - Going distributed with Ray Train changed a handful of lines, all in `train_loop_per_worker`: `get_context`,
+#   `prepare_model`, `prepare_data_loader` (+ `set_epoch`), `report` with a `Checkpoint`, `get_checkpoint`.
+#   The training loop is Lab 01's; the driver is one `TorchTrainer(...).fit()`.
+# - Metrics of a distributed run are all-reduced as sums and counts, then divided — never averaged per worker.
 # - Data parallelism = a model copy per worker + a different data slice each + gradient **all-reduce** every step.
 #   More workers mean a bigger global batch: decide how the learning rate follows (`lr_scaling`).
 # - Distribution costs start-up time and communication. It pays off when each worker has its **own** GPU or machine;

@@ -1,6 +1,7 @@
 """Lab 02's Ray layer: sizing (pure), checkpoints and resume, fail-fast errors, clean shutdown.
 
-Most tests start no Ray cluster. The training function runs for real in Ray Train's *local mode*
+Most tests start no Ray cluster. The training function is the one written in the notebook
+(``labs/02_ray.py``, read from its cells); it runs for real in Ray Train's *local mode*
 (``ScalingConfig(num_workers=0)``: same process, no cluster). Only the shutdown test starts Ray.
 """
 from __future__ import annotations
@@ -12,9 +13,30 @@ import psutil
 import pytest
 import torch
 
+from pathlib import Path
+
 from labkit import distributed, ray_train
 from labkit.params import ParameterError, check
-from labkit.train import scale_lr
+from labkit.train import scale_lr, shard_indices
+
+LAB = Path(__file__).resolve().parents[1] / "labs" / "02_ray.py"
+
+
+def notebook_namespace(*names: str) -> dict:
+    """The lab's imports plus the notebook cells that define ``names`` (functions), executed in a
+    fresh namespace: the code the student sees is the code under test. (The Colab install lines
+    are skipped: in the .py source they are comments.)"""
+    cells = [c for c in LAB.read_text().split("\n# %%") if not c.lstrip().startswith("[markdown]")]
+    setup = next(c for c in cells if "from labkit import" in c)
+    setup = "\n".join(line for line in setup.splitlines()[1:]
+                      if not line.startswith(("if \"google.colab\"", "    #")))
+    ns: dict = {"__name__": "lab02_cells"}
+    exec(compile(setup, str(LAB), "exec"), ns)
+    for name in names:
+        cell = next((c for c in cells if f"\ndef {name}(" in c), None)
+        assert cell is not None, f"labs/02_ray.py has no cell defining {name}()"
+        exec(compile(cell.split("\n", 1)[1], str(LAB), "exec"), ns)
+    return ns
 
 @pytest.fixture
 def ray_tmp(monkeypatch):
@@ -92,21 +114,22 @@ def lab_cfg(tmp_path):
                  address=None, fail_at_epoch=None, show=False)
 
 
-def test_too_many_workers_fail_before_ray_starts(lab_cfg, tmp_path, ray_tmp):
+def test_too_many_workers_fail_before_ray_starts(lab_cfg, ray_tmp):
     import ray
 
-    with pytest.raises(ParameterError, match="workers=64"):
-        distributed.train_with_ray({**lab_cfg, "workers": 64}, storage=tmp_path / "ray")
+    with pytest.raises(ParameterError, match="workers=64"):   # the lab's plan cell, before any ray_cluster
+        distributed.plan_scaling(64, lab_cfg["device"], **distributed.machine_resources())
     assert not ray.is_initialized()
     assert distributed.ray_daemon_pids(ray_tmp) == set()
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
-def test_unreachable_address_fails_fast_with_a_clear_message(lab_cfg, tmp_path, address, ray_tmp):
+def test_unreachable_address_fails_fast_with_a_clear_message(address, ray_tmp):
     import ray
 
     with pytest.raises(ConnectionError, match="no Ray cluster answers at 127.0.0.1:1"):
-        distributed.train_with_ray({**lab_cfg, "address": address}, storage=tmp_path / "ray", data_ready=True)
+        with distributed.ray_cluster(address):
+            pass
     assert not ray.is_initialized()
     assert distributed.ray_daemon_pids(ray_tmp) == set()
 
@@ -139,27 +162,76 @@ def test_ray_is_shut_down_when_the_block_fails(ray_tmp):
 
 
 # --------------------------------------------------------------------------- worker-side pieces
-def test_workers_scale_the_learning_rate_with_the_chosen_rule():
-    for rule in ("none", "linear", "sqrt"):
-        for world in (1, 2, 4):
-            assert ray_train.worker_lr({"lr": 1e-3, "lr_scaling": rule}, world) == scale_lr(1e-3, world, rule)
-    assert ray_train.worker_lr({"lr": 1e-3, "lr_scaling": "linear"}, 4) == pytest.approx(4e-3)
-
-
 def test_evaluation_shards_cover_every_index_once():
-    shards = [ray_train.shard_indices(11, r, 3) for r in range(3)]
+    shards = [shard_indices(11, r, 3) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
     assert shards[1] == [1, 4, 7, 10]
     with pytest.raises(ValueError, match="rank=3"):
-        ray_train.shard_indices(11, 3, 3)
+        shard_indices(11, 3, 3)
 
 
-def test_single_process_epoch_statistics_pass_through():
-    train = {"loss": 1.0, "acc": 0.5, "images": 10, "seconds": 2.0, "data_s": 0.5, "compute_s": 1.5}
+def test_notebook_epoch_statistics_pass_through_on_one_process():
+    reduce = notebook_namespace("all_reduce_epoch")["all_reduce_epoch"]
+    sums = {"loss_sum": 10.0, "correct": 5, "images": 10, "seconds": 2.0, "data_s": 0.5}
     val = {"loss": 0.8, "acc": 0.6, "images": 5, "seconds": 0.3}
-    row = ray_train.reduce_epoch(train, val, None, torch.device("cpu"))
-    assert row["loss"] == pytest.approx(1.0) and row["val_acc"] == pytest.approx(0.6)
+    row = reduce(sums, val, None, torch.device("cpu"))
+    assert row["loss"] == pytest.approx(1.0) and row["acc"] == pytest.approx(0.5)
+    assert row["val_acc"] == pytest.approx(0.6) and row["val_images"] == 5
     assert row["images"] == 10 and row["images_per_s"] == pytest.approx(5.0) and row["sync_s"] is None
+    assert row["compute_s"] == pytest.approx(1.5)
+
+
+def test_notebook_loop_uses_the_precision_it_is_given():
+    """fp32 and bf16 (this CPU's "auto" where it runs bf16 natively) both train: finite loss, weights move."""
+    train_epoch = notebook_namespace("train_epoch")["train_epoch"]
+    for dtype, channels_last in ((None, False), (torch.bfloat16, True)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        before = model[0].weight.detach().clone()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))] * 2
+        out = train_epoch(model, batches, opt, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                          augment=lambda x: x.float() / 255, dtype=dtype, scaler=None, channels_last=channels_last)
+        assert out["images"] == 8 and torch.isfinite(torch.tensor(out["loss_sum"]))
+        assert not torch.equal(before, model[0].weight)
+
+
+def test_fp16_gets_a_grad_scaler_and_the_loop_uses_it(monkeypatch):
+    """On a T4/V100-like GPU "auto" means fp16, and the worker builds a GradScaler for it."""
+    from labkit import env
+
+    monkeypatch.setattr(env, "cuda_has_native_bf16", lambda: False)
+    cuda = torch.device("cuda")
+    assert env.amp_dtype("auto", cuda) == torch.float16
+    assert env.grad_scaler(torch.float16, torch.device("cpu")) is not None
+    monkeypatch.setattr(env, "cuda_has_native_bf16", lambda: True)
+    assert env.amp_dtype("auto", cuda) == torch.bfloat16 and env.grad_scaler(torch.bfloat16, cuda) is None
+
+    class CountingScaler:
+        calls = []
+
+        def scale(self, loss):
+            self.calls.append("scale")
+            return loss
+
+        def step(self, opt):
+            self.calls.append("step")
+            opt.step()
+
+        def update(self):
+            self.calls.append("update")
+
+    train_epoch = notebook_namespace("train_epoch")["train_epoch"]
+    model = torch.nn.Linear(3, 2)
+    scaler = CountingScaler()
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                device=torch.device("cpu"), augment=lambda x: x, dtype=None, scaler=scaler, channels_last=False)
+    assert scaler.calls == ["scale", "step", "update"]
+    src = LAB.read_text()
+    assert "scaler = env.grad_scaler(dtype, device)" in src and "scaler=scaler" in src
 
 
 def tiny_model_and_optimizer(seed: int):
@@ -217,11 +289,12 @@ def test_attempts_are_counted_across_restarts(tmp_path):
 
 
 def run_local_mode(config: dict):
-    """The real training function under Ray Train's local mode (one process, no cluster)."""
+    """The notebook's training function under Ray Train's local mode (one process, no cluster)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(ray_train.train_loop_per_worker, train_loop_config=config,
+    fn = notebook_namespace("train_epoch", "all_reduce_epoch", "train_loop_per_worker")["train_loop_per_worker"]
+    trainer = TorchTrainer(fn, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=0), run_config=RunConfig(name="local-test"))
     return trainer.fit().return_value
 
@@ -266,3 +339,20 @@ def test_driver_progress_bars_follow_the_progress_file(tmp_path):
     with bars:                                                    # the thread starts and stops cleanly
         pass
     assert bars.epoch_bar.n == 2
+
+
+def test_worker_functions_using_torch_and_dot_classes_pickle():
+    """A notebook worker that uses ``torch`` and ``ds.classes`` once failed in ``trainer.fit()`` with
+    "cannot pickle '_Classes' object"; importing labkit.distributed makes it picklable."""
+    import types
+
+    import ray.cloudpickle as cloudpickle
+
+    import labkit.distributed  # noqa: F401  (registers the reducer)
+
+    notebook = types.ModuleType("__main__")                      # functions from __main__ pickle by value
+    exec("import torch\nclass DS:\n    classes = ['a', 'b']\nds = DS()\n"
+         "def worker():\n    return torch.zeros(len(ds.classes))\n", notebook.__dict__)
+    notebook.worker.__module__ = "__main__"
+    restored = cloudpickle.loads(cloudpickle.dumps(notebook.worker))
+    assert restored().shape == (2,)

@@ -58,6 +58,10 @@ def test_sampler_shard_right_and_wrong(capsys):
         exercises.check_sampler_shard([9, 5, 1], 10, 4, 1)
     with pytest.raises(ValueError, match="0 <= rank < world_size"):
         exercises.check_sampler_shard([1], 10, 4, 4)
+    exercises.check_sampler_shard(exercises.sampler_shard, 10, 4, 1)   # a function is called by the check
+    assert capsys.readouterr().out.startswith("✓ DistributedSampler shard")
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_sampler_shard(_stub, 10, 4, 1)
 
 
 def test_lr_scaling_reference_is_independent_of_labkit():
@@ -66,3 +70,28 @@ def test_lr_scaling_reference_is_independent_of_labkit():
     assert "labkit.train" not in inspect.getsource(exercises)
     for ws in (1, 3, 8):
         assert exercises._reference_scale_lr(0.1, ws, "sqrt") == pytest.approx(0.1 * math.sqrt(ws))
+
+
+def test_global_mean_right_and_wrong(capsys):
+    exercises.check_global_mean(lambda pairs: sum(s for s, _ in pairs) / sum(n for _, n in pairs))
+    assert "weighted all-reduce" in _one_check_line(capsys)
+    mean_of_means = lambda pairs: (lambda m: sum(m) / len(m))([s / n for s, n in pairs if n])
+    with pytest.raises(AssertionError, match="you averaged the workers' means"):
+        exercises.check_global_mean(mean_of_means)
+    divides_by_workers = lambda pairs: sum(s / n for s, n in pairs if n) / len(pairs)
+    with pytest.raises(AssertionError, match=r"sum of all sums\) / \(sum of all counts"):
+        exercises.check_global_mean(divides_by_workers)
+    with pytest.raises(AssertionError, match="return one number"):
+        exercises.check_global_mean(lambda pairs: [s for s, _ in pairs])
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_global_mean(_stub)
+    assert capsys.readouterr().out == ""
+
+
+def test_global_mean_reference_is_brute_force_over_uneven_shards():
+    shards = exercises._shards(0)
+    assert [len(s) for s in shards] == [3, 1, 2, 0]
+    import inspect
+
+    src = inspect.getsource(exercises.check_global_mean)
+    assert "labkit" not in src.replace("labkit.exercises", "")   # no labkit implementation as the reference

@@ -1,4 +1,4 @@
-"""Exercise checks for Lab 02 (Ray Train): LR scaling, the DistributedSampler shard."""
+"""Exercise checks for Lab 02 (Ray Train): the DistributedSampler shard, the weighted metric all-reduce, LR scaling."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from labkit.exercises import call_student, ok
+
 
 def _reference_scale_lr(lr: float, world_size: int, rule: str = "none") -> float:
     if rule == "none":
@@ -52,18 +53,22 @@ def sampler_shard(dataset_len: int, world_size: int, rank: int) -> list[int]:
     return [int(i) for i in sampler]
 
 
-def check_sampler_shard(indices: Sequence[int], dataset_len: int, world_size: int, rank: int) -> None:
+def check_sampler_shard(indices: Sequence[int] | Callable[[int, int, int], Sequence[int]], dataset_len: int,
+                        world_size: int, rank: int) -> None:
     """Check the dataset indices that rank ``rank`` of ``world_size`` reads from
     ``torch.utils.data.DistributedSampler(dataset, shuffle=False)`` (``drop_last=False``).
 
     The sampler gives every rank the same number of samples, ``ceil(dataset_len / world_size)``:
     it pads the index list by repeating its first indices, then rank ``r`` takes
-    ``padded[r::world_size]``. So ranks see interleaved, not contiguous, slices.
+    ``padded[r::world_size]``. So ranks see interleaved, not contiguous, slices. ``indices`` is the
+    answer, or the student's function ``fn(dataset_len, world_size, rank)`` (called here).
     """
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank={rank!r}, world_size={world_size!r}: need 0 <= rank < world_size.")
     if not isinstance(dataset_len, int) or dataset_len < 1:
         raise ValueError(f"dataset_len={dataset_len!r}: need a positive number of samples.")
+    if callable(indices):
+        indices = call_student(indices, dataset_len, world_size, rank, what="your shard function")
     got = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
     want = sampler_shard(dataset_len, world_size, rank)
     per_rank = math.ceil(dataset_len / world_size)
@@ -78,3 +83,44 @@ def check_sampler_shard(indices: Sequence[int], dataset_len: int, world_size: in
         raise AssertionError(f"rank {rank} of {world_size}: position {first} is {got[first]}, expected {want[first]} "
                              f"(expected {want[:8]}{'...' if len(want) > 8 else ''}); {hint}.")
     ok(f"DistributedSampler shard: rank {rank} of {world_size} reads {len(want)} of {dataset_len} samples")
+
+
+def _shards(seed: int = 0) -> list[list[float]]:
+    """Per-worker losses of a few images each: uneven shards, one of them empty (seeded, so repeatable)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = (3, 1, 2, 0)
+    return [(torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.5 * i).tolist() for i, n in enumerate(sizes)]
+
+
+def check_global_mean(fn: Callable[[list[tuple[float, int]]], float]) -> None:
+    """Check ``fn(pairs)``: the mean over all images from per-worker ``(sum, count)`` pairs.
+
+    The reference is the brute-force mean over every image's value (what one process holding the
+    whole test set would compute); the wrong answer it explains is the mean of per-worker means,
+    which weighs a 1-image shard like a 3-image one.
+    """
+    cases = [_shards(0), _shards(1), [[1.0, 1.0, 1.0], [4.0]], [[2.0, 4.0]]]
+    worst = 0.0
+    for values in cases:
+        pairs = [(float(sum(v)), len(v)) for v in values]
+        got = call_student(fn, pairs, what="your global mean")
+        shown = [(round(s, 3), n) for s, n in pairs]
+        flat = [x for v in values for x in v]
+        want = float(torch.tensor(flat, dtype=torch.float64).mean())
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            raise AssertionError(f"my_global_mean({shown}) returned {got!r} ({type(got).__name__}); return one number.")
+        means = [s / n for s, n in pairs if n]
+        mean_of_means = sum(means) / len(means)
+        worst = max(worst, abs(mean_of_means - want))
+        if not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
+            hint = ("you averaged the workers' means: a worker with 1 image then counts as much as one with 3. "
+                    "Add up all sums and all counts, then divide once"
+                    if math.isclose(got, mean_of_means, rel_tol=1e-9) else
+                    "the mean over all images is (sum of all sums) / (sum of all counts); a worker with count 0 "
+                    "adds nothing")
+            raise AssertionError(f"my_global_mean({shown}) returned {got:.4f}, expected {want:.4f} "
+                                 f"(the mean of all {len(flat)} values): {hint}.")
+    ok(f"weighted all-reduce: matches the mean over every image for uneven shards "
+       f"(the mean of per-worker means would be off by up to {worst:.2f})")
