@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     regrade.add_argument("--quick", action="store_true", help="set LABKIT_QUICK=1 for the re-execution")
     regrade.add_argument("-x", "--exitfirst", action="store_true",
                          help="stop each notebook at its first failing cell (faster; later cells are not run)")
+    regrade.add_argument("--tolerance", type=float, default=None, metavar="T",
+                         help="how far each number of a trained-result cell (tag labkit-result) may move, "
+                              "absolute (default: 0.05, for metrics printed in [0, 1]); other checked cells "
+                              "must match exactly")
     regrade.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                          help="fail a cell that runs longer than this (nbval's default: 2000)")
 
@@ -162,8 +166,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_regrade(args: argparse.Namespace) -> int:
     from labkit.regrade import format_reports, regrade
 
+    from labkit.nbval_tolerance import DEFAULT_TOLERANCE
+
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     reports = regrade(args.paths, lax=not args.full, quick=args.quick, cell_timeout=args.cell_timeout,
-                      exitfirst=args.exitfirst)
+                      exitfirst=args.exitfirst, tolerance=tolerance)
     print(format_reports(reports))
     return 0 if all(r.ok for r in reports) else 1
 

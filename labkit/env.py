@@ -144,6 +144,25 @@ def environment(device: torch.device | str = "auto", world_size: int = 1) -> dic
     return info
 
 
+def machine(device: torch.device) -> dict:
+    """Where a notebook runs, in a few words: device and its name, torch/CUDA versions, precision."""
+    info = environment(device)
+    return {"device": info["device"], "device_name": info["device_name"], "torch": info["torch"],
+            "cuda": info.get("cuda"), "python": info["python"], "cpu_count": info["cpu_count"],
+            "precision": precision_name(amp_dtype("auto", device))}
+
+
+def describe_machine(info: dict | None) -> str:
+    """One line for a report: ``cpu (AMD EPYC, 2 cores), torch 2.14.1, fp32``."""
+    if not info:
+        return "unknown (no machine note in the notebook)"
+    where = info.get("device", "?")
+    name = info.get("device_name")
+    cores = f", {info['cpu_count']} cores" if str(where).startswith("cpu") and info.get("cpu_count") else ""
+    cuda = f", CUDA {info['cuda']}" if info.get("cuda") else ""
+    return f"{where} ({name}{cores}), torch {info.get('torch')}{cuda}, {info.get('precision', '?')}"
+
+
 def project_root() -> Path:
     """The course folder: ``$LABKIT_HOME``, else the nearest parent of the working directory that
     holds ``labs/`` and ``labkit/``, else the working directory (Colab).

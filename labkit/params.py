@@ -10,6 +10,7 @@ image size and epochs so a lab finishes in about a minute on two CPU cores.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -187,4 +188,25 @@ def check(lab: str, rules: dict[str, Rule] | None = None, show: bool = True, **v
                 cfg[key] = small
     if show:
         cfg.show()
+        _note_machine(cfg.get("device", "auto"))
     return cfg
+
+
+def _note_machine(device: Any) -> None:
+    """In a notebook, leave an invisible, machine-readable note of where it ran (device, versions):
+    ``labkit regrade`` reports it beside the machine that re-runs the notebook."""
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+    from IPython.display import display
+
+    if get_ipython() is None:
+        return
+    from labkit.env import machine, pick_device
+    from labkit.nbval_tolerance import ENV_MIME
+
+    try:
+        dev = pick_device(device)
+    except ValueError:
+        return
+    display({ENV_MIME: machine(dev), "text/plain": ""}, raw=True)

@@ -5,7 +5,11 @@ current environment (``pytest --nbval-lax --nbval-current-env``) and compares th
 cells tagged ``nbval-check-output`` (configuration echo, class counts, parameter counts, exercise
 checks, rounded final metrics) with what the submission shows, after the substitutions in
 ``labkit/nbval_sanitize.cfg`` (timings, dates, run ids, addresses, paths, progress bars).
-An accuracy typed in by hand therefore fails; a different training time does not.
+What is the same on every machine is compared exactly; cells tagged ``labkit-result`` (each lab's
+trained headline metrics) number by number within a tolerance (:mod:`labkit.nbval_tolerance`,
+default 0.05), because a notebook trained on a GPU in mixed precision does not end with exactly
+the CPU's numbers. A result typed in by hand that moved further still fails; a different training
+time does not. The report says where each notebook was executed and where it was re-run.
 
 The re-executed labs write their run records and plots into a scratch copy of the results
 folder, so regrading never adds runs to the course's ``results/``.
@@ -26,7 +30,8 @@ from typing import Sequence
 
 import nbformat
 
-from labkit.env import project_root
+from labkit.env import describe_machine, machine, pick_device, project_root
+from labkit.nbval_tolerance import DEFAULT_TOLERANCE, ENV_MIME, RESULT_TAG
 from labkit.results import results_root
 
 #: The sanitize file shipped with labkit (nbval's ``--nbval-sanitize-with``).
@@ -43,6 +48,7 @@ class CellResult:
     code_cell: int       # index among code cells (nbval's "Cell N")
     first_line: str
     checked: bool        # whether its output is compared
+    result: bool = False  # a trained result, compared within the tolerance
     outcome: str = "not run"   # "passed", "failed", "skipped", "not run"
     reason: str = ""     # nbval's one-line reason ("Cell outputs differ", ...)
     diff: list[str] = field(default_factory=list)
@@ -56,6 +62,9 @@ class NotebookReport:
     path: Path
     cells: list[CellResult] = field(default_factory=list)
     error: str | None = None
+    executed_on: dict | None = None     # the machine note the submitted notebook carries
+    rerun_on: dict | None = None        # this machine
+    tolerance: float = DEFAULT_TOLERANCE
 
     def count(self, outcome: str) -> int:
         """How many code cells ended with ``outcome``."""
@@ -108,9 +117,20 @@ def notebook_cells(path: str | os.PathLike, lax: bool = True) -> list[CellResult
         options = dict(find_metadata_tags(cell.metadata))
         options.update(dict(find_comment_markers(cell.source)))
         checked = bool(options.get("check", not lax)) and not options.get("skip", False)
-        cells.append(CellResult(index, code, _first_line(cell.source), checked))
+        result = checked and RESULT_TAG in cell.metadata.get("tags", [])
+        cells.append(CellResult(index, code, _first_line(cell.source), checked, result))
         code += 1
     return cells
+
+
+def machine_note(path: str | os.PathLike) -> dict | None:
+    """The machine a notebook was executed on, from the note :func:`labkit.params.check` leaves."""
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if ENV_MIME in output.get("data", {}):
+                return dict(output["data"][ENV_MIME])
+    return None
 
 
 def short_diff(message: str, max_lines: int = 8) -> tuple[str, list[str]]:
@@ -126,6 +146,9 @@ def short_diff(message: str, max_lines: int = 8) -> tuple[str, list[str]]:
     lines = text.splitlines()
     out: list[str] = []
     marker = next((i for i, ln in enumerate(lines) if "assert reference_output == test_output failed" in ln), None)
+    outside = next((ln.strip() for ln in lines if ln.strip().startswith("trained result outside the tolerance")), None)
+    if outside:
+        reason = outside
     if marker is not None:
         mismatch = next((ln.strip() for ln in lines if ln.strip().startswith("mismatch")), "")
         if mismatch:
@@ -176,21 +199,26 @@ def _scratch_results(scratch: Path) -> Path:
 
 
 def regrade_notebook(path: str | os.PathLike, *, lax: bool = True, quick: bool = False,
-                     cell_timeout: float | None = None, exitfirst: bool = False) -> NotebookReport:
+                     cell_timeout: float | None = None, exitfirst: bool = False,
+                     tolerance: float = DEFAULT_TOLERANCE) -> NotebookReport:
     """Re-execute one notebook with nbval and compare its checked outputs.
 
     ``lax=False`` compares every cell's output (nbval's full mode) instead of only the tagged
     ones. ``quick`` sets ``LABKIT_QUICK=1`` for the re-run (notebooks executed by ``labkit run
     --quick`` already carry ``quick = True`` in their injected parameters). ``exitfirst`` stops
-    at the first failing cell (faster; later cells are reported as "not run").
+    at the first failing cell (faster; later cells are reported as "not run"). ``tolerance``: how
+    far (absolute) each number of a ``labkit-result`` cell may move.
     """
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r}: need a number >= 0 (e.g. 0.05 for metrics printed in [0, 1]).")
     path = Path(path).resolve()
-    report = NotebookReport(path)
+    report = NotebookReport(path, tolerance=float(tolerance), rerun_on=machine(pick_device("auto")))
     if not path.is_file():
         report.error = f"{path} does not exist"
         return report
     try:
         report.cells = notebook_cells(path, lax)
+        report.executed_on = machine_note(path)
     except Exception as exc:  # noqa: BLE001 - an unreadable submission is reported, not raised
         report.error = f"not a readable notebook: {exc}"
         return report
@@ -200,14 +228,16 @@ def regrade_notebook(path: str | os.PathLike, *, lax: bool = True, quick: bool =
         junit = tmp / "report.xml"
         scratch = _scratch_results(tmp / "results")
         cmd = [sys.executable, "-m", "pytest", "--nbval-lax" if lax else "--nbval", "--nbval-current-env",
-               "--nbval-sanitize-with", str(SANITIZE_FILE), "-p", "no:cacheprovider", "--noconftest",
+               "--nbval-sanitize-with", str(SANITIZE_FILE), "-p", "no:cacheprovider", "-p", "labkit.nbval_tolerance",
+               "--noconftest",
                "-c", str(tmp / "pytest.ini"), "--rootdir", str(tmp), "--color=no", "-vv",
                "--junitxml", str(junit), str(path)]
         if cell_timeout:
             cmd[4:4] = ["--nbval-cell-timeout", str(cell_timeout)]
         if exitfirst:
             cmd[4:4] = ["--exitfirst"]
-        env = {**os.environ, "LABKIT_RESULTS": str(scratch), "LABKIT_HOME": os.environ.get("LABKIT_HOME") or str(project_root())}
+        env = {**os.environ, "LABKIT_RESULTS": str(scratch), "LABKIT_REGRADE_TOLERANCE": repr(float(tolerance)),
+               "LABKIT_HOME": os.environ.get("LABKIT_HOME") or str(project_root())}
         if quick:
             env["LABKIT_QUICK"] = "1"
         proc = subprocess.run(cmd, cwd=env["LABKIT_HOME"], env=env, capture_output=True, text=True)
@@ -224,25 +254,30 @@ def regrade_notebook(path: str | os.PathLike, *, lax: bool = True, quick: bool =
 
 
 def regrade(paths: Sequence[str | os.PathLike], *, lax: bool = True, quick: bool = False,
-            cell_timeout: float | None = None, exitfirst: bool = False) -> list[NotebookReport]:
+            cell_timeout: float | None = None, exitfirst: bool = False,
+            tolerance: float = DEFAULT_TOLERANCE) -> list[NotebookReport]:
     """Regrade several notebooks, one fresh kernel each; see :func:`regrade_notebook`."""
-    return [regrade_notebook(p, lax=lax, quick=quick, cell_timeout=cell_timeout, exitfirst=exitfirst) for p in paths]
+    return [regrade_notebook(p, lax=lax, quick=quick, cell_timeout=cell_timeout, exitfirst=exitfirst,
+                             tolerance=tolerance) for p in paths]
 
 
 def format_reports(reports: Sequence[NotebookReport]) -> str:
-    """A plain-text table (notebook, cells, checked, passed, failed, result) and, under it, each
-    failed cell with its first source line and a short diff."""
-    header = ("notebook", "cells", "checked", "passed", "failed", "result")
+    """A plain-text table (notebook, cells, checked, of them results within the tolerance, passed,
+    failed, result), then per notebook where it was executed and re-run, and each failed cell with
+    its first source line and a short diff."""
+    header = ("notebook", "cells", "checked", "results", "passed", "failed", "result")
     rows = []
     for r in reports:
         result = "ERROR" if r.error else "ok" if r.ok else "FAILED"
-        rows.append((r.path.name, str(len(r.cells)), str(r.checked), str(r.count("passed")),
-                     str(r.count("failed")), result))
+        rows.append((r.path.name, str(len(r.cells)), str(r.checked), str(sum(c.result for c in r.cells)),
+                     str(r.count("passed")), str(r.count("failed")), result))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    fmt = lambda row: "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(row).rstrip() for row in rows)]
     details: dict[str, list[str]] = defaultdict(list)
     for r in reports:
+        details[r.path.name] += [f"  executed on: {describe_machine(r.executed_on)}",
+                                 f"  re-run on:   {describe_machine(r.rerun_on)}; results within ±{r.tolerance:g}"]
         if r.error:
             details[r.path.name].append("  " + r.error.replace("\n", "\n    "))
         for c in r.failures:

@@ -297,7 +297,7 @@ plotting.plot_history(history, out_dir / "training_curves.png", title="Lab 01 ba
 # The next cell prints the trained model's accuracy, **balanced accuracy** and **macro-F1** beside that
 # **majority-class rate** and chance (1 / number of classes), then per-class precision, recall and F1 (scikit-learn).
 
-# %% tags=["nbval-check-output"]
+# %% tags=["nbval-check-output", "labkit-result"]
 final = evaluate(model, test_loader, loss_fn)
 y_true, y_pred = final["y_true"], final["y_pred"]
 scores = metrics.summarize(y_true, y_pred, num_classes=len(ds.classes), train_labels=train_labels)

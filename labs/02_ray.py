@@ -529,7 +529,7 @@ display(run.metrics_dataframe[["epoch", "loss", "val_acc", "attempt"]])
 # Read accuracy beside the **majority-class rate** (always answering the most common training class) and
 # balanced accuracy beside **chance** (1/K): a model that learned nothing scores exactly those.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["nbval-check-output", "labkit-result"]
 dev = env.pick_device("cuda" if run.plan.use_gpu else "cpu")
 final_model = run.load_model(AlzheimerCNN(num_classes=len(ds.classes), image_size=cfg.image_size)).to(dev)
 test_loader = ds.loader("test", batch_size=cfg.batch_size)

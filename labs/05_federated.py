@@ -409,7 +409,7 @@ else:
 # The best round's FedAvg model of the chosen split, scored once on the held-out test patients, next to
 # the majority-class rate (always answering "no IDC") and the other two runs.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["nbval-check-output", "labkit-result"]
 final_model = fed_models[cfg.split]
 test = score(final_model, test_x, test_y)
 final = {**metrics.summarize(test["y_true"], test["y_pred"], 2, train_labels=train_y), "roc_auc": test["roc_auc"]}

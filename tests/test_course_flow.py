@@ -48,6 +48,29 @@ def _edit_checked_digit(nb: nbformat.NotebookNode) -> int | None:
     return None
 
 
+RESULT = "labkit-result"
+
+
+def _result_cells(nb: nbformat.NotebookNode) -> list[int]:
+    return [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and RESULT in c.metadata.get("tags", [])]
+
+
+def _move_result(nb: nbformat.NotebookNode, by: float) -> tuple[int, str, str] | None:
+    """Move the first number in [0, 1] printed by the first trained-result cell by ``by`` (as a
+    student typing a better accuracy would); returns (cell, old text, new text)."""
+    for index in _result_cells(nb):
+        for output in nb.cells[index].outputs:
+            for box, key in _texts(output):
+                text = box[key] if isinstance(box[key], str) else "".join(box[key])
+                match = re.search(r"\b[01]\.\d\d\b", text)
+                if match:
+                    old = float(match.group())
+                    new = text[:match.start()] + f"{old + by if old + by <= 1 else old - by:.2f}" + text[match.end():]
+                    box[key] = new
+                    return index, text, new
+    return None
+
+
 def _change_timings(nb: nbformat.NotebookNode) -> int:
     """Change numbers in unchecked cells' text outputs (timings, progress); returns how many cells."""
     changed = 0
@@ -75,7 +98,7 @@ def test_every_lab_runs_cleanly_in_quick_mode(course):
         assert any(CHECK in c.metadata.get("tags", []) for c in nb.cells), f"{run.lab} has no {CHECK} cell"
 
 
-def test_regrade_passes_on_the_executed_labs_even_with_new_timings(course):
+def test_regrade_passes_on_the_executed_labs_even_with_new_timings_and_nudged_results(course):
     folder = course["tmp"] / "submitted"
     folder.mkdir()
     copies = []
@@ -84,6 +107,7 @@ def test_regrade_passes_on_the_executed_labs_even_with_new_timings(course):
     for run in ran:
         nb = nbformat.read(run.output, as_version=4)
         _change_timings(nb)
+        assert _move_result(nb, 0.01) is not None, f"{run.lab}: no trained result to nudge"   # inside the tolerance
         copies.append(folder / run.output.name)
         nbformat.write(nb, copies[-1])
     with environ(LABKIT_RESULTS=str(course["results"]), LABKIT_HOME=str(REPO)):
@@ -96,13 +120,14 @@ def test_regrade_passes_on_the_executed_labs_even_with_new_timings(course):
         assert re.search(rf"^{re.escape(copy.name)}\s.*\bok$", table, flags=re.M), table
 
 
-def test_regrade_fails_on_an_edited_checked_output_and_names_the_cell(course):
+def test_regrade_fails_on_a_result_moved_outside_the_tolerance_and_names_the_cell(course):
     ran = [r for r in course["runs"] if r.ok]
     assert ran, format_runs(course["runs"])
     run = min(ran, key=lambda r: r.seconds)      # the quickest lab; the regrade stops at the failing cell
     nb = nbformat.read(run.output, as_version=4)
-    index = _edit_checked_digit(nb)
-    assert index is not None, f"{run.lab}: no checked output with a digit that survives sanitising"
+    moved = _move_result(nb, 0.2)
+    assert moved is not None, f"{run.lab}: no trained result cell with a metric"
+    index = moved[0]
     edited = course["tmp"] / "edited" / run.output.name
     edited.parent.mkdir()
     nbformat.write(nb, edited)
@@ -112,7 +137,25 @@ def test_regrade_fails_on_an_edited_checked_output_and_names_the_cell(course):
     print(table)
     assert not report.ok
     assert [c.cell for c in report.failures] == [index], table
-    assert f"✗ cell {index} " in table and "submitted:" in table
+    assert f"✗ cell {index} " in table and "outside the tolerance" in table and "submitted:" in table
+    assert "executed on: cpu" in table and "re-run on:   cpu" in table
+
+
+def test_every_lab_checks_a_trained_result_and_would_catch_it_moved(course):
+    """Each lab's headline metric is a checked result; moved beyond the tolerance it fails the
+    comparison the regrade applies, and an edited exact output fails too (compared without re-running)."""
+    from labkit.nbval_tolerance import DEFAULT_TOLERANCE, compare_within
+
+    for run in (r for r in course["runs"] if r.ok):
+        nb = nbformat.read(run.output, as_version=4)
+        assert _result_cells(nb), f"{run.lab}: no cell tagged {RESULT} (its headline metric)"
+        assert all(CHECK in nb.cells[i].metadata.get("tags", []) for i in _result_cells(nb)), run.lab
+        moved = _move_result(nb, 0.2)
+        assert moved is not None, f"{run.lab}: its result cell prints no metric in [0, 1]"
+        _, old, new = moved
+        assert compare_within(sanitize(old), sanitize(old), DEFAULT_TOLERANCE) is None
+        assert compare_within(sanitize(new), sanitize(old), DEFAULT_TOLERANCE) is not None, run.lab
+        assert _edit_checked_digit(nb) is not None, f"{run.lab}: no exact checked output to tamper with"
 
 
 def test_summary_lists_the_labs(course):

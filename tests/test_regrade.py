@@ -132,8 +132,8 @@ def test_regrade_catches_edited_result_and_ignores_timings(tmp_path, capsys):
     failure = bad.failures[0]
     assert failure.reason == "Cell outputs differ"
     assert f"  submitted: test_acc {edited}" in failure.diff and f"  re-run:    test_acc {acc}" in failure.diff
-    assert re.search(r"timing\.ipynb\s+5\s+2\s+5\s+0\s+ok", table)
-    assert re.search(r"typed\.ipynb\s+5\s+2\s+4\s+1\s+FAILED", table)
+    assert re.search(r"timing\.ipynb\s+5\s+2\s+0\s+5\s+0\s+ok", table)
+    assert re.search(r"typed\.ipynb\s+5\s+2\s+0\s+4\s+1\s+FAILED", table)
     assert f"✗ cell {metric_cell} (nbval Cell 4, checked) `random.seed(cfg.seed)`" in table
 
     capsys.readouterr()
@@ -150,3 +150,47 @@ def test_regrade_reports_missing_and_broken_files(tmp_path):
     assert not bad.ok and "not a readable notebook" in bad.error
     table = format_reports([missing, bad])
     assert "ERROR" in table and "0 of 2 notebooks reproduce" in table
+
+
+def test_compare_within_tolerance_number_by_number():
+    from labkit.nbval_tolerance import compare_within
+
+    assert compare_within("acc 0.63\nbalanced_acc 0.41\n", "acc 0.66\nbalanced_acc 0.38\n", 0.05) is None
+    assert "differs by 0.07 > tolerance 0.05" in compare_within("acc 0.63", "acc 0.70", 0.05)
+    assert compare_within("acc 0.63", "loss 0.63", 0.05) == "the text around the numbers differs"
+    assert compare_within("3 classes", "4 classes", 0.05) is not None      # counts still have to match
+    assert compare_within("acc 0.63", "acc 0.63", 0.0) is None
+    assert compare_within("a    0.5\nbb   0.25", "a     0.55\nbb    0.2", 0.05) is None   # realigned columns
+
+
+@pytest.mark.slow
+def test_regrade_compares_trained_results_within_the_tolerance(tmp_path, capsys):
+    """A trained result nudged inside the tolerance passes, one moved outside fails, and an edit of an
+    exact output (the configuration echo) still fails; the report says where each notebook ran."""
+    nb = nbformat.read(_tiny_notebook(tmp_path / "tiny.ipynb"), as_version=4)
+    nb.cells[4].metadata.tags.append("labkit-result")
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    executed = tmp_path / "executed.ipynb"
+    run = run_lab(tmp_path / "tiny.ipynb", executed, {"quick": True})
+    assert run.ok, run.failure
+    metric_cell, echo_cell = 5, 3
+    acc = float(re.search(r"test_acc (\d\.\d\d)", nbformat.read(executed, as_version=4).cells[metric_cell].outputs[0]["text"]).group(1))
+    inside = _edit_output(executed, tmp_path / "inside.ipynb", metric_cell, r"test_acc \d\.\d\d", f"test_acc {acc + 0.04:.2f}")
+    outside = _edit_output(executed, tmp_path / "outside.ipynb", metric_cell, r"test_acc \d\.\d\d", f"test_acc {acc + 0.09:.2f}")
+    echo = _edit_output(executed, tmp_path / "echo.ipynb", echo_cell, r"epochs(\s+)2", r"epochs\g<1>4")
+    reports = regrade([inside, outside, echo], tolerance=0.05)
+    table = format_reports(reports)
+    print(table)
+    ok, far, typed = reports
+    assert ok.ok and [c.result for c in ok.cells].count(True) == 1, table
+    assert not far.ok and [c.cell for c in far.failures] == [metric_cell], table
+    assert far.failures[0].reason.startswith("trained result outside the tolerance: submitted")
+    assert not typed.ok and [c.cell for c in typed.failures] == [echo_cell], table
+    assert table.count("executed on: cpu") == 3 and table.count("re-run on:   cpu") == 3
+    assert "results within ±0.05" in table
+    # a looser tolerance lets the far result through; the CLI takes it as an option
+    capsys.readouterr()
+    assert cli.main(["regrade", "--tolerance", "0.1", str(outside)]) == 0
+    assert "±0.1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="tolerance=-1"):
+        regrade([outside], tolerance=-1)
