@@ -1,5 +1,5 @@
 # The README's two commands:
-#   make course   set up .venv, run every lab in quick mode, write results/ (results/README.md, summary.png)
+#   make course   set up .venv, run every lab in quick mode, write results/ (results/SUMMARY.md, summary.png)
 #   make test     set up .venv, run the test suite (what CI runs: .ci/run)
 # Other targets: make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
 # labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make clean.
@@ -37,4 +37,4 @@ labs: $(STAMP)
 	$(BIN)/labkit labs sync
 
 clean:
-	rm -rf results/executed results/0* results/README.md.tmp student/
+	rm -rf results/executed results/0* results/SUMMARY.md results/summary.png student/

@@ -22,7 +22,7 @@ commands:
   run       execute labs with papermill (executed copies in results/executed/), then write the summary
   regrade   re-execute submitted notebooks with nbval and check that their checked outputs reproduce
   student   write student copies of the labs: solutions replaced by stubs, outputs cleared
-  summary   write results/README.md and results/summary.png from every run record
+  summary   write results/SUMMARY.md and results/summary.png from every run record
   data      dataset helpers (data synth: write the synthetic Alzheimer MRI stand-in)
   labs      keep each lab notebook and its jupytext .py source in sync (labs sync, labs check)
 
@@ -37,6 +37,9 @@ def _wrap(text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="labkit", description=DESCRIPTION, formatter_class=fmt)
+    from labkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"labkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", formatter_class=fmt, help="execute labs with papermill, then summarise",
@@ -93,10 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     student.add_argument("labs_dir", metavar="LABS_DIR", help="folder of lab notebooks with solutions")
     student.add_argument("out_dir", metavar="OUTDIR", help="folder for the student copies (created)")
 
-    summary = sub.add_parser("summary", formatter_class=fmt, help="write results/README.md and results/summary.png",
-                             description=_wrap("Read every run record under the results folder and write README.md (what the "
+    summary = sub.add_parser("summary", formatter_class=fmt, help="write results/SUMMARY.md and results/summary.png",
+                             description=_wrap("Read every run record under the results folder and write SUMMARY.md (what the "
                                                "folder holds and one table: lab, device, workers, mode, time/epoch, final "
-                                               "metric, synthetic data, date) and summary.png (time per epoch and final "
+                                               "metric, balanced accuracy, macro-F1, majority rate, synthetic data, date) and summary.png (time per epoch and final "
                                                "metric per lab)."))
     summary.add_argument("--results", metavar="DIR", default=None,
                          help="results folder (default: $LABKIT_RESULTS or <course>/results)")

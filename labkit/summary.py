@@ -1,7 +1,7 @@
 """``labkit summary``: one page that compares every lab run recorded under ``results/``.
 
 Reads each run record (``results/<lab>/<run_id>.json``, see :mod:`labkit.results`) and writes
-``results/README.md`` (a short intro and one table) and ``results/summary.png`` (bar plots of
+``results/SUMMARY.md`` (a short intro and one table) and ``results/summary.png`` (bar plots of
 time per epoch and the final metric per lab), both atomically.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ METRIC_KEYS = ("test_acc", "val_acc", "acc", "top1")
 HONEST_KEYS = (("balanced_acc", ("balanced_acc", "test_balanced_acc", "val_balanced_acc")),
                ("macro_f1", ("macro_f1", "test_macro_f1", "val_macro_f1")),
                ("majority_rate", ("majority_rate", "test_majority_rate")))
-#: Newest runs listed in the README table (the plot uses all runs).
+#: Newest runs listed in the SUMMARY.md table (the plot uses all runs).
 MAX_ROWS = 40
 
 
@@ -106,7 +106,7 @@ def summary_frame(results_dir: str | os.PathLike | None = None) -> tuple[pd.Data
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """The README table: lab, device, workers, mode, time/epoch, final metric, balanced accuracy,
+    """The SUMMARY.md table: lab, device, workers, mode, time/epoch, final metric, balanced accuracy,
     macro-F1, majority-class rate, synthetic data, date."""
     header = ["lab", "device", "workers", "mode", "time/epoch", "final metric", "balanced acc", "macro-F1",
               "majority rate", "synthetic data", "date"]
@@ -193,12 +193,15 @@ def plot_summary(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def write_summary(results_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Write ``results/README.md`` and ``results/summary.png``; return their paths.
+    """Write ``results/SUMMARY.md`` and ``results/summary.png``; return their paths.
+
+    (``results/README.md`` is the folder's tracked description; the summary has a file of its own, so a
+    course run leaves the git tree clean.)
 
     Works with no records (the page says so and the figure is an empty placeholder).
     """
     root = results_root(results_dir)
     frame, skipped = summary_frame(results_dir)
-    readme = write_text(root / "README.md", _readme(frame, skipped))
+    readme = write_text(root / "SUMMARY.md", _readme(frame, skipped))
     png = plot_summary(frame, root / "summary.png")
     return readme, png

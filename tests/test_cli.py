@@ -11,7 +11,7 @@ import pytest
 from labkit import cli
 from labkit.course import find_labs, format_runs, parse_parameters, parse_value
 
-COMMANDS = {"run": "papermill", "regrade": "nbval", "student": "BEGIN SOLUTION", "summary": "README.md",
+COMMANDS = {"run": "papermill", "regrade": "nbval", "student": "BEGIN SOLUTION", "summary": "SUMMARY.md",
             "data": "synth", "data synth": "stand-in"}
 
 
@@ -100,7 +100,7 @@ def test_run_reports_which_lab_failed_and_where(tmp_path, capsys, monkeypatch):
     bad = nbformat.read(res / "executed" / "02_fails.ipynb", as_version=4)
     assert any(o.output_type == "error" for c in bad.cells if c.cell_type == "code" for o in c.outputs)
     assert not [p for p in (res / "executed").iterdir() if p.name.startswith(".")]   # no partial files
-    assert "| 01_ok |" in (res / "README.md").read_text() and (res / "summary.png").is_file()
+    assert "| 01_ok |" in (res / "SUMMARY.md").read_text() and (res / "summary.png").is_file()
     assert "LABKIT_QUICK" not in __import__("os").environ   # restored after the run
 
 
@@ -115,3 +115,11 @@ def test_data_synth_writes_a_small_standin(tmp_path, capsys):
     assert "not medical data" in capsys.readouterr().out
     images = list(target.rglob("*.jpg"))
     assert len(images) == 12 and {p.parent.parent.name for p in images} == {"train", "test"}
+
+
+def test_version(capsys):
+    import labkit
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"labkit {labkit.__version__}"

@@ -159,7 +159,7 @@ def test_every_lab_checks_a_trained_result_and_would_catch_it_moved(course):
 
 
 def test_summary_lists_the_labs(course):
-    readme = (course["results"] / "README.md").read_text()
+    readme = (course["results"] / "SUMMARY.md").read_text()
     assert "This folder holds" in readme
     for run in course["runs"]:
         if run.ok:   # every lab saves its run record at the end (a failed lab is reported above)

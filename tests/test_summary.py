@@ -44,7 +44,7 @@ def test_summary_table_and_plot(tmp_path, capsys):
     assert cli.main(["summary", "--results", str(root)]) == 0
     assert "3 run records summarised" in capsys.readouterr().out
 
-    readme = (root / "README.md").read_text()
+    readme = (root / "SUMMARY.md").read_text()
     assert "This folder holds" in readme and "labkit summary" in readme and "summary.png" in readme
     rows = [line for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| lab ")]
     assert len(rows) == 3
