@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     data = load_imagenet("auto", "data/tiny-imagenet", image_size=args.image_size, max_train=args.max_train,
                          max_val=200, progress=False)
     cfg = imagenet.make_config(name="bench", model="resnet18", width=args.width, image_size=args.image_size,
-                               epochs=args.epochs, batch_size=args.batch_size, progressive=False, lr=1e-3)
+                               epochs=args.epochs, batch_size=args.batch_size, progressive=False, lr=1e-3,
+                               affine=False, color_jitter=False, erasing=False)  # per-image augmentation off:
+    # it runs in a Python loop and would measure the augmentation, not DDP's scaling
     print(f"workload: resnet18 width {args.width}, {args.image_size}px, {len(data['train'])} train images, "
           f"batch {args.batch_size} per rank, MixUp/CutMix on, {args.epochs} epochs (first = warm-up); "
           f"device {args.device}, {os.cpu_count()} CPU cores, torch {torch.__version__}")

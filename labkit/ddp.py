@@ -279,6 +279,25 @@ def hello(rank: int, world_size: int, device: torch.device, fail_rank: int | Non
     return {"world_size": world_size, "rank_sum": t.item(), "backend": dist.get_backend(), "device": str(device)}
 
 
+def broadcast_buffers(*modules: torch.nn.Module, src: int = 0) -> int:
+    """Copy rank ``src``'s buffers (BatchNorm running mean/var, batch counts) to every rank; returns how many.
+
+    DDP keeps the *parameters* identical (gradients are all-reduced) but each rank's BatchNorm
+    layers update their running statistics from that rank's own batches, so the replicas drift
+    apart. Call this before evaluating or checkpointing, so every rank judges, and rank 0 saves,
+    the same network. A no-op without a process group.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    count = 0
+    with torch.no_grad():
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf.data, src)
+                count += 1
+    return count
+
+
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """``torch.save`` ``state`` atomically (only tensors, numbers, strings, lists, dicts: loadable

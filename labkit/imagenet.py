@@ -37,15 +37,28 @@ from labkit.train import evaluate, shard_indices, train_one_epoch
 LAB = "03_imagenet_ddp_ablations"
 
 
-def ablation_configs(ablations: list[dict], **base) -> list[AblationConfig]:
-    """Configs for the notebook's ``ablations`` list: each dict (``name`` + switches) over ``base``."""
+def ablation_configs(ablations: list[dict], repeats: int = 1, **base) -> list[AblationConfig]:
+    """Configs for the notebook's ``ablations`` list: each dict (``name`` + switches) over ``base``.
+
+    The first row (the baseline) becomes ``repeats`` runs with seeds ``seed, seed + 1, …``, named
+    ``<name>#1``, ``<name>#2``, … when ``repeats > 1``.
+    """
     if not isinstance(ablations, (list, tuple)) or not ablations:
         raise ParameterError(f"{LAB}: ablations must be a non-empty list of dicts, got {ablations!r}.")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ParameterError(f"{LAB}: repeats={repeats!r} must be an integer >= 1.")
     configs = []
     for i, item in enumerate(ablations):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ParameterError(f"{LAB}: ablations[{i}] = {item!r} must be a dict with a 'name' and switches.")
-        configs.append(make_config({**base, **item}))
+        if REPEAT in item["name"]:
+            raise ParameterError(f"{LAB}: ablation name {item['name']!r} may not contain {REPEAT!r} (it marks repeats).")
+        if i == 0 and repeats > 1:
+            seed = {**base, **item}.get("seed", 0)
+            configs += [make_config({**base, **item, "name": f"{item['name']}{REPEAT}{k + 1}", "seed": seed + k})
+                        for k in range(repeats)]
+        else:
+            configs.append(make_config({**base, **item}))
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ParameterError(f"{LAB}: ablation names must be unique, got {names}.")
@@ -60,24 +73,62 @@ LAB_RULES: dict[str, Rule] = {
     "standin_classes": Rule(int, 2, 1000, help="classes of the synthetic stand-in"),
     "lr_finder_steps": Rule(int, 0, 10_000, help="batches of the LR range test (0 = skip it)"),
     "ablations": Rule(list, help="named configs: [{'name': ..., '<switch>': value, ...}, ...]"),
+    "quick_ablations": Rule(list, help="names of the rows quick mode keeps (the first row is the baseline)"),
+    "repeats": Rule(int, 1, 100, optional=True, help="seeds the baseline row is trained with (None: 2 quick, 3 full)"),
+    "test_size": Rule(int, 0, 10_000_000, help="training images held out as the test split (0: none)"),
+    "memory_budget": Rule((int, float), 0, 2**50, optional=True,
+                          help="bytes of decoded images kept in RAM; above it a memory-mapped cache on disk "
+                               "(None: half the available memory)"),
 }
+
+#: Quick mode's recipe: a learning rate for a ~200-step run of a quarter-width ResNet-18 (the seed's 3e-4
+#: suits 90 epochs of a ResNet-50), a shorter warm-up, and how many images are held out as the test split.
+QUICK_RECIPE = {"lr": 3e-3, "pct_start": 0.2, "test_size": 300}
+#: The separator of a repeated run's name: "baseline#2" is the baseline's second seed.
+REPEAT = "#"
 
 
 def prepare(cfg: dict) -> list[AblationConfig]:
     """The lab's ablation configs from its checked parameters (``cfg`` from ``labkit.params.check``).
 
-    Quick mode also shrinks the network (ResNet-18, width ≤ 0.25, batch ≤ 64) so that every
-    ablation takes seconds on a CPU; ``cfg`` is updated in place so the echo shows what runs.
+    The first row of ``ablations`` is the baseline: it runs ``repeats`` times, with seeds ``seed``,
+    ``seed + 1``, … (runs named ``baseline#1``, ``baseline#2``, …), so the table can show how much a
+    result moves with the seed alone. Quick mode keeps only the rows named in ``quick_ablations``
+    and shrinks the network (ResNet-18, width ≤ 0.25, batch ≤ 32) and the recipe
+    (:data:`QUICK_RECIPE`) so that each row learns in seconds on a CPU; ``cfg`` is updated in place
+    so the echo shows what runs.
     """
+    rows = cfg["ablations"]
     if cfg.get("quick"):
-        cfg.update(model="resnet18", width=min(cfg["width"], 0.25), batch_size=min(cfg["batch_size"], 64),
-                   lr_finder_steps=min(cfg.get("lr_finder_steps", 0), 20))
+        wanted = cfg.get("quick_ablations")
+        if wanted:
+            names = [r.get("name") for r in rows if isinstance(r, dict)]
+            unknown = [n for n in wanted if n not in names]
+            if unknown:
+                raise ParameterError(f"{LAB}: quick_ablations names {unknown}, which are not rows of ablations "
+                                     f"({names}).")
+            rows = [r for r in rows if r.get("name") in wanted or r is rows[0]]
+        cfg.update(model="resnet18", width=min(cfg["width"], 0.25), batch_size=min(cfg["batch_size"], 32),
+                   lr_finder_steps=min(cfg.get("lr_finder_steps", 0), 20), ablations=rows)
         if cfg.get("progressive_sizes"):
             cfg["progressive_sizes"] = sorted({min(s, cfg["image_size"]) for s in cfg["progressive_sizes"]}
                                               | {cfg["image_size"]})
+        cfg.setdefault("lr", QUICK_RECIPE["lr"])
+        cfg["lr"] = max(cfg["lr"], QUICK_RECIPE["lr"])
+        cfg["test_size"] = min(cfg.get("test_size", QUICK_RECIPE["test_size"]), QUICK_RECIPE["test_size"])
+    if cfg.get("repeats") is None:
+        cfg["repeats"] = 2 if cfg.get("quick") else 3
     keys = ("model", "width", "image_size", "progressive_sizes", "epochs", "batch_size", "lr", "lr_scaling",
             "amp", "seed")
-    return ablation_configs(cfg["ablations"], **{k: cfg[k] for k in keys if k in cfg})
+    base = {k: cfg[k] for k in keys if k in cfg}
+    if cfg.get("quick"):
+        base["pct_start"] = QUICK_RECIPE["pct_start"]
+    return ablation_configs(rows, repeats=cfg["repeats"], **base)
+
+
+def row_name(run_name: str) -> str:
+    """The ablation row of a run: ``"baseline#2"`` → ``"baseline"``."""
+    return run_name.split(REPEAT)[0]
 
 
 def slug(name: str) -> str:
@@ -111,6 +162,11 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     channels_last = env.use_channels_last(device, amp_dtype)
     model = resnet(MODELS[cfg.model], num_classes, cfg.variant, cfg.drop_path_rate, cfg.use_blurpool,
                    cfg.width, small_input=cfg.image_size < 128)
+    if cfg.sync_bn:
+        if device.type != "cuda":
+            raise ValueError(f"{cfg.name}: sync_bn=True needs GPU ranks (SyncBatchNorm does not run on CPUs); "
+                             "leave it off: rank 0's BatchNorm statistics are then broadcast before evaluation.")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -137,6 +193,9 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     eval_bs = max(bs for _, bs in plan)
     val_loader = data.loader("val", eval_bs, shuffle=False, sampler=shard_indices(n_val, rank, world_size))
     gap_loader = data.loader("train", eval_bs, shuffle=False, sampler=shard_indices(gap_idx, rank, world_size))
+    n_test = len(data.splits["test"].labels) if "test" in data.splits else 0
+    test_loader = (data.loader("test", eval_bs, shuffle=False, sampler=shard_indices(n_test, rank, world_size))
+                   if n_test else None)
 
     history, start = [], 0
     ckpt_path = Path(options["save_dir"]) / slug(cfg.name) / "last.pt"
@@ -160,13 +219,15 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
         loader = data.loader("train", bs, shuffle=False, sampler=sampler, drop_last=True)
         lr_now = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(net, loader, optimizer, train_loss, device=device,
-                                transform=recipe.RGBTransform(size, train=True, channels_last=channels_last),
+                                transform=recipe.train_transform(cfg, size, channels_last=channels_last),
                                 batch_transform=mix,
                                 amp_dtype=amp_dtype, scaler=scaler, scheduler=scheduler,
                                 grad_clip=cfg.grad_clip or None, ema=ema,
                                 progress=options.get("batch_progress", False) and rank == 0,
                                 desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}")
         train = ddp.reduce_metrics(stats, ("loss", "acc"), device)
+        if not cfg.sync_bn:  # every rank's BatchNorm statistics = rank 0's, before evaluating and saving
+            ddp.broadcast_buffers(model, *([ema.module] if ema is not None else []))
         judged = ema.module if ema is not None else model
         val = ddp.reduce_metrics(evaluate(judged, val_loader, eval_loss, device=device, transform=eval_tf,
                                           amp_dtype=amp_dtype, topk=(1, 5)), ("loss", "acc", "top5"), device)
@@ -192,6 +253,14 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
             ddp.report({"type": "epoch", "name": cfg.name, "epochs": cfg.epochs, **record})
         if options.get("stop_after") and epoch + 1 >= options["stop_after"]:
             break
+    if options.get("replica_dir"):  # every rank saves its replica: to check that they are identical
+        replica = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else {}}
+        ddp.save_checkpoint(Path(options["replica_dir"]) / slug(cfg.name) / f"rank{rank}.pt", replica)
+    test = None
+    if test_loader is not None:  # the held-out split: measured once, at the end; nothing is chosen on it
+        judged = ema.module if ema is not None else model
+        test = ddp.reduce_metrics(evaluate(judged, test_loader, eval_loss, device=device, transform=eval_tf,
+                                           amp_dtype=amp_dtype, topk=(1, 5)), ("acc", "top5"), device)
     seconds = ddp.reduce_max(time.perf_counter() - started, device)
     if rank != 0:
         return {}
@@ -199,11 +268,12 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     train_s = sum(h["seconds"] for h in history[start:]) or 1e-9
     images = sum(h["images_per_s"] * h["seconds"] for h in history[start:])
     final = {"top1": last["val_acc"], "top5": last["val_top5"], "train_top1": last["train_top1"],
+             "test_top1": test["acc"] if test else float("nan"), "test_top5": test["top5"] if test else float("nan"),
              "gap": last["gap"], "seconds": seconds, "images_per_s": images / train_s,
              "epochs": last["epoch"], "peak_lr": lr, "global_batch": cfg.batch_size * world_size,
              "precision": env.precision_name(amp_dtype), "channels_last": channels_last,
              "parameters": sum(p.numel() for p in model.parameters())}
-    return {"name": cfg.name, "config": asdict(cfg), "history": history, "final": final,
+    return {"name": cfg.name, "row": row_name(cfg.name), "seed": cfg.seed, "config": asdict(cfg), "history": history, "final": final,
             "checkpoint": str(ckpt_path), "world_size": world_size}
 
 
@@ -237,7 +307,8 @@ class _Progress:
 def run_ablations(configs: list[AblationConfig | dict], data, *, world_size: int = 2, device: str = "auto",
                   save_dir: str | Path | None = None, resume: str | Path | None = None,
                   stop_after: int | None = None, progress: bool = True, batch_progress: bool = False,
-                  timeout_s: float = 600, run_args: dict | None = None) -> list[dict]:
+                  timeout_s: float = 600, run_args: dict | None = None,
+                  replica_dir: str | Path | None = None) -> list[dict]:
     """Train each config on ``world_size`` DDP ranks (one process group for all); one result each.
 
     A result holds ``name``, ``config``, ``history`` (per-epoch dicts), ``final`` (``top1``, ``top5``,
@@ -246,7 +317,8 @@ def run_ablations(configs: list[AblationConfig | dict], data, *, world_size: int
     ``resume`` continues the (single) config from a checkpoint; ``stop_after`` ends after that epoch.
     ``progress`` prints one line per epoch under a bar over all epochs; ``batch_progress`` adds rank 0's
     per-batch bar (for a terminal; the epoch bar is then left out). ``run_args`` (data options) are
-    stored in the checkpoints, so that ``--resume`` finds the same data.
+    stored in the checkpoints, so that ``--resume`` finds the same data. ``replica_dir``: every rank
+    saves its final weights and buffers there (``<run>/rank<N>.pt``), to compare the replicas.
     """
     from labkit.results import lab_dir
 
@@ -257,7 +329,8 @@ def run_ablations(configs: list[AblationConfig | dict], data, *, world_size: int
     if missing:
         raise ValueError(f"run_ablations: the data has no {missing} split(s); it has {sorted(data.splits)}.")
     options = {"save_dir": str(save_dir or lab_dir(LAB) / "checkpoints"), "resume": str(resume) if resume else None,
-               "stop_after": stop_after, "batch_progress": batch_progress, "run_args": dict(run_args or {})}
+               "stop_after": stop_after, "batch_progress": batch_progress, "run_args": dict(run_args or {}),
+               "replica_dir": str(replica_dir) if replica_dir else None}
     view = _Progress(sum(c.epochs for c in configs), progress, bar=not batch_progress)
     try:
         return ddp.launch(train_rank, world_size, (data, configs, options), device=device,
@@ -272,12 +345,44 @@ def run_ablation(config: AblationConfig | dict, data, **kw) -> dict:
 
 
 def ablation_table(results: list[dict]):
-    """One row per ablation: top-1, top-5, train–val gap, seconds, images/s (a pandas DataFrame)."""
+    """One row per ablation (repeats of a row averaged), as a pandas DataFrame.
+
+    Columns: ``seeds`` (runs), ``top1`` (mean validation top-1), ``top1_spread`` (max − min over the
+    seeds; NaN for a single run), ``top5``, ``test_top1`` (mean), ``gap``, ``seconds``, ``images_per_s``
+    (means), ``diff`` (top-1 minus the first row's, the baseline) and ``verdict``: ``"within noise"``
+    when ``|diff|`` is smaller than the baseline's seed spread, else ``"beyond noise"`` (``"baseline"``
+    for the first row; ``"no spread measured"`` when the baseline ran once).
+    """
+    import math
+
     import pandas as pd
 
-    return pd.DataFrame([{"ablation": r["name"], **{k: r["final"][k] for k in
-                                                    ("top1", "top5", "gap", "seconds", "images_per_s")}}
-                         for r in results])
+    rows, order = {}, []
+    for r in results:
+        row = r.get("row") or row_name(r["name"])
+        if row not in rows:
+            rows[row] = []
+            order.append(row)
+        rows[row].append(r["final"])
+    table = []
+    for row in order:
+        finals = rows[row]
+        mean = lambda k: sum(f.get(k, float("nan")) for f in finals) / len(finals)  # noqa: E731
+        top1 = [f["top1"] for f in finals]
+        table.append({"ablation": row, "seeds": len(finals), "top1": mean("top1"),
+                      "top1_spread": max(top1) - min(top1) if len(top1) > 1 else float("nan"),
+                      "top5": mean("top5"), "test_top1": mean("test_top1"), "gap": mean("gap"),
+                      "seconds": mean("seconds"), "images_per_s": mean("images_per_s")})
+    base = table[0]
+    for t in table:
+        t["diff"] = t["top1"] - base["top1"]
+        if t is base:
+            t["verdict"] = "baseline"
+        elif math.isnan(base["top1_spread"]):
+            t["verdict"] = "no spread measured"
+        else:
+            t["verdict"] = "within noise" if abs(t["diff"]) < base["top1_spread"] else "beyond noise"
+    return pd.DataFrame(table)
 
 
 # --------------------------------------------------------------------------- the command
@@ -303,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train", type=int, default=None, help="cap on training images")
     g.add_argument("--max-val", type=int, default=None, help="cap on validation images")
     g.add_argument("--standin-classes", type=int, default=None, help="classes of the synthetic stand-in (default 10)")
-    g.add_argument("--quick", action="store_true", help="2 epochs, 32 px, 1000/300 images, resnet18 width 0.25")
+    g.add_argument("--quick", action="store_true", help="the lab's quick mode: few epochs, small images and "
+                   "data, resnet18 width 0.25, batch 32, lr 3e-3")
     g.add_argument("--save-dir", default=None, help="checkpoint folder (default results/03_ablations/checkpoints)")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a last.pt at the next epoch, with its settings and data options")
@@ -357,7 +463,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[AblationConfig, dict]:
         quick = QUICK[LAB]
         given.setdefault("model", "resnet18")
         given.setdefault("width", 0.25)
-        given.setdefault("batch_size", 64)
+        given.setdefault("batch_size", 32)
+        given.setdefault("lr", QUICK_RECIPE["lr"])
+        given.setdefault("pct_start", QUICK_RECIPE["pct_start"])
         given["epochs"] = min(given.get("epochs", quick["epochs"]), quick["epochs"])
         given["image_size"] = min(given.get("image_size", quick["image_size"]), quick["image_size"])
         run_given["max_train"] = min(run_given.get("max_train") or 10**9, quick["max_train"])

@@ -3,7 +3,8 @@
 Lab 03 teaches each piece in its own notebook cell first (built from torchvision / torch directly);
 what the sweep runner reuses lives here:
 
-- augmentation: :class:`RGBTransform` — per-image random-resized crop + flip, on the device;
+- augmentation: :class:`RGBTransform` — the seed's flip, ShiftScaleRotate, ColorJitter and
+  CoarseDropout (``v2.RandomAffine`` / ``ColorJitter`` / ``RandomErasing``), each a switch;
 - MixUp (α 0.2) / CutMix (α 1.0): :func:`mixup_cutmix` (``torchvision.transforms.v2``, soft labels);
 - EMA of the weights: :func:`make_ema` (``torch.optim.swa_utils.AveragedModel``, decay warm-up);
 - progressive resizing (64→128→224): :func:`progressive_sizes`, :func:`progressive_schedule`;
@@ -23,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from labkit.params import RULES, ParameterError, Rule
-from labkit.train import scale_lr
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,53 +39,62 @@ SEED_PHASES = ((64, 256, 30), (128, 128, 20), (224, 64, 40))
 class RGBTransform(nn.Module):
     """uint8 ``[B, 3, H, W]`` (on any device) → normalised float ``[B, 3, size, size]``.
 
-    ``train=True``: a random-resized crop (area ``scale``, aspect ``ratio``) and a horizontal flip,
-    drawn **per image** yet done for the whole batch in one ``torchvision.ops.roi_align`` call on the
-    device. ``train=False``: a plain (antialiased) resize. Then ImageNet mean/std normalisation.
-    ``channels_last=True`` returns the batch in ``torch.channels_last`` memory format (NHWC: what
-    GPUs and bf16 convolutions on CPUs want; see ``labkit.env.use_channels_last``).
+    Every image is resized to ``size`` (antialiased). ``train=True`` then applies the seed's
+    augmentations (its albumentations pipeline, in ``torchvision.transforms.v2``), each drawn **per
+    image** and each a switch: ``flip`` (horizontal, p 0.5), ``affine`` (ShiftScaleRotate → ``v2.RandomAffine``:
+    shift ≤ 6.25 %, scale 0.9–1.1, rotation ≤ 15°, p 0.5;
+    the uncovered border is black, where albumentations reflected the image), ``color_jitter`` (``v2.ColorJitter(0.2, 0.2,
+    0.2, 0.1)``, p 0.3) and ``erasing`` (CoarseDropout → ``v2.RandomErasing``: one square of a quarter of
+    the side, filled with the mean colour, p 0.5). ``train=False`` only resizes. Then ImageNet mean/std
+    normalisation. ``channels_last=True`` returns the batch in ``torch.channels_last`` memory format.
     """
 
-    def __init__(self, size: int, train: bool, scale: tuple[float, float] = (0.35, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+    def __init__(self, size: int, train: bool, flip: bool = True, affine: bool = False,
+                 color_jitter: bool = False, erasing: bool = False,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  channels_last: bool = False) -> None:
         super().__init__()
         self.channels_last = bool(channels_last)
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"RGBTransform: scale={scale} must satisfy 0 < low <= high <= 1.")
-        self.size, self.train_mode, self.scale, self.ratio, self.flip = int(size), train, scale, ratio, flip
+        self.size, self.train_mode, self.flip = int(size), train, flip
+        self.affine, self.color_jitter, self.erasing = affine, color_jitter, erasing
         self.mean, self.std = list(mean), list(std)
+        steps = []
+        if affine:
+            steps.append(v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.0625, 0.0625), scale=(0.9, 1.1))],
+                                        p=0.5))
+        if color_jitter:
+            steps.append(v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.1)], p=0.3))
+        self.per_image = v2.Compose(steps) if steps else None
+        # applied after normalisation, so value 0 is the mean colour (the seed's fill_value)
+        self.erase = v2.RandomErasing(p=0.5, scale=(1 / 16, 1 / 16), ratio=(1.0, 1.0), value=0) if erasing else None
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, train={self.train_mode}, scale={self.scale}, flip={self.flip}"
-
-    def _boxes(self, b: int, h: int, w: int, device) -> torch.Tensor:
-        area = torch.empty(b, device=device).uniform_(*self.scale) * h * w
-        log_r = torch.empty(b, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
-        bw = (area * log_r.exp()).sqrt().clamp(1, w)
-        bh = (area / log_r.exp()).sqrt().clamp(1, h)
-        x1 = torch.rand(b, device=device) * (w - bw)
-        y1 = torch.rand(b, device=device) * (h - bh)
-        idx = torch.arange(b, device=device, dtype=torch.float32)
-        return torch.stack([idx, x1, y1, x1 + bw, y1 + bh], dim=1)
+        return (f"size={self.size}, train={self.train_mode}, flip={self.flip}, affine={self.affine}, "
+                f"color_jitter={self.color_jitter}, erasing={self.erasing}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"RGBTransform expects [B, 3, H, W] images, got shape {tuple(x.shape)}.")
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         b, _, h, w = x.shape
+        if (h, w) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if self.train_mode:
-            # sampling_ratio=-1 averages ~one sample per source pixel: antialiased when shrinking.
-            x = roi_align(x, self._boxes(b, h, w, x.device), output_size=self.size, spatial_scale=1.0,
-                          sampling_ratio=-1, aligned=True)
             if self.flip:
                 mask = torch.rand(b, device=x.device) < 0.5
                 x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-        elif (h, w) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            if self.per_image is not None:  # v2 draws one set of parameters per call: one call per image
+                x = torch.stack([self.per_image(img) for img in x]).clamp_(0, 1)
         x = v2.functional.normalize(x, self.mean, self.std)
+        if self.train_mode and self.erase is not None:
+            x = torch.stack([self.erase(img) for img in x])
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def train_transform(cfg: "AblationConfig", size: int, channels_last: bool = False) -> RGBTransform:
+    """The training transform of a config's augmentation switches at ``size`` px."""
+    return RGBTransform(size, train=True, flip=cfg.flip, affine=cfg.affine, color_jitter=cfg.color_jitter,
+                        erasing=cfg.erasing, channels_last=channels_last)
 
 
 def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0) -> Callable | None:
@@ -198,12 +206,18 @@ class AblationConfig:
                                            "ratios of --image-size)")
     epochs: int = _switch(90, "passes over the training data")
     batch_size: int = _switch(256, "images per step PER RANK in the first phase (global batch = world size x this)")
-    lr: float = _switch(3e-4, "OneCycleLR peak learning rate (AdamW) for one rank, before --lr-scaling")
-    lr_scaling: str = _switch("sqrt", "grow the lr with the world size: none | linear (x N) | sqrt (x sqrt N)")
+    lr: float = _switch(3e-4, "OneCycleLR peak learning rate (AdamW) at a global batch of 256 (the seed's), "
+                              "before --lr-scaling")
+    lr_scaling: str = _switch("sqrt", "grow the lr with the global batch B: none | linear (x B/256) | "
+                                      "sqrt (x sqrt(B/256))")
     weight_decay: float = _switch(1e-4, "AdamW weight decay")
     pct_start: float = _switch(0.3, "share of the steps OneCycleLR warms up for (then cosine down)")
     grad_clip: float = _switch(1.0, "clip the gradient norm to this (0 = off)")
     label_smoothing: float = _switch(0.1, "cross-entropy label smoothing")
+    flip: bool = _switch(True, "random horizontal flip (p 0.5)")
+    affine: bool = _switch(True, "ShiftScaleRotate as v2.RandomAffine: shift 6.25%%, scale 0.9-1.1, 15 deg (p 0.5)")
+    color_jitter: bool = _switch(True, "v2.ColorJitter(0.2, 0.2, 0.2, 0.1) (p 0.3)")
+    erasing: bool = _switch(True, "CoarseDropout as v2.RandomErasing: a square of 1/4 the side, mean fill (p 0.5)")
     mixup: float = _switch(0.2, "MixUp alpha (0 = off); each batch gets MixUp or CutMix")
     cutmix: float = _switch(1.0, "CutMix alpha (0 = off)")
     drop_path_rate: float = _switch(0.0, "stochastic depth: drop rate of the last block (linear from 0)")
@@ -211,6 +225,8 @@ class AblationConfig:
     ema_decay: float = _switch(0.0, "EMA of the weights, used for validation (0 = off, the seed's advice; "
                                     "0.999 suits short runs)")
     ema_warmup: bool = _switch(True, "EMA decay min(d, (1+n)/(10+n)) so short runs do not stay near the init")
+    sync_bn: bool = _switch(False, "SyncBatchNorm (GPU ranks only); off: rank 0's BatchNorm statistics are "
+                                   "broadcast to every rank before each evaluation and checkpoint")
     amp: Any = _switch("auto", "mixed precision: auto (bf16 where the GPU or CPU runs it natively, "
                                  "fp16 + GradScaler on older GPUs, else fp32) | bf16 | fp16 | off")
     seed: int = _switch(0, "random seed")
@@ -236,6 +252,8 @@ SWITCH_RULES: dict[str, Rule] = {
     "use_blurpool": Rule(bool),
     "ema_decay": Rule(float, 0, 1, help="0 = off"),
     "ema_warmup": Rule(bool),
+    "flip": Rule(bool), "affine": Rule(bool), "color_jitter": Rule(bool), "erasing": Rule(bool),
+    "sync_bn": Rule(bool),
 }
 SWITCHES = tuple(f.name for f in dataclasses.fields(AblationConfig))
 
@@ -259,9 +277,20 @@ def make_config(switches: dict | None = None, **more) -> AblationConfig:
     return AblationConfig(**values)
 
 
+#: The global batch the seed's learning rate (3e-4) belongs to.
+REFERENCE_BATCH = 256
+
+
 def peak_lr(cfg: AblationConfig, world_size: int) -> float:
-    """The OneCycleLR peak: ``cfg.lr`` scaled for the world size by ``cfg.lr_scaling``."""
-    return scale_lr(cfg.lr, world_size, cfg.lr_scaling)
+    """The OneCycleLR peak: ``cfg.lr`` (meant for a global batch of 256, the seed's) scaled to this run's
+    global batch ``world_size × cfg.batch_size`` by ``cfg.lr_scaling`` (none | linear | sqrt)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"peak_lr: world_size={world_size!r} must be an integer >= 1.")
+    ratio = world_size * cfg.batch_size / REFERENCE_BATCH
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}.get(cfg.lr_scaling)
+    if factor is None:
+        raise ValueError(f"peak_lr: lr_scaling={cfg.lr_scaling!r} is unknown; use none, linear or sqrt.")
+    return float(cfg.lr) * factor
 
 
 def schedule(cfg: AblationConfig) -> list[tuple[int, int]]:

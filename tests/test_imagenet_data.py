@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import scipy.io
 from PIL import Image
@@ -286,3 +287,38 @@ def test_interrupted_standin_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_tiny_imagenet_standin(tmp_path / "s", num_classes=3, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["course"]  # no half-written folder, no temporary
+
+
+def test_test_split_is_held_out_of_train_and_stratified(tmp_path):
+    write_tiny_imagenet_standin(tmp_path / "d", num_classes=4, train_per_class=20, val_per_class=4,
+                                test_per_class=0, size=16, progress=False)
+    plain = load_imagenet("auto", tmp_path / "d", image_size=16, standin_classes=4, progress=False)
+    assert sorted(plain.splits) == ["train", "val"], "no test split unless asked for (real layouts unchanged)"
+    data = load_imagenet("auto", tmp_path / "d", image_size=16, standin_classes=4, test_size=12, max_train=40,
+                         progress=False)
+    train, test = data.splits["train"], data.splits["test"]
+    assert len(test) == 12 and len(train) == 40
+    assert not set(train.files) & set(test.files), "the test images must not be trained on"
+    assert set(test.files) < set(plain.splits["train"].files) and data.splits["val"].files == plain.splits["val"].files
+    assert np.bincount(test.labels.numpy()).tolist() == [3, 3, 3, 3], "class shares kept"
+    with pytest.raises(ValueError, match="test_size"):
+        load_imagenet("auto", tmp_path / "d", image_size=16, standin_classes=4, test_size=80, progress=False)
+
+
+def test_memory_budget_memory_maps_and_gives_the_same_batches(tmp_path):
+    write_tiny_imagenet_standin(tmp_path / "d", num_classes=3, train_per_class=10, val_per_class=4,
+                                test_per_class=0, size=16, progress=False)
+    kw = dict(image_size=16, standin_classes=3, test_size=6, progress=False)
+    ram = load_imagenet("auto", tmp_path / "d", memory_budget=10**9, **kw)
+    disk = load_imagenet("auto", tmp_path / "d", memory_budget=100, **kw)   # a tiny budget: nothing fits
+    assert ram.memory_mapped == {} and sorted(disk.memory_mapped) == ["test", "train", "val"]
+    for split in ("train", "val", "test"):
+        path = disk.memory_mapped[split]
+        assert path.is_file() and path.stat().st_size == disk.splits[split].images.numel()
+        assert disk.splits[split].files == ram.splits[split].files
+        for (xa, ya), (xb, yb) in zip(ram.loader(split, 4, seed=1), disk.loader(split, 4, seed=1)):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    again = load_imagenet("auto", tmp_path / "d", memory_budget=100, **kw)  # the on-disk cache is reused
+    assert again.memory_mapped["train"] == disk.memory_mapped["train"]
+    assert torch.equal(again.splits["train"].images, ram.splits["train"].images)
+    assert imagenet.default_memory_budget() > 0

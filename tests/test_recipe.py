@@ -116,18 +116,55 @@ def test_lr_scaling_rule():
     assert scale_lr(3e-4, 4, "none") == pytest.approx(3e-4)
 
 
-def test_rgb_transform_shapes_and_per_image_crops():
+def test_rgb_transform_shapes_and_no_crop_the_seed_never_used():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    same = x[:1].expand(6, -1, -1, -1).contiguous()
-    out = recipe.RGBTransform(16, train=True)(same)
-    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
-    assert not torch.allclose(out[0], out[1]), "each image must get its own crop"
     ev = recipe.RGBTransform(24, train=False)
     assert ev(x).shape == (6, 3, 24, 24)
     assert torch.equal(ev(x), ev(x)), "evaluation is deterministic"
+    # with every augmentation switched off, training = evaluation: no random-resized crop sneaks in
+    plain = recipe.RGBTransform(16, train=True, flip=False)
+    assert torch.allclose(plain(x), recipe.RGBTransform(16, train=False)(x))
+    out = recipe.RGBTransform(16, train=True)(x)            # flip only: each image is itself or its mirror
+    ref = recipe.RGBTransform(16, train=False)(x)
+    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
+    assert all(torch.allclose(o, r) or torch.allclose(o, r.flip(-1)) for o, r in zip(out, ref))
     with pytest.raises(ValueError, match="3, H, W"):
         ev(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_seed_augmentations_are_switches_drawn_per_image():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, -1, -1, -1).contiguous()
+    ref = recipe.RGBTransform(32, train=False)(x)
+    for switch in ("affine", "color_jitter", "erasing"):
+        tf = recipe.RGBTransform(32, train=True, flip=False, **{switch: True})
+        out = tf(x)
+        changed = ~torch.isclose(out, ref, atol=1e-4).flatten(1).all(1)
+        # the seed's probabilities (0.5 / 0.3 / 0.5): some images changed, some not, and not all alike
+        assert 0.1 < changed.float().mean() < 0.9, (switch, changed.float().mean())
+        assert not torch.allclose(out[changed][0], out[changed][-1]), f"{switch}: one draw per image"
+    erased = recipe.RGBTransform(32, train=True, flip=False, erasing=True)(x)
+    zero = (erased == 0).all(1)                              # mean colour = 0 after normalisation
+    hit = zero.flatten(1).sum(1)
+    assert set(hit[hit > 0].tolist()) == {64}, "CoarseDropout: one 8x8 square (a quarter of the side)"
+    cfg = recipe.make_config(flip=False, affine=False, color_jitter=False, erasing=True)
+    tf = recipe.train_transform(cfg, 32)
+    assert (tf.flip, tf.affine, tf.color_jitter, tf.erasing) == (False, False, False, True)
+    defaults = recipe.AblationConfig()
+    assert defaults.affine and defaults.color_jitter and defaults.erasing and defaults.flip
+
+
+def test_peak_lr_is_the_seeds_at_global_batch_256():
+    # 2 ranks x 128 = 256: exactly the seed's 3e-4, whatever the rule
+    for rule in ("none", "linear", "sqrt"):
+        assert recipe.peak_lr(recipe.make_config(lr=3e-4, batch_size=128, lr_scaling=rule), 2) == pytest.approx(3e-4)
+    cfg = recipe.make_config(lr=3e-4, batch_size=256, lr_scaling="linear")
+    assert recipe.peak_lr(cfg, 4) == pytest.approx(1.2e-3)       # global 1024 = 4 x 256
+    cfg = recipe.make_config(lr=3e-4, batch_size=256, lr_scaling="sqrt")
+    assert recipe.peak_lr(cfg, 4) == pytest.approx(6e-4)
+    assert recipe.schedule(recipe.make_config(epochs=90, image_size=224, batch_size=256)) == \
+        recipe.progressive_schedule(90), "the seed's 64/128/224 phases with batches 256/128/64"
 
 
 def test_rgb_transform_channels_last_keeps_the_values():

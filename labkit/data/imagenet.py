@@ -29,6 +29,8 @@ is never written into (its cache lives under ``<course>/data/.cache/``).
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labkit.data.cache import load_images_cached, notice_box
+from labkit.data.cache import cache_file, decode_files, file_stamps, load_images_cached, notice_box
+from labkit.files import atomic_path
 from labkit.data.images import ImageData, ImageSplit, list_class_folders, scan_class_folders, stratified_subset
 from labkit.data.synth_tiny import MARKER, TINY_FOLDER, write_tiny_imagenet_standin
 from labkit.env import resolve_path
@@ -302,6 +305,42 @@ def _decode(root: Path, files: list[str], image_size: int, tag: str, strict: boo
     return load_images_cached(root, files, image_size, "RGB", tag=tag, strict=strict, progress=progress)
 
 
+def default_memory_budget() -> int:
+    """Bytes of decoded images a load may keep in RAM: half the memory available right now."""
+    import psutil
+
+    return int(psutil.virtual_memory().available // 2)
+
+
+def _decode_to_disk(root: Path, files: list[str], image_size: int, tag: str, strict: bool, progress: bool,
+                    chunk: int = 2048) -> tuple[torch.Tensor, np.ndarray, list[str], Path]:
+    """Decode ``files`` chunk by chunk into a raw uint8 file in labkit's cache folder and return the images
+    **memory-mapped** from it (``torch.from_file``: pages are read from disk when a batch touches them, so
+    a split larger than RAM works). Reused while the file list and every file's size and mtime match."""
+    path = cache_file(root, files, image_size, "RGB", f"{tag}-mmap").with_suffix(".u8")
+    meta_path = path.with_suffix(".json")
+    stamp = hashlib.sha1(file_stamps(root, files).numpy().tobytes()).hexdigest()
+    per_image = 3 * image_size * image_size
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if not (meta and meta.get("stamps") == stamp and path.is_file()
+            and path.stat().st_size == len(meta["kept"]) * per_image):
+        kept, skipped = [], []
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            for start in range(0, len(files), chunk):
+                images, k, bad = decode_files(root, files[start:start + chunk], image_size, "RGB", strict,
+                                              progress, desc=f"decoding {tag} to disk")
+                fh.write(images.numpy().tobytes())
+                kept += (k + start).tolist()
+                skipped += bad
+        meta = {"stamps": stamp, "kept": kept, "skipped": skipped, "image_size": image_size}
+        with atomic_path(meta_path) as tmp:
+            tmp.write_text(json.dumps(meta))
+    n = len(meta["kept"])
+    images = (torch.from_file(str(path), shared=False, size=n * per_image, dtype=torch.uint8)
+              .view(n, 3, image_size, image_size) if n else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8))
+    return images, np.asarray(meta["kept"], dtype=np.int64), list(meta["skipped"]), path
+
+
 def _standin_classes(root: Path) -> int | None:
     """The class count recorded in a stand-in's marker file."""
     for word in (root / MARKER).read_text().split():
@@ -346,7 +385,8 @@ def _check_int(name: str, value, low: int, optional: bool = False) -> None:
 def load_imagenet(data: str = "auto", data_dir: str | os.PathLike = "data/tiny-imagenet", layout: str = "auto",
                   image_size: int = 64, subset: bool = False, subset_size: int | None = None,
                   max_train: int | None = None, max_val: int | None = None, standin_classes: int = 10,
-                  seed: int = 0, strict: bool = False, progress: bool = True) -> ImageData:
+                  seed: int = 0, strict: bool = False, progress: bool = True, test_size: int = 0,
+                  memory_budget: int | float | None = None) -> ImageData:
     """Load ImageNet-style data as 3-channel uint8 tensors ``[N, 3, image_size, image_size]``.
 
     ``data``: ``"auto"`` (real data at ``data_dir`` if present, else a synthetic Tiny-ImageNet-layout
@@ -359,35 +399,63 @@ def load_imagenet(data: str = "auto", data_dir: str | os.PathLike = "data/tiny-i
     (``strict=True`` raises). Returns an :class:`ImageData` with splits ``"train"`` and ``"val"``,
     class names from ``words.txt`` when present (the wnids are in ``data.wnids``). The stand-in is
     always drawn with seed 0 (like a real dataset, it does not change with ``seed``).
+
+    ``test_size`` > 0 holds that many training images out (class shares kept, fixed by ``seed``) as a
+    ``"test"`` split that no choice (of a row, an epoch, a learning rate) may look at: Tiny ImageNet's
+    and ILSVRC's own test images are unlabelled. ``memory_budget`` (bytes; default
+    :func:`default_memory_budget`): a split whose decoded images need more is decoded once into a
+    raw file in the cache folder and **memory-mapped** from there instead of held in RAM (a real
+    ILSVRC train split at 224 px is ~193 GB); ``data.memory_mapped`` lists those splits' files.
     """
     _check_int("image_size", image_size, 8)
     _check_int("standin_classes", standin_classes, 2)
     _check_int("subset_size", subset_size, 1, optional=True)
     _check_int("max_train", max_train, 1, optional=True)
     _check_int("max_val", max_val, 1, optional=True)
+    _check_int("test_size", test_size, 0)
+    if memory_budget is None:
+        memory_budget = default_memory_budget()
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget < 0:
+        raise ValueError(f"load_imagenet: memory_budget={memory_budget!r} must be a number of bytes >= 0.")
     root = resolve_path(data_dir)
     layout, folder, synthetic = _locate(data, root, layout, standin_classes, progress)
     if synthetic:
         print(standin_notice(folder, standin_classes))
     listing = {"ilsvrc": lambda: list_ilsvrc(folder, root), "tiny-imagenet": lambda: list_tiny_imagenet(folder),
                "plain": lambda: list_plain(folder)}[layout]()
-    splits, skipped = {}, []
-    for split, cap in (("train", max_train), ("val", max_val)):
-        files, labels = listing.files[split], listing.labels[split]
-        keep = np.arange(len(files))
+    splits, skipped, mapped = {}, [], {}
+    parts = {split: (listing.files[split], listing.labels[split], np.arange(len(listing.files[split])))
+             for split in ("train", "val")}
+    if test_size:
+        files, labels, _ = parts["train"]
+        if test_size >= len(files):
+            raise ValueError(f"load_imagenet: test_size={test_size} leaves no training images ({len(files)} in all).")
+        held = stratified_subset(labels, test_size, seed)
+        rest = np.setdiff1d(np.arange(len(files)), held)
+        parts["test"] = (files, labels, held)
+        parts["train"] = (files, labels, rest)
+    for split, cap in (("train", max_train), ("val", max_val), ("test", None)):
+        if split not in parts:
+            continue
+        files, labels, keep = parts[split]
         if split == "train" and subset:
-            keep = stratified_subset(labels, subset_size or SUBSET_SIZE, seed)
+            keep = keep[stratified_subset(labels[keep], subset_size or SUBSET_SIZE, seed)]
         keep = keep[stratified_subset(labels[keep], cap, seed)]
         files, labels = [files[i] for i in keep], labels[keep]
-        images, kept, bad = _decode(folder, files, image_size, f"{layout}-{split}", strict, progress)
+        if len(files) * 3 * image_size * image_size > memory_budget:
+            images, kept, bad, mapped[split] = _decode_to_disk(folder, files, image_size, f"{layout}-{split}",
+                                                               strict, progress)
+        else:
+            images, kept, bad = _decode(folder, files, image_size, f"{layout}-{split}", strict, progress)
         splits[split] = ImageSplit(images, torch.from_numpy(labels[kept]), [files[i] for i in kept])
         skipped += bad
     name = {"ilsvrc": "imagenet", "tiny-imagenet": "tiny-imagenet"}.get(layout, folder.name)
     out = ImageData(name=name, root=folder, layout=layout, synthetic=synthetic, classes=listing.names,
                     splits=splits, skipped=skipped)
     out.wnids = listing.keys
+    out.memory_mapped = mapped
     return out
 
 
-__all__ = ["LAYOUTS", "find_imagenet_layout", "locate_imagenet", "load_imagenet", "list_ilsvrc",
+__all__ = ["LAYOUTS", "default_memory_budget", "find_imagenet_layout", "locate_imagenet", "load_imagenet", "list_ilsvrc",
            "list_tiny_imagenet", "list_plain", "ilsvrc_val_labels", "class_names", "standin_notice"]
