@@ -451,7 +451,7 @@ print("your rule on this run:", my_kept_epochs(run.history["val_loss"].tolist(),
 # shows the mechanics; the per-class story needs the full configuration — and real scans before it means anything
 # medical.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["nbval-check-output", "labkit-result"]
 y_true, y_pred = run.outputs["y_true"], run.outputs["y_pred"]
 summary = metrics.summarize(y_true, y_pred, len(ds.classes), train_labels=ds["train"].labels)
 print("ViT, best checkpoint, test set: " + "   ".join(f"{k} {v:.2f}" for k, v in summary.items()))
