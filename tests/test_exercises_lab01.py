@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from labkit.exercises import lab01 as exercises
+from checks import one_check_line, stub
 
-
-def _stub(*args):
-    raise NotImplementedError("Exercise: complete this cell")
-
-
-def _one_check_line(capsys) -> str:
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("✓ "), out
-    return out
 
 
 def test_class_weights_right_and_wrong(capsys):
@@ -36,7 +28,7 @@ def test_class_weights_right_and_wrong(capsys):
         exercises.check_class_weights([1.0], [-1])
 
 
-def test_class_weights_calls_the_function_and_reports_a_stub(capsys):
+def test_class_weights_calls_the_function_and_reports_astub(capsys):
     counts = [717, 52, 2560, 1792]
     seen = []
 
@@ -47,9 +39,9 @@ def test_class_weights_calls_the_function_and_reports_a_stub(capsys):
 
     exercises.check_class_weights(answer, pd.Series(counts))
     assert seen == [counts] and all(type(x) is int for x in seen[0])  # called with a plain list of ints
-    _one_check_line(capsys)
+    one_check_line(capsys)
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_class_weights(_stub, counts)
+        exercises.check_class_weights(stub, counts)
     with pytest.raises(AssertionError, match="use 1 / count"):
         exercises.check_class_weights(lambda c: [1.0] * len(c), counts)   # unweighted
     with pytest.raises(AssertionError, match="use 1 / count"):

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from labkit.exercises import lab02 as exercises
+from checks import one_check_line, stub
 
-
-def _stub(*args):
-    raise NotImplementedError("Exercise: complete this cell")
-
-
-def _one_check_line(capsys) -> str:
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("✓ "), out
-    return out
 
 
 def _good_scale_lr(lr, world_size, rule):
@@ -25,14 +17,14 @@ def _good_scale_lr(lr, world_size, rule):
 
 def test_lr_scaling_right_and_wrong(capsys):
     exercises.check_lr_scaling(_good_scale_lr)
-    assert "LR scaling" in _one_check_line(capsys)
+    assert "LR scaling" in one_check_line(capsys)
     swapped = lambda lr, ws, rule: _good_scale_lr(lr, ws, {"linear": "sqrt", "sqrt": "linear"}.get(rule, rule))
     with pytest.raises(AssertionError, match="'linear' multiplies the learning rate by world_size"):
         exercises.check_lr_scaling(swapped)
     with pytest.raises(AssertionError, match="return a float"):
         exercises.check_lr_scaling(lambda lr, ws, rule: str(lr))
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_lr_scaling(_stub)
+        exercises.check_lr_scaling(stub)
     assert capsys.readouterr().out == ""
 
 
@@ -61,7 +53,7 @@ def test_sampler_shard_right_and_wrong(capsys):
     exercises.check_sampler_shard(exercises.sampler_shard, 10, 4, 1)   # a function is called by the check
     assert capsys.readouterr().out.startswith("✓ DistributedSampler shard")
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_sampler_shard(_stub, 10, 4, 1)
+        exercises.check_sampler_shard(stub, 10, 4, 1)
 
 
 def test_lr_scaling_reference_is_independent_of_labkit():
@@ -74,7 +66,7 @@ def test_lr_scaling_reference_is_independent_of_labkit():
 
 def test_global_mean_right_and_wrong(capsys):
     exercises.check_global_mean(lambda pairs: sum(s for s, _ in pairs) / sum(n for _, n in pairs))
-    assert "weighted all-reduce" in _one_check_line(capsys)
+    assert "weighted all-reduce" in one_check_line(capsys)
     mean_of_means = lambda pairs: (lambda m: sum(m) / len(m))([s / n for s, n in pairs if n])
     with pytest.raises(AssertionError, match="you averaged the workers' means"):
         exercises.check_global_mean(mean_of_means)
@@ -84,7 +76,7 @@ def test_global_mean_right_and_wrong(capsys):
     with pytest.raises(AssertionError, match="return one number"):
         exercises.check_global_mean(lambda pairs: [s for s, _ in pairs])
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_global_mean(_stub)
+        exercises.check_global_mean(stub)
     assert capsys.readouterr().out == ""
 
 

@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 
 from labkit.exercises import lab04 as exercises
+from checks import one_check_line, stub
 
-
-def _stub(*args):
-    raise NotImplementedError("Exercise: complete this cell")
-
-
-def _one_check_line(capsys) -> str:
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("✓ "), out
-    return out
 
 
 # --------------------------------------------------------------------------- tokens
@@ -25,7 +17,7 @@ def _tokens(image_size, downsample):
 
 def test_token_count(capsys):
     exercises.check_token_count(_tokens)
-    assert "256× smaller attention" in _one_check_line(capsys)
+    assert "256× smaller attention" in one_check_line(capsys)
     with pytest.raises(AssertionError, match="square it"):   # the sequence ratio, not the attention ratio
         exercises.check_token_count(lambda s, d: ((s // d) ** 2, d * d))
     with pytest.raises(AssertionError, match="tokens, expected"):
@@ -33,7 +25,7 @@ def test_token_count(capsys):
     with pytest.raises(AssertionError, match="two integers"):
         exercises.check_token_count(lambda s, d: None)
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_token_count(_stub)
+        exercises.check_token_count(stub)
     assert capsys.readouterr().out == ""
 
 
@@ -45,7 +37,7 @@ def _prenorm(x, block):
 
 def test_prenorm_block(capsys):
     exercises.check_prenorm_block(_prenorm)
-    assert "pre-LN block" in _one_check_line(capsys)
+    assert "pre-LN block" in one_check_line(capsys)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -62,9 +54,9 @@ def test_prenorm_block_wrong_answers(wrong, message):
         exercises.check_prenorm_block(wrong)
 
 
-def test_prenorm_block_stub():
+def test_prenorm_blockstub():
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_prenorm_block(_stub)
+        exercises.check_prenorm_block(stub)
 
 
 def test_prenorm_reference_matches_the_vit_block():
@@ -89,7 +81,7 @@ def _kept(val_losses, num_to_keep):
 
 def test_kept_checkpoints(capsys):
     exercises.check_kept_checkpoints(_kept)
-    assert "kept checkpoints" in _one_check_line(capsys)
+    assert "kept checkpoints" in one_check_line(capsys)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -104,9 +96,9 @@ def test_kept_checkpoints_wrong_answers(wrong, message):
         exercises.check_kept_checkpoints(wrong)
 
 
-def test_kept_checkpoints_stub():
+def test_kept_checkpointsstub():
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_kept_checkpoints(_stub)
+        exercises.check_kept_checkpoints(stub)
 
 
 def test_replay_matches_rays_own_rule_on_examples():

@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from labkit.exercises import lab05 as exercises
+from checks import one_check_line, stub
 
-
-def _stub(*args):
-    raise NotImplementedError("Exercise: complete this cell")
-
-
-def _one_check_line(capsys) -> str:
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("✓ "), out
-    return out
 
 
 def _fedavg(states, sizes):
@@ -29,7 +21,7 @@ def _fedavg(states, sizes):
 
 def test_fedavg_right_answer_passes(capsys):
     exercises.check_fedavg(_fedavg)
-    assert "FedAvg" in _one_check_line(capsys)
+    assert "FedAvg" in one_check_line(capsys)
 
 
 def test_fedavg_typical_wrong_answers_fail_with_a_hint():
@@ -74,7 +66,7 @@ def test_fedavg_typical_wrong_answers_fail_with_a_hint():
         exercises.check_fedavg(counter_summed)
 
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exercises.check_fedavg(_stub)
+        exercises.check_fedavg(stub)
 
 
 def test_reference_fedavg_is_weighted_mean_and_rounds_counters():
