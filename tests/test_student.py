@@ -28,8 +28,11 @@ EXERCISES = [
     ("def my_class_weights(counts):\n    # BEGIN SOLUTION\n    inverse = [1.0 / c for c in counts]\n"
      "    return [w * len(inverse) / sum(inverse) for w in inverse]\n    # END SOLUTION",
      "lab01.check_class_weights(my_class_weights([717, 52, 2560, 1792]), [717, 52, 2560, 1792])"),
-    ("def my_fedavg(states, sizes):\n    # BEGIN SOLUTION\n    total = sum(sizes)\n"
-     "    return {k: sum(s[k] * (n / total) for s, n in zip(states, sizes)) for k in states[0]}\n"
+    ("def my_fedavg(states, sizes):\n    # BEGIN SOLUTION\n    total = sum(sizes)\n    out = {}\n"
+     "    for k, first in states[0].items():\n"
+     "        mean = sum(s[k].double() * (n / total) for s, n in zip(states, sizes))\n"
+     "        out[k] = (mean if first.is_floating_point() else mean.round()).to(first.dtype)\n"
+     "    return out\n"
      "    # END SOLUTION",
      "lab05.check_fedavg(my_fedavg)"),
 ]
