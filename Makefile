@@ -1,7 +1,7 @@
 # The README's two commands:
 #   make course   set up .venv, run every lab in quick mode, write results/ (results/SUMMARY.md, summary.png)
 #   make test     set up .venv, run the test suite (what CI runs: .ci/run)
-# Other targets: make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
+# Other targets: make regrade (the course, then every executed lab regraded with nbval), make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
 # labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make clean.
 
 PYTHON ?= python3
@@ -9,13 +9,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.labkit-installed
 
-.PHONY: course test setup lab student labs clean
+.PHONY: course test regrade setup lab student labs clean
 
 course: $(STAMP)
 	$(BIN)/labkit run --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# CI re-executes only the quickest labs under nbval (the budget); this regrades every lab.
+regrade: $(STAMP)
+	LABKIT_REGRADE_ALL=1 $(BIN)/python -m pytest tests/test_course_flow.py
 
 setup: $(STAMP)
 

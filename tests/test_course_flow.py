@@ -1,5 +1,6 @@
 """The course flow CI runs: every lab in labs/ through papermill in quick mode, then the instructor's
-regrade (nbval) on the executed copies, then the results summary.
+regrade (nbval) on the executed copies — the quickest labs re-executed end to end in CI, every lab with
+``LABKIT_REGRADE_ALL=1`` (``make regrade``) — then the results summary.
 
 It picks up every ``labs/*.ipynb`` on its own. With no labs yet it runs two tiny stand-in labs, so
 the flow itself stays tested. Executed copies and run records go to a temporary results folder;
@@ -7,6 +8,8 @@ data is read from (or written once into) the course's shared ``data/`` cache.
 """
 from __future__ import annotations
 
+import copy
+import os
 import re
 import shutil
 from pathlib import Path
@@ -98,13 +101,27 @@ def test_every_lab_runs_cleanly_in_quick_mode(course):
         assert any(CHECK in c.metadata.get("tags", []) for c in nb.cells), f"{run.lab} has no {CHECK} cell"
 
 
+#: How many labs the CI regrade re-executes end to end (the quickest ones); ``LABKIT_REGRADE_ALL=1`` (or
+#: ``make regrade``) re-executes every lab. Every lab's comparison rules are still checked in CI, without
+#: re-execution, by ``test_every_lab_checks_a_trained_result_and_would_catch_it_moved``.
+CI_REGRADE_LABS = 2
+
+
+def _regrade_sample(runs: list) -> list:
+    """The labs the regrade test re-executes: all with ``LABKIT_REGRADE_ALL=1``, else the quickest few —
+    re-executing every lab doubles the course's share of CI (issue 18's budget)."""
+    if os.environ.get("LABKIT_REGRADE_ALL", "").strip().lower() in ("1", "true", "yes", "on"):
+        return runs
+    return sorted(runs, key=lambda r: r.seconds)[:CI_REGRADE_LABS]
+
+
 def test_regrade_passes_on_the_executed_labs_even_with_new_timings_and_nudged_results(course):
     folder = course["tmp"] / "submitted"
     folder.mkdir()
     copies = []
     ran = [r for r in course["runs"] if r.ok]   # a lab that failed is reported by the test above
     assert ran, format_runs(course["runs"])
-    for run in ran:
+    for run in _regrade_sample(ran):
         nb = nbformat.read(run.output, as_version=4)
         _change_timings(nb)
         assert _move_result(nb, 0.01) is not None, f"{run.lab}: no trained result to nudge"   # inside the tolerance
@@ -150,11 +167,12 @@ def test_every_lab_checks_a_trained_result_and_would_catch_it_moved(course):
         nb = nbformat.read(run.output, as_version=4)
         assert _result_cells(nb), f"{run.lab}: no cell tagged {RESULT} (its headline metric)"
         assert all(CHECK in nb.cells[i].metadata.get("tags", []) for i in _result_cells(nb)), run.lab
+        nudged = _move_result(copy.deepcopy(nb), 0.01)
         moved = _move_result(nb, 0.2)
-        assert moved is not None, f"{run.lab}: its result cell prints no metric in [0, 1]"
+        assert moved is not None and nudged is not None, f"{run.lab}: its result cell prints no metric in [0, 1]"
         _, old, new = moved
-        assert compare_within(sanitize(old), sanitize(old), DEFAULT_TOLERANCE) is None
-        assert compare_within(sanitize(new), sanitize(old), DEFAULT_TOLERANCE) is not None, run.lab
+        assert compare_within(sanitize(nudged[2]), sanitize(old), DEFAULT_TOLERANCE) is None, run.lab   # inside: passes
+        assert compare_within(sanitize(new), sanitize(old), DEFAULT_TOLERANCE) is not None, run.lab     # outside: fails
         assert _edit_checked_digit(nb) is not None, f"{run.lab}: no exact checked output to tamper with"
 
 
