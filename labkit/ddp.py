@@ -263,6 +263,19 @@ def reduce_metrics(stats: dict, keys: tuple[str, ...], device: torch.device | st
     return out
 
 
+def gather_arrays(*arrays) -> list:
+    """Concatenate each array over the ranks (``all_gather_object``; rank order), e.g. every rank's labels
+    and predictions of its evaluation shard, so rank 0 can compute balanced accuracy and macro-F1 over the
+    whole split. Returns the arrays unchanged without a process group."""
+    import numpy as np
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [np.asarray(a) for a in arrays]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [np.asarray(a) for a in arrays])
+    return [np.concatenate([part[i] for part in gathered]) for i in range(len(arrays))]
+
+
 def hello(rank: int, world_size: int, device: torch.device, fail_rank: int | None = None,
           sleep_rank: int | None = None, sleep_s: float = 0.0) -> dict:
     """A toy rank function: ``all_reduce`` the rank numbers (the lab's first DDP step).

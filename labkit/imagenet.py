@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from labkit import ddp, recipe
+from labkit import ddp, metrics, recipe
 from labkit import env
 from labkit.env import environment, seed_everything
 from labkit.params import QUICK, ParameterError, Rule
@@ -259,8 +259,12 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     test = None
     if test_loader is not None:  # the held-out split: measured once, at the end; nothing is chosen on it
         judged = ema.module if ema is not None else model
-        test = ddp.reduce_metrics(evaluate(judged, test_loader, eval_loss, device=device, transform=eval_tf,
-                                           amp_dtype=amp_dtype, topk=(1, 5)), ("acc", "top5"), device)
+        outputs = evaluate(judged, test_loader, eval_loss, device=device, transform=eval_tf, amp_dtype=amp_dtype,
+                           topk=(1, 5), return_outputs=True)
+        outputs.pop("probs")
+        y_true, y_pred = ddp.gather_arrays(outputs.pop("y_true"), outputs.pop("y_pred"))
+        test = {**ddp.reduce_metrics(outputs, ("acc", "top5"), device),
+                **metrics.summarize(y_true, y_pred, num_classes, train_labels=train_set.labels)}
     seconds = ddp.reduce_max(time.perf_counter() - started, device)
     if rank != 0:
         return {}
@@ -269,6 +273,8 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     images = sum(h["images_per_s"] * h["seconds"] for h in history[start:])
     final = {"top1": last["val_acc"], "top5": last["val_top5"], "train_top1": last["train_top1"],
              "test_top1": test["acc"] if test else float("nan"), "test_top5": test["top5"] if test else float("nan"),
+             **{f"test_{k}": test[k] if test else float("nan") for k in ("balanced_acc", "macro_f1", "majority_rate")},
+             "chance": 1.0 / num_classes,
              "gap": last["gap"], "seconds": seconds, "images_per_s": images / train_s,
              "epochs": last["epoch"], "peak_lr": lr, "global_batch": cfg.batch_size * world_size,
              "precision": env.precision_name(amp_dtype), "channels_last": channels_last,
@@ -348,7 +354,8 @@ def ablation_table(results: list[dict]):
     """One row per ablation (repeats of a row averaged), as a pandas DataFrame.
 
     Columns: ``seeds`` (runs), ``top1`` (mean validation top-1), ``top1_spread`` (max − min over the
-    seeds; NaN for a single run), ``top5``, ``test_top1`` (mean), ``gap``, ``seconds``, ``images_per_s``
+    seeds; NaN for a single run), ``top5``, ``test_top1``, ``test_balanced_acc``, ``test_macro_f1`` (means on the
+    held-out split), ``gap``, ``seconds``, ``images_per_s``
     (means), ``diff`` (top-1 minus the first row's, the baseline) and ``verdict``: ``"within noise"``
     when ``|diff|`` is smaller than the baseline's seed spread, else ``"beyond noise"`` (``"baseline"``
     for the first row; ``"no spread measured"`` when the baseline ran once).
@@ -371,7 +378,9 @@ def ablation_table(results: list[dict]):
         top1 = [f["top1"] for f in finals]
         table.append({"ablation": row, "seeds": len(finals), "top1": mean("top1"),
                       "top1_spread": max(top1) - min(top1) if len(top1) > 1 else float("nan"),
-                      "top5": mean("top5"), "test_top1": mean("test_top1"), "gap": mean("gap"),
+                      "top5": mean("top5"), "test_top1": mean("test_top1"),
+                      "test_balanced_acc": mean("test_balanced_acc"), "test_macro_f1": mean("test_macro_f1"),
+                      "gap": mean("gap"),
                       "seconds": mean("seconds"), "images_per_s": mean("images_per_s")})
     base = table[0]
     for t in table:

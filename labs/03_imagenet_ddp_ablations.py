@@ -796,6 +796,7 @@ plotting.save_figure(fig, out_dir / "learning_curves.png");
 best = table.loc[table["top1"].idxmax()]
 print(f"chosen on validation: {best['ablation']} ({best['verdict']}); "
       f"test top-1 {best['test_top1']:.3f} (validation {best['top1']:.3f}; chance {1 / num_classes:.2f})")
+print(f"test balanced accuracy {best['test_balanced_acc']:.3f}, macro-F1 {best['test_macro_f1']:.3f}")
 
 # %% [markdown]
 # ## 9. Against the source project
@@ -859,10 +860,14 @@ record = results.RunRecord(
                                       for r in runs for h in r["history"]],
     final={"best_ablation": best["ablation"], "chosen_on": "validation", "top1": float(best["test_top1"]),
            "val_top1": float(best["top1"]), "top5": float(rows_by_name.loc[best["ablation"], "top5"]),
+           "acc": float(best["test_top1"]), "balanced_acc": float(best["test_balanced_acc"]),
+           "macro_f1": float(best["test_macro_f1"]),
+           "majority_rate": float(next(r for r in runs if r["row"] == best["ablation"])["final"]["test_majority_rate"]),
            "gap": float(best["gap"]), "ablations": len(table), "runs": len(runs), "repeats": cfg.repeats,
            "baseline_top1_mean": float(base_row["top1"]), "baseline_top1_spread": float(base_row["top1_spread"]),
            "rows": {r["ablation"]: {"top1_mean": r["top1"], "top1_spread": r["top1_spread"], "seeds": int(r["seeds"]),
-                                    "test_top1_mean": r["test_top1"], "diff": r["diff"], "verdict": r["verdict"]}
+                                    "test_top1_mean": r["test_top1"], "test_balanced_acc_mean": r["test_balanced_acc"],
+                                    "test_macro_f1_mean": r["test_macro_f1"], "diff": r["diff"], "verdict": r["verdict"]}
                     for r in table.to_dict("records")},
            "chance": 1 / num_classes,
            "seconds": sum(r["final"]["seconds"] for r in runs),

@@ -305,7 +305,11 @@ def test_quick_notebook_runs_and_writes_record_table_plots(course):
     assert final["baseline_top1_mean"] > TARGET, f"the quick baseline does not learn: {final['baseline_top1_mean']}"
     assert final["repeats"] == 2 and final["rows"]["baseline"]["seeds"] == 2
     for name, row in final["rows"].items():
-        assert {"top1_mean", "top1_spread", "seeds", "verdict", "test_top1_mean"} <= set(row), name
+        assert {"top1_mean", "top1_spread", "seeds", "verdict", "test_top1_mean", "test_balanced_acc_mean",
+                "test_macro_f1_mean"} <= set(row), name
+    # The honest metrics of every record: balanced accuracy and macro-F1 beside the majority rate.
+    assert {"acc", "balanced_acc", "macro_f1", "majority_rate"} <= set(final)
+    assert final["balanced_acc"] > final["majority_rate"], final
     assert final["baseline_top1_spread"] >= 0 and final["chosen_on"] == "validation"
     assert final["best_ablation"] in final["rows"] and 0.0 <= final["top1"] <= 1.0   # test top-1 of the choice
     assert {e["row"] for e in rec["epochs"]} == set(final["rows"]) >= {"baseline", "+mixup/cutmix", "+EMA"}
