@@ -48,3 +48,43 @@ def summarize(y_true, y_pred, num_classes: int | None = None, train_labels=None)
         "majority_rate": majority_rate(y, train_labels),
         "chance": 1.0 / k,
     }
+
+
+# --------------------------------------------------------------------------- is a difference real?
+def accuracy_noise(acc_a: float, n_a: int, acc_b: float, n_b: int, z: float = 2.0) -> float:
+    """How far two accuracies measured on ``n_a`` and ``n_b`` test images can differ by the luck of the test
+    sample alone: ``z`` standard errors of the difference (binomial; ``z=2`` ≈ a 95 % interval).
+
+    This is a *lower bound* on the run-to-run spread: a different seed moves a result further (Lab 03 measures
+    that spread by repeating runs). A difference smaller than this is not evidence of anything.
+    """
+    for name, acc, n in (("acc_a", acc_a, n_a), ("acc_b", acc_b, n_b)):
+        if not 0.0 <= acc <= 1.0:
+            raise ValueError(f"{name}={acc!r}: an accuracy lies in [0, 1].")
+        if int(n) < 1:
+            raise ValueError(f"n for {name} is {n!r}: need at least one test image.")
+    return float(z * np.sqrt(acc_a * (1 - acc_a) / n_a + acc_b * (1 - acc_b) / n_b))
+
+
+def paired_noise(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds: int = 1000,
+                 seed: int = 0) -> float:
+    """Half the width of the 95 % bootstrap interval of ``metric(pred_a) − metric(pred_b)`` when both models
+    were scored on the *same* test images: resample the images (with replacement) ``rounds`` times and
+    recompute the difference. Pairing removes the luck both models share, so this is tighter than
+    :func:`accuracy_noise` — but it is still only test-sample noise, not seed-to-seed spread."""
+    y, a, b = _as_array(y_true, "y_true"), _as_array(pred_a, "pred_a"), _as_array(pred_b, "pred_b")
+    if not y.shape == a.shape == b.shape:
+        raise ValueError(f"y_true, pred_a and pred_b have {y.size}, {a.size} and {b.size} entries: one per test image.")
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(rounds):
+        idx = rng.integers(0, y.size, y.size)
+        diffs.append(metric(y[idx], a[idx]) - metric(y[idx], b[idx]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float((hi - lo) / 2)
+
+
+def verdict(difference: float, noise: float) -> str:
+    """``"within noise"`` when ``|difference| < noise``, else ``"beyond noise"`` — the label every comparison
+    in the course puts beside a difference (Lab 03's ablation table uses the same rule with the seed spread)."""
+    return "within noise" if abs(difference) < noise else "beyond noise"

@@ -571,6 +571,14 @@ else:
     keys = ("image_size", "epochs", "batch_size", "max_train", "max_test", "data", "amp")
     differ = {k: (baseline.params.get(k), cfg.get(k)) for k in keys if baseline.params.get(k) != cfg.get(k)}
     print("settings differ (Lab 01 vs Lab 02): " + str(differ) if differ else "same data and settings as the Lab 01 run")
+    # Is the accuracy difference real? Each accuracy was measured on a finite test sample; a difference smaller
+    # than that sampling noise says nothing (and a different seed moves results further still — Lab 03 measures it).
+    n_base, n_ray = sum(baseline.data["counts"]["test"].values()), int(final["images"])
+    acc_diff = ray_row["test_acc"] - base_row["test_acc"]
+    acc_noise = metrics.accuracy_noise(base_row["test_acc"], n_base, ray_row["test_acc"], n_ray)
+    acc_verdict = metrics.verdict(acc_diff, acc_noise)
+    print(f"test accuracy, Lab 02 − Lab 01: {acc_diff:+.3f}; test-sample noise ±{acc_noise:.3f} "
+          f"(2 standard errors, {n_base} and {n_ray} images) → {acc_verdict}")
     plotting.plot_comparison(comparison, out_dir / "training_comparison.png",
                              metrics=["seconds_per_epoch", "total_seconds", "test_acc"], label_col="run",
                              title="Single process vs Ray Train")
@@ -620,6 +628,7 @@ record.final = {**summary, **scores, "test_acc": scores["acc"], "test_loss": fin
                 "parameters": n_params, "run_dir": str(run.run_dir)}
 if comparison is not None:
     record.final["comparison"] = comparison.to_dict(orient="records")
+    record.final["vs_lab01"] = {"acc_diff": acc_diff, "noise": acc_noise, "verdict": acc_verdict}
 plots = ["training_curves", "time_breakdown", "confusion_matrix"]
 plots += ["training_comparison"] if comparison is not None else []
 plots += ["speedup"] if cfg.sweep else []

@@ -3,6 +3,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,23 @@ def test_corrupt_record_is_named(results_tmp):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json"):
         results.load_record(bad)
+
+
+def test_noise_of_a_difference_and_its_verdict():
+    from labkit import metrics
+
+    wide = metrics.accuracy_noise(0.6, 100, 0.62, 100)
+    assert wide == pytest.approx(2 * (0.6 * 0.4 / 100 + 0.62 * 0.38 / 100) ** 0.5)
+    assert metrics.accuracy_noise(0.6, 10_000, 0.62, 10_000) < wide / 5          # more images, less noise
+    assert metrics.verdict(0.02, wide) == "within noise" and metrics.verdict(-0.3, wide) == "beyond noise"
+    with pytest.raises(ValueError, match="acc_b=1.2"):
+        metrics.accuracy_noise(0.5, 10, 1.2, 10)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    good = np.where(rng.random(300) < 0.8, y, (y + 1) % 3)
+    close = np.where(rng.random(300) < 0.78, y, (y + 1) % 3)
+    noise = metrics.paired_noise(y, good, close, rounds=300)
+    assert 0 < noise < wide                       # pairing: tighter than the unpaired binomial bound
+    assert metrics.paired_noise(y, good, good, rounds=50) == 0.0
+    with pytest.raises(ValueError, match="one per test image"):
+        metrics.paired_noise(y, good[:10], close)
