@@ -41,6 +41,8 @@ from labkit.files import atomic_path
 _EVENTS = None  # the queue to the caller, set inside each rank by _rank_main
 #: PIDs of the ranks of the latest launch (the tests check that none survives).
 last_pids: list[int] = []
+#: The rendezvous port of the last :func:`launch` (tests check it is free again afterwards).
+last_port: list[int] = [0]
 
 
 class DDPError(RuntimeError):
@@ -175,6 +177,7 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, backend: str = "a
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     port = free_port()
+    last_port[0] = port
     pctx = mp.start_processes(_rank_main, nprocs=world_size, join=False, daemon=True, start_method="spawn",
                               args=(fn, world_size, port, backend, device_type, timeout_s, events, threads, args))
     last_pids[:] = pctx.pids()

@@ -195,3 +195,24 @@ def test_no_cell_shows_the_same_figure_twice(course):
                 continue
             images = [o["data"]["image/png"] for o in cell.outputs if "image/png" in o.get("data", {})]
             assert len(images) == len(set(images)), f"{run.lab}: cell {index} shows one figure twice:\n{cell.source}"
+
+
+def test_no_lab_leaves_ray_ddp_or_serve_processes_behind(course):
+    """Resource hygiene: after the whole course, none of the Ray clusters the labs started (raylet, GCS —
+    their workers, Serve replicas and proxies die with them) and no DDP rank or script (Lab 03's torchrun)
+    that ran from this run's folders is still alive."""
+    import psutil
+
+    from labkit.distributed import ray_daemon_pids
+
+    assert ray_daemon_pids(under=course["ray_dir"]) == set()
+    folders = (str(course["ray_dir"]), str(course["results"]))
+    strays = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if proc.info["pid"] != os.getpid() and any(f in cmdline for f in folders):
+            strays.append(f"{proc.info['pid']}: {cmdline[:160]}")
+    assert not strays, "\n".join(strays)

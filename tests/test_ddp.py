@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 
 import psutil
@@ -90,6 +91,8 @@ def test_failing_rank_reaches_caller_and_stops_all():
     assert "DDP rank 1 of 2 failed" in str(err) and "failed on purpose" in str(err)
     assert "Traceback" in err.remote_traceback
     _assert_no_ranks_left()
+    with socket.socket() as sock:          # the rendezvous port is free again (no rank holds it)
+        sock.bind(("127.0.0.1", ddp.last_port[0]))
 
 
 @pytest.mark.slow
