@@ -88,6 +88,13 @@ def _device_test(value: str) -> str | None:
     return "is not a device name"
 
 
+def folder_test(value: str) -> str | None:
+    """A ``Rule`` test for dataset folders: a path that is a file is refused (``None`` passes)."""
+    from labkit.env import resolve_path
+
+    return "is a file, not a folder (give the dataset's folder)" if resolve_path(value).is_file() else None
+
+
 #: Rules for the parameter names the labs share. A lab passes ``rules=`` for its own extras.
 RULES: dict[str, Rule] = {
     "epochs": Rule(int, 1, 10_000, help="passes over the training data"),
@@ -97,7 +104,7 @@ RULES: dict[str, Rule] = {
     "device": Rule(str, test=_device_test, help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     "data": Rule(str, choices=("auto", "real", "synthetic"),
                  help="'auto' uses the real data when present, else writes a synthetic stand-in"),
-    "data_dir": Rule(str, help="dataset folder, relative to the course folder"),
+    "data_dir": Rule(str, test=folder_test, help="dataset folder, relative to the course folder"),
     "quick": Rule(bool, help="shrink data, image size and epochs to finish in about a minute"),
     "seed": Rule(int, 0, 2**32 - 1),
     "class_weights": Rule(bool, help="weight the loss by inverse class frequency"),
@@ -112,6 +119,14 @@ RULES: dict[str, Rule] = {
     "precision": Rule(str, choices=("auto", "32", "bf16-mixed", "16-mixed"),
                       help="Lightning precision; 'auto' = bf16-mixed where the GPU or CPU runs bf16 natively, 16-mixed on other GPUs, else 32"),
     "track": Rule(bool, help="log the run to MLflow"),
+    "num_samples": Rule(int, 1, 10_000, help="Ray Tune trials (hyperparameter configurations) to sample"),
+    "max_epochs": Rule(int, 1, 10_000, help="epochs a Tune trial may train at most (ASHA stops weak ones earlier)"),
+    "grace_period": Rule(int, 1, 10_000, help="epochs every Tune trial trains before ASHA may stop it"),
+    "replicas": Rule(int, 1, 256, help="Ray Serve replicas of the model deployment"),
+    "max_batch_size": Rule(int, 1, 4096, help="most requests @serve.batch combines into one forward pass"),
+    "batch_wait_timeout_s": Rule(float, 0, 10, help="seconds @serve.batch waits to fill a batch"),
+    "load_requests": Rule(int, 1, 1_000_000, help="requests per configuration in the bounded load test"),
+    "quantize": Rule(bool, help="quantize the best model to int8 (torchao) and compare it with fp32"),
 }
 
 #: What quick mode does to each lab: numbers are caps (min with the given value), others replace.
@@ -123,6 +138,7 @@ QUICK: dict[str, dict[str, Any]] = {
                     "depth": 2, "heads": 4, "dim": 64, "mlp_dim": 128},
     "05_federated": {"rounds": 3, "local_epochs": 1, "image_size": 32, "batch_size": 32, "max_patches": 1400},
     "06_streaming_data": {"epochs": 2, "image_size": 64, "max_train": 800, "max_test": 300},
+    "07_tune_serve": {"num_samples": 4, "max_epochs": 3, "grace_period": 1, "image_size": 64, "max_train": 1000, "max_test": 300, "replicas": 2, "load_requests": 60},
 }
 _QUICK_DEFAULT = {"epochs": 2, "image_size": 64, "max_train": 800, "max_test": 300}
 
@@ -174,6 +190,7 @@ def check(lab: str, rules: dict[str, Rule] | None = None, show: bool = True, **v
     if problems:
         raise ParameterError(f"{lab}: " + "\n".join(problems) + "\n(with papermill: -p NAME VALUE, e.g. -p epochs 5)")
 
+    _check_cluster(lab, values)
     cfg = Config(values)
     cfg["lab"] = lab
     cfg.setdefault("max_train", None)
@@ -190,6 +207,25 @@ def check(lab: str, rules: dict[str, Rule] | None = None, show: bool = True, **v
         cfg.show()
         _note_machine(cfg.get("device", "auto"))
     return cfg
+
+
+def _check_cluster(lab: str, values: dict) -> None:
+    """What only the machine can tell, checked before anything starts: a given Ray ``address`` answers (a
+    5-second probe instead of Ray's minutes of retries), and without one, ``workers`` fit this machine."""
+    if "address" not in values and "workers" not in values:
+        return
+    from labkit import distributed
+
+    address = distributed.resolve_address(values.get("address"))
+    try:
+        if address is not None:
+            distributed.check_address(address)
+        elif "workers" in values:
+            distributed.plan_scaling(values["workers"], values.get("device", "auto"), **distributed.machine_resources())
+    except (ConnectionError, ParameterError) as exc:
+        name = "address" if address is not None else "workers"
+        value = values.get("address") or address if name == "address" else values["workers"]
+        raise ParameterError(f"{lab}: parameter {name!r} = {value!r}: {exc}") from None
 
 
 def _note_machine(device: Any) -> None:
