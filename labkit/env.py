@@ -185,3 +185,14 @@ def resolve_path(path: str | os.PathLike) -> Path:
     """``path`` as given when absolute, otherwise relative to :func:`project_root`."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else project_root() / p
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a run record keeps it: relative to the course folder when inside it, ``~/…`` when in
+    the home folder, else absolute — so shared results carry no user names or home folders."""
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    for base, prefix in ((project_root(), ""), (Path(os.path.abspath(Path.home())), "~/")):
+        if p == base or p.is_relative_to(base):
+            rel = p.relative_to(base).as_posix()
+            return prefix + rel if rel != "." else (prefix.rstrip("/") or ".")
+    return p.as_posix()

@@ -54,7 +54,12 @@ def restore(checkpoint: Any, model: nn.Module, optimizer: torch.optim.Optimizer 
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"restore: no {CHECKPOINT_FILE} at {path}; pass a folder written by save_checkpoint.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors, numbers, strings, lists and dicts only; nothing in the file can run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — name the file whatever went wrong
+        why = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), exc)
+        raise ValueError(f"restore: checkpoint {path} was not loaded ({type(exc).__name__}: {why}); it is damaged, "
+                         "not written by save_checkpoint, or holds objects that could run code.") from None
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

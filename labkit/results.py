@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from labkit.env import resolve_path
+from labkit.env import portable_path, resolve_path
 from labkit.files import write_json
 
 #: Lab name → folder under ``results/`` (the names every issue uses).
@@ -26,6 +26,7 @@ RESULT_DIRS = {
     "04_lung_vit": "04_lung_vit",
     "05_federated": "05_federated",
     "06_streaming_data": "06_streaming",
+    "07_tune_serve": "07_serve",
 }
 
 
@@ -56,9 +57,10 @@ class RunRecord:
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def add_artifact(self, path: str | os.PathLike, results_dir: str | os.PathLike | None = None) -> None:
-        """Remember a file the run wrote (stored relative to the results folder when inside it)."""
+        """Remember a file the run wrote: relative to the results folder when inside it, else as
+        :func:`labkit.env.portable_path` writes it (course-relative or ``~/…``: no home folder or user name)."""
         p, root = Path(path).resolve(), results_root(results_dir).resolve()
-        rel = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+        rel = p.relative_to(root).as_posix() if p.is_relative_to(root) else portable_path(p)
         if rel not in self.artifacts:
             self.artifacts.append(rel)
 

@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from labkit.data.cache import MARKER, cache_dir_for, load_images_cached, notice_box
-from labkit.data.images import IGNORED_NAMES, stratified_subset
+from labkit.data.images import IGNORED_NAMES, regular_files, stratified_subset
 from labkit.data.synth_breast import write_breast_standin
-from labkit.env import resolve_path
+from labkit.env import portable_path, resolve_path
 from labkit.files import write_json
 
 CLASSES = ("no IDC", "IDC")
@@ -81,6 +81,9 @@ def find_breast_layout(root: str | os.PathLike, depth: int = 1) -> tuple[str, Pa
     dirs = [p for p in entries if p.is_dir()]
     names = {p.name for p in dirs}
     if {"0", "1"} <= names:
+        if names - {"0", "1"}:
+            raise FileNotFoundError(f"{root} holds the class folders 0/ and 1/ but also {sorted(names - {'0', '1'})[:5]};"
+                                    f" only 0/ (no IDC) and 1/ (IDC) are classes. Remove or rename the others.")
         return "binary", root
     patients = [p for p in dirs if (p / "0").is_dir() or (p / "1").is_dir()]
     if (len(dirs) == 1 == len(patients) and depth > 0 and (dirs[0] / "0").is_dir() and (dirs[0] / "1").is_dir()
@@ -100,7 +103,7 @@ def find_breast_layout(root: str | os.PathLike, depth: int = 1) -> tuple[str, Pa
 
 
 def _class_files(folder: Path) -> list[Path]:
-    files = [p for p in _visible(folder) if p.is_file()]
+    files = [folder / n for n in regular_files(folder)]
     if not files:
         raise ValueError(f"class folder {folder} is empty: remove it or put its patches back.")
     return files
@@ -116,6 +119,10 @@ def scan_breast(root: Path, layout: str, folder: Path) -> tuple[list[str], np.nd
                 labels.append(c)
         return files, np.asarray(labels, np.int64), None
     for person in [p for p in _visible(folder) if p.is_dir()]:
+        odd = [p.name for p in _visible(person) if p.is_dir() and p.name not in ("0", "1")]
+        if odd:
+            raise ValueError(f"{person} holds the folder(s) {odd[:5]}; a patient folder holds only 0/ (no IDC) and "
+                             f"1/ (IDC). Remove or rename them.")
         for c in (0, 1):
             sub = person / str(c)
             if not sub.is_dir():
@@ -161,8 +168,8 @@ class BreastData:
     def describe(self) -> dict:
         """A JSON-ready summary for the run record."""
         y = self.labels.numpy()
-        return {"name": "breast-idc", "layout": self.layout, "root": str(self.root), "synthetic": self.synthetic,
-                "classes": list(self.classes), "patches": len(y), "positive": int(y.sum()),
+        return {"name": "breast-idc", "layout": self.layout, "root": portable_path(self.root),
+                "synthetic": self.synthetic, "classes": list(self.classes), "patches": len(y), "positive": int(y.sum()),
                 "patients": None if self.patients is None else len(set(self.patients)),
                 "image_shape": list(self.images.shape[1:]), "skipped": list(self.skipped)}
 

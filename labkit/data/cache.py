@@ -2,9 +2,11 @@
 
 The seed project decoded every JPEG with PIL in every epoch. Here each image is decoded and resized
 once; the result is saved with ``torch.save`` (a dict of tensors and lists, read back with
-``torch.load(weights_only=True)``) under ``<dataset root>/.labkit_cache/`` — or, when the dataset
-folder is read-only, under ``<course>/data/.cache/``. A cache file belongs to one image size, one
-channel mode and one file list; it is rebuilt when any file's size or modification time changes.
+``torch.load(weights_only=True)``) under ``<stand-in root>/.labkit_cache/`` for a stand-in labkit
+wrote, else (a real dataset folder is never written into, and a read-only stand-in falls back here)
+under ``$LABKIT_CACHE`` or ``<course>/data/.cache/``. A cache file belongs to one image size, one
+channel mode and one file list; it is rebuilt when any file's size or modification time changes,
+and when it is damaged (unreadable, or its images no longer match their checksum), with a warning.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from labkit.env import resolve_path
 from labkit.files import atomic_path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry a checksum of their images
 CACHE_FOLDER = ".labkit_cache"
 #: The file that marks a folder as a synthetic stand-in written by labkit.
 MARKER = "LABKIT_SYNTHETIC.txt"
@@ -58,14 +60,20 @@ def cache_dir_for(root: str | os.PathLike) -> Path:
     if is_standin(root):
         folder = root / CACHE_FOLDER
         try:
-            folder.mkdir(exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return folder
+            if folder.is_dir() or os.access(root, os.W_OK):   # a read-only stand-in: fall back below
+                folder.mkdir(exist_ok=True)
+                if os.access(folder, os.W_OK):
+                    return folder
         except OSError:
             pass
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
-    fallback = resolve_path(os.environ.get("LABKIT_CACHE") or "data/.cache") / f"{root.name}-{digest}"
-    fallback.mkdir(parents=True, exist_ok=True)
+    base = resolve_path(os.environ.get("LABKIT_CACHE") or "data/.cache")
+    fallback = base / f"{root.name}-{digest}"
+    try:
+        fallback.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot create the image cache folder {fallback} ({err.strerror}); set "
+                                 f"LABKIT_CACHE to a writable folder") from err
     return fallback
 
 
@@ -86,15 +94,38 @@ def decode_image(path: str | os.PathLike, image_size: int, mode: str = "L") -> n
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft(mode, (image_size, image_size))
-        im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+        im = to_8bit(im).convert(mode).resize((image_size, image_size), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """``im`` with 8 bits per channel and no transparency, ready for ``convert("L"/"RGB")``.
+
+    16-bit grayscale (``I;16``) is scaled by 1/257 (65535 -> 255; PIL's own conversion clips at 255);
+    32-bit integer and float images are scaled from their own range (float images within [0, 1]
+    by 255). Transparent pixels (alpha, palette transparency) are composited over black.
+    """
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            arr = arr / 257.0
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            arr = arr * 255.0
+        elif lo < 0 or hi > 255:
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return im
 
 
 def _try_decode(args: tuple[Path, int, str]) -> np.ndarray | Exception:
     try:
         return decode_image(*args)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Exception as err:  # noqa: BLE001 — any decoder failure is reported naming the file, never raised deep in PIL
         return err
 
 
@@ -134,12 +165,32 @@ def cache_file(root: Path, files: list[str], image_size: int, mode: str, tag: st
     return cache_dir_for(root) / f"{tag}-{image_size}px-{mode}-{key}.pt"
 
 
+def images_digest(images: torch.Tensor) -> str:
+    """A checksum of a uint8 image tensor (``torch.load`` does not notice flipped bytes in tensor data)."""
+    return hashlib.blake2b(np.ascontiguousarray(images.numpy()).data, digest_size=16).hexdigest()
+
+
 def _read(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:  # a damaged cache is rebuilt, never trusted
+        entry = torch.load(path, weights_only=True)
+        if entry.get("version") == CACHE_VERSION and entry.get("digest") != images_digest(entry["images"]):
+            raise ValueError("its checksum does not match: the file is damaged")
+        return entry
+    except Exception as err:  # noqa: BLE001 — a damaged cache is rebuilt, never trusted
+        warnings.warn(f"ignoring unreadable cache file {path} ({err}); decoding again", stacklevel=3)
+        return None
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON cache note, or ``None`` (with a warning naming it) when it is missing or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        out = json.loads(path.read_text())
+        return out if isinstance(out, dict) else None
+    except (OSError, ValueError) as err:
         warnings.warn(f"ignoring unreadable cache file {path} ({err}); decoding again", stacklevel=3)
         return None
 
@@ -167,6 +218,7 @@ def load_images_cached(root: str | os.PathLike, files: list[str], image_size: in
         return entry["images"], entry["kept"].numpy(), skipped
     images, kept, skipped = decode_files(root, files, image_size, mode, strict, progress, desc=f"decoding {tag}")
     entry = {"version": CACHE_VERSION, "files": list(files), "stamps": stamps, "images": images,
+             "digest": images_digest(images),
              "kept": torch.from_numpy(kept), "skipped": skipped, "image_size": image_size, "mode": mode}
     try:
         with atomic_path(path) as tmp:

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labkit.data.cache import cache_file, decode_files, file_stamps, load_images_cached, notice_box
+from labkit.data.cache import cache_file, decode_files, file_stamps, load_images_cached, notice_box, read_json
 from labkit.files import atomic_path
-from labkit.data.images import ImageData, ImageSplit, list_class_folders, scan_class_folders, stratified_subset
+from labkit.data.images import ImageData, ImageSplit, list_class_folders, regular_files, scan_class_folders, stratified_subset
 from labkit.data.synth_tiny import MARKER, TINY_FOLDER, write_tiny_imagenet_standin
 from labkit.env import resolve_path
 
@@ -151,7 +151,7 @@ def _labelled_flat(root: Path, folder: Path, labels_by_id: dict[str, str], keys:
     """Every file in the flat ``folder`` with its label from ``labels_by_id`` (by file name stem)."""
     index = {k: i for i, k in enumerate(keys)}
     files, labels = [], []
-    for name in sorted(n for n in os.listdir(folder) if not n.startswith(".") and (folder / n).is_file()):
+    for name in regular_files(folder):  # hidden files, Thumbs.db and links that go nowhere are left out
         stem = name.rsplit(".", 1)[0]
         key = labels_by_id.get(name, labels_by_id.get(stem))
         if key is None:
@@ -321,7 +321,7 @@ def _decode_to_disk(root: Path, files: list[str], image_size: int, tag: str, str
     meta_path = path.with_suffix(".json")
     stamp = hashlib.sha1(file_stamps(root, files).numpy().tobytes()).hexdigest()
     per_image = 3 * image_size * image_size
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    meta = read_json(meta_path)  # None when missing or damaged (with a warning): decoded again
     if not (meta and meta.get("stamps") == stamp and path.is_file()
             and path.stat().st_size == len(meta["kept"]) * per_image):
         kept, skipped = [], []

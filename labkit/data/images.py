@@ -7,16 +7,23 @@ archive once.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
+import stat
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from labkit.env import portable_path
 from labkit.files import atomic_path
 
 
@@ -65,7 +72,7 @@ class ImageData:
         shape = list(some.images.shape[1:]) if some is not None else None
         counts = {split: {c: int(n) for c, n in zip(self.classes, np.bincount(
             part.labels.numpy(), minlength=len(self.classes)))} for split, part in self.splits.items()}
-        return {"name": self.name, "layout": self.layout, "root": str(self.root), "synthetic": self.synthetic,
+        return {"name": self.name, "layout": self.layout, "root": portable_path(self.root), "synthetic": self.synthetic,
                 "classes": list(self.classes), "counts": counts, "image_shape": shape,
                 "skipped": list(self.skipped)}
 
@@ -89,13 +96,31 @@ class ImageData:
                           sampler=sampler, drop_last=drop_last, num_workers=0, generator=gen)
 
 
-#: File names that are not images and are never reported (OS clutter).
-IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
+#: Names that are not data and are never reported: OS clutter and the ``__MACOSX/`` folder a zip
+#: made on a Mac carries (resource forks, ``._name`` files). Hidden names (``.DS_Store``) are skipped too.
+IGNORED_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
 
 
 def list_class_folders(split_dir: Path) -> list[str]:
-    """Sorted names of the class sub-folders of ``split_dir`` (hidden folders left out)."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Sorted names of the class sub-folders of ``split_dir`` (hidden folders and ``__MACOSX`` left out)."""
+    return sorted(p.name for p in split_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_NAMES)
+
+
+def regular_files(folder: Path) -> list[str]:
+    """Sorted visible regular files of ``folder``; broken or looping links and other non-files are
+    skipped with a warning naming them (sub-folders silently: they are not images of this class)."""
+    names = []
+    for n in sorted(os.listdir(folder)):
+        if n.startswith(".") or n in IGNORED_NAMES:
+            continue
+        path = folder / n
+        if path.is_file():
+            names.append(n)
+        elif not path.is_dir():
+            what = "a broken or looping symbolic link" if path.is_symlink() else "not a regular file"
+            warnings.warn(f"skipped {path}: {what}", stacklevel=3)
+    return names
 
 
 def scan_class_folders(root: Path, split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
@@ -110,8 +135,7 @@ def scan_class_folders(root: Path, split_dir: Path, classes: list[str]) -> tuple
         if not folder.is_dir():
             raise FileNotFoundError(f"class folder {folder} is missing; {split_dir} holds "
                                     f"{list_class_folders(split_dir)}, expected {classes}")
-        names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n not in IGNORED_NAMES
-                       and (folder / n).is_file())
+        names = regular_files(folder)
         if not names:
             raise ValueError(f"class folder {folder} is empty: every class needs at least one image. "
                              f"Re-extract the dataset or delete {root} to start again.")
@@ -144,17 +168,74 @@ def stratified_subset(labels: np.ndarray, max_n: int | None, seed: int = 0) -> n
     return np.sort(np.concatenate(picked))
 
 
+#: Archives are refused when they would unpack to more than this many bytes (ILSVRC's zip: ~160 GB) ...
+MAX_UNZIPPED_BYTES = 512 * 2**30
+#: ... or hold a member (over 1 MiB unpacked) compressed more than this many times (images: ~1x; bombs: 1000x).
+MAX_RATIO = 200
+
+
+class UnsafeArchiveError(ValueError):
+    """A zip member would land outside the target folder, is a link, or is absurdly large (a zip bomb)."""
+
+
+def check_archive(zf: zipfile.ZipFile, archive: Path, dest: Path, max_bytes: int | None = None,
+                  max_ratio: float | None = None) -> list[zipfile.ZipInfo]:
+    """The members of ``zf`` to unpack (``__MACOSX/`` left out), after refusing the whole archive with
+    :class:`UnsafeArchiveError` naming it and the member when one escapes ``dest`` (``../``, an
+    absolute path, a drive letter), is a symbolic link, or the sizes look like a zip bomb."""
+    max_bytes = MAX_UNZIPPED_BYTES if max_bytes is None else max_bytes
+    max_ratio = MAX_RATIO if max_ratio is None else max_ratio
+    members, total = [], 0
+    for info in zf.infolist():
+        name = info.filename
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if parts and parts[0] == "__MACOSX":
+            continue
+        why = None
+        if stat.S_ISLNK(info.external_attr >> 16):
+            why = "is a symbolic link (it could point anywhere on this machine)"
+        elif name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+            why = f"would be written outside {dest} (zip-slip)"
+        elif info.file_size > 2**20 and info.file_size > max_ratio * max(info.compress_size, 1):
+            why = (f"unpacks {info.compress_size:,} bytes into {info.file_size:,} (more than {max_ratio:g}x: a zip "
+                   "bomb)")
+        if why:
+            raise UnsafeArchiveError(f"{archive}: member {name!r} {why}. Nothing was unpacked; use the "
+                                     "dataset's original download.")
+        total += info.file_size
+        members.append(info)
+    if total > max_bytes:
+        raise UnsafeArchiveError(f"{archive} would unpack to {total / 2**30:.1f} GiB, over labkit's limit of "
+                                 f"{max_bytes / 2**30:.1f} GiB (labkit.data.images.MAX_UNZIPPED_BYTES). Nothing "
+                                 "was unpacked; unpack it yourself if you trust it.")
+    free = shutil.disk_usage(next(p for p in (dest, *dest.parents) if p.exists())).free
+    if total > free:
+        raise OSError(errno.ENOSPC, f"{archive} unpacks to {total / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
+                                    f"are free at {dest}; free some space. Nothing was unpacked")
+    return members
+
+
 def extract_zip_once(archive: Path, dest: Path | None = None, progress: bool = True) -> Path:
     """Unpack ``archive`` into ``dest`` (default: a folder named like the zip beside it) unless that
-    folder already exists; the folder is written whole, then renamed, so it is never half-full."""
+    folder already exists; the folder is written whole, then renamed, so it is never half-full.
+    Unsafe archives (see :func:`check_archive`) and damaged members are refused naming the archive and
+    member; ``__MACOSX/`` clutter is left out."""
     dest = dest or archive.with_suffix("")
     if dest.is_dir():
         return dest
     try:
-        with zipfile.ZipFile(archive) as zf, atomic_path(dest) as tmp:
-            if progress:
-                print(f"extracting {archive.name} into {dest} (once) ...")
-            zf.extractall(tmp)
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{archive} is not a readable zip archive ({err}); download it again.") from err
+        with zipfile.ZipFile(archive) as zf:
+            members = check_archive(zf, archive, dest)
+            with atomic_path(dest) as tmp:
+                tmp.mkdir()
+                if progress:
+                    print(f"extracting {archive.name} into {dest} (once) ...")
+                zf.extractall(tmp, members=members)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:   # a damaged member: zipfile's message names it
+        raise ValueError(f"{archive} is not readable ({err}); download it again. Nothing was unpacked.") from err
+    except OSError as err:
+        if err.filename is None:    # already names the archive (ours, or atomic_path's disk-full message)
+            raise
+        raise OSError(err.errno, f"unpacking {archive} into {dest} failed at {err.filename}: {err.strerror}. "
+                                 "Nothing was unpacked") from err
     return dest
