@@ -17,6 +17,8 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
@@ -30,6 +32,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 
 from labkit.train import to_float
 
+#: The Lightning checkpoint file inside each Ray checkpoint (``RayTrainReportCallback.CHECKPOINT_NAME``).
+CHECKPOINT_NAME = "checkpoint.ckpt"
 #: Module kinds whose weights are scales/shifts of a normalisation, not feature detectors: no decay.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
@@ -217,11 +221,19 @@ class MlflowEpochLogger(pl.Callback):
 # --------------------------------------------------------------------------- Ray workers' callbacks
 class EpochHistory(pl.Callback):
     """Rank 0 keeps every epoch's metrics (Ray's Result keeps only those of kept checkpoints)
-    and prints one progress line per epoch (Ray streams it to the notebook)."""
+    and prints one progress line per epoch (Ray streams it to the notebook). The rows travel inside
+    every Lightning checkpoint (``state_dict``), so a run resumed after a crash still has the
+    epochs finished before it; ``attempt`` (1, 2, …) marks which start of the workers ran each epoch."""
 
-    def __init__(self, epochs: int, n_train: int, show: bool) -> None:
+    def __init__(self, epochs: int, n_train: int, show: bool, attempt: int = 1) -> None:
         self.rows: list[dict] = []
-        self.epochs, self.n_train, self.show = epochs, n_train, show
+        self.epochs, self.n_train, self.show, self.attempt = epochs, n_train, show, attempt
+
+    def state_dict(self) -> dict:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self.tick = time.perf_counter()
@@ -235,7 +247,7 @@ class EpochHistory(pl.Callback):
         row = {"epoch": trainer.current_epoch + 1, "loss": m.pop("train_loss", None),
                "acc": m.pop("train_acc", None), "val_loss": m.pop("val_loss", None),
                "val_acc": m.pop("val_acc", None), **m, "seconds": seconds,
-               "images_per_s": self.n_train / max(getattr(self, "train_s", seconds), 1e-9)}
+               "images_per_s": self.n_train / max(getattr(self, "train_s", seconds), 1e-9), "attempt": self.attempt}
         self.rows.append(row)
         if self.show:
             # sys.stdout, not print: Ray Train V2 also routes print() into its logger (twice on screen)
@@ -245,11 +257,38 @@ class EpochHistory(pl.Callback):
             sys.stdout.flush()
 
 
+class CrashAtEpoch(pl.Callback):
+    """The fault-tolerance demo: the last rank kills its process halfway through epoch ``fail_at_epoch``
+    (counted from 1), once per run — :func:`labkit.ray_train.should_crash` and ``crash``, as in Lab 02."""
+
+    def __init__(self, fail_at_epoch: int | None, run_dir: str | os.PathLike) -> None:
+        self.fail_at_epoch, self.run_dir = fail_at_epoch, run_dir
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        from labkit import ray_train
+
+        epoch = trainer.current_epoch + 1
+        if batch_idx == int(trainer.num_training_batches) // 2 and ray_train.should_crash(
+                self.fail_at_epoch, epoch, trainer.global_rank, trainer.world_size, self.run_dir):
+            ray_train.crash(epoch, trainer.global_rank, self.run_dir)
+
+
 def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
     """The lab's own callbacks for a worker — the epoch history (returned too, for rank 0's
-    return value) and, with tracking, the MLflow logger. Add ``RayTrainReportCallback()`` after them."""
-    history = EpochHistory(config["epochs"], n_train, show=rank == 0 and config.get("progress", True))
+    return value), with ``fail_at_epoch`` the one-time crash, with tracking the MLflow logger. Rank 0
+    counts the starts of the worker group in ``run_dir`` (Lab 02's ``attempts.log``). Add
+    ``RayTrainReportCallback()`` after them."""
+    from labkit import ray_train
+
+    run_dir = config.get("run_dir")
+    attempt = ray_train.record_attempt(run_dir) if run_dir and rank == 0 else 1
+    history = EpochHistory(config["epochs"], n_train, show=rank == 0 and config.get("progress", True),
+                           attempt=attempt)
+    if attempt > 1 and history.show:
+        ray_train.say(f"attempt {attempt}: the workers restarted; Lightning resumes from the latest checkpoint")
     callbacks = [history]
+    if config.get("fail_at_epoch") and run_dir:
+        callbacks.append(CrashAtEpoch(config["fail_at_epoch"], run_dir))
     if config.get("mlflow_run_id"):
         from labkit.env import environment
 
@@ -268,9 +307,32 @@ def worker_result(trainer, history, rank: int) -> dict | None:
             "channels_last": bool(getattr(module, "channels_last", False))}
 
 
+@contextmanager
+def checkpoint_file(checkpoint) -> Iterator[str | None]:
+    """The Lightning file inside a ``ray.train.Checkpoint`` written by ``RayTrainReportCallback``
+    (``checkpoint.ckpt``), for ``trainer.fit(..., ckpt_path=...)``; ``None`` when ``checkpoint`` is
+    ``None`` (a fresh start). The path stays valid inside the ``with`` block."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint_file: no {CHECKPOINT_NAME} in {folder}; was the checkpoint written "
+                                    f"by RayTrainReportCallback?")
+        yield str(path)
+
+
 def load_weights(module: pl.LightningModule, checkpoint_path, map_location="cpu") -> dict:
     """Load the ``state_dict`` of a Lightning checkpoint file into ``module``; returns the checkpoint's
-    other entries (``epoch``, ``global_step`` …). The file is our own, so it is unpickled in full."""
-    ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    other entries (``epoch``, ``global_step`` …). Read with ``weights_only=True``: a Lightning checkpoint
+    holds only tensors, dicts, lists, numbers and strings, so a file that would need more (an object
+    that could run code while it is unpickled) is refused with a ``ValueError`` naming it."""
+    try:
+        ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — name the file whatever went wrong
+        why = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), exc)
+        raise ValueError(f"checkpoint {checkpoint_path} was not loaded ({type(exc).__name__}: {why}); it is damaged, "
+                         "not a Lightning checkpoint, or holds objects that could run code.") from None
     module.load_state_dict(ckpt["state_dict"])
     return {k: v for k, v in ckpt.items() if k in ("epoch", "global_step", "pytorch-lightning_version")}

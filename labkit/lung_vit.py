@@ -1,20 +1,17 @@
-"""Lab 04's plumbing: parameters, data, the ViT, the worker's callbacks and loaders, the MLflow run,
-scoring the best checkpoint and the run record — and the same training as a command for a cluster.
+"""Lab 04's plumbing: parameters, data, the ViT, the worker's set-up and config, the MLflow run,
+scoring the best checkpoint and the run record.
 
 The lesson — the LightningModule's steps, the Ray Train function and the ``TorchTrainer`` driver
-— is written in ``labs/04_lung_vit.ipynb``. For long runs on a cluster (seed 004's way), this
-module carries a compact copy of those three pieces (:class:`LitViT`, :func:`train_func`,
-:func:`train`), built on the same :class:`labkit.lightning_module.ClassifierBase`::
+— is written in ``labs/04_lung_vit.ipynb``. The same training as a command for a cluster lives in
+:mod:`labkit.lung_vit_command`, and runs as this module::
 
     python -m labkit.lung_vit --workers 2 --epochs 12 --image-size 128
     ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- python -m labkit.lung_vit --quick
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,23 +19,22 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from labkit import distributed
-from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, worker_callbacks, worker_result
+from labkit.lightning_module import CHECKPOINT_NAME, ClassifierBase
 from labkit.data.lung import data_root
-from labkit.params import Config, ParameterError, Rule, check
+from labkit.params import Config, ParameterError, Rule, check, folder_test
 from labkit.ray_train import quiet_ray_worker_logs
 from labkit.results import RunRecord, lab_dir
 
 LAB = "04_lung_vit"
 KEEP = 3  # checkpoints kept by Ray: the 3 lowest val_loss (and, while training, the latest)
+MAX_FAILURES = 1  # FailureConfig: restart the worker group once after a crash, from the latest checkpoint
 
 #: The lab's knobs and their real-run defaults (the notebook's parameters cell mirrors these).
 DEFAULTS: dict[str, Any] = dict(
     workers=2, epochs=12, batch_size=32, lr=5e-4, weight_decay=0.05, image_size=128, depth=6, heads=8, dim=256,
     mlp_dim=1024, dropout=0.1, precision="auto", track=True, data="auto", data_dir=None, device="auto",
-    seed=0, quick=False, address=None)
+    seed=0, quick=False, address=None, fail_at_epoch=None)
 
 
 def _div4(value: int) -> str | None:
@@ -54,7 +50,7 @@ RULES: dict[str, Rule] = {
     "dropout": Rule(float, 0, 0.9, help="dropout in the MLPs and after the position embedding"),
     "weight_decay": Rule(float, 0, 1, help="AdamW weight decay"),
     "image_size": Rule(int, 16, 1024, test=_div4, help="images are resized to image_size × image_size"),
-    "data_dir": Rule(str, optional=True, help="the lung set's root (train/ val/ test/); None: $DATA_PATH, else data/lung"),
+    "data_dir": Rule(str, optional=True, test=folder_test, help="the lung set's root (train/ val/ test/); None: $DATA_PATH, else data/lung"),
 }
 
 
@@ -152,57 +148,6 @@ def worker_setup(config: dict) -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-class LitViT(ClassifierBase):
-    """The notebook's module, for ``python -m labkit.lung_vit`` (the notebook teaches these steps)."""
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(self.prepare(x, train=True))
-        loss = F.cross_entropy(logits.float(), y)
-        self.train_acc.update(logits.detach().float(), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(self.prepare(x, train=False)).float()
-        self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
-        self.val_metrics.update(logits, y)
-        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(decay_groups(self.model, self.weight_decay), lr=self.lr)
-        sched = cosine_warmup(opt, self.trainer.max_epochs, self.warmup_epochs)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-
-def train_func(config: dict) -> dict | None:
-    """What every Ray Train worker of the command runs (the notebook's ``train_func``, same steps)."""
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
-    from torch.utils.data import DistributedSampler
-
-    from labkit.lightning_module import EvalShardSampler
-
-    rank, world = worker_setup(config)
-    data = load_data(config)
-    module = LitViT(build_model(config, len(data.classes)), data.classes, **module_kwargs(config))
-    callbacks, history = worker_callbacks(config, rank, len(data["train"]))
-    trainer = pl.Trainer(
-        max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
-        strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], precision=config["precision"],
-        callbacks=[*callbacks, RayTrainReportCallback()], use_distributed_sampler=False,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="labkit-lightning-"))
-    trainer = prepare_trainer(trainer)
-    train_sampler = DistributedSampler(range(len(data["train"])), world, rank, shuffle=True, seed=config["seed"])
-    val_sampler = EvalShardSampler(range(len(data["val"])), world, rank)
-    trainer.fit(module, data.loader("train", config["batch_size"], sampler=train_sampler),
-                data.loader("val", config["batch_size"], sampler=val_sampler))
-    return worker_result(trainer, history, rank)
-
-
 # --------------------------------------------------------------------------- driver side
 @dataclass
 class LungRun:
@@ -227,18 +172,20 @@ class LungRun:
     result: Any = None                     # ray.train.Result
 
 
-def worker_config(cfg: dict, plan, uri: str | None = None, mlflow_run_id: str | None = None) -> dict:
+def worker_config(cfg: dict, plan, uri: str | None = None, mlflow_run_id: str | None = None,
+                  run_dir: str | os.PathLike | None = None) -> dict:
     """The ``train_loop_config`` every worker receives: the lab's parameters with absolute paths, the
-    cores per worker, the resolved precision and ``channels_last``, and where to log in MLflow."""
+    cores per worker, the resolved precision and ``channels_last``, where to log in MLflow, and the
+    run's folder (``run_dir``: the attempt log and the ``fail_at_epoch`` marker live there)."""
     from labkit import tracking
 
     keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "depth", "heads", "dim", "mlp_dim",
-            "dropout", "data", "max_train", "max_test", "seed")
+            "dropout", "data", "max_train", "max_test", "seed", "fail_at_epoch")
     precision = resolve_precision(cfg.get("precision", "auto"), plan.use_gpu)
     config = {k: cfg.get(k, DEFAULTS.get(k)) for k in keys}
     config.update(data_dir=str(data_root(cfg.get("data_dir")).resolve()), use_gpu=plan.use_gpu,
                   precision=precision, channels_last=use_channels_last(precision, plan.use_gpu),
-                  threads=plan.cpus_per_worker, progress=cfg.get("progress", True), mlflow_run_id=mlflow_run_id,
+                  threads=plan.cpus_per_worker, run_dir=str(run_dir) if run_dir else None, progress=cfg.get("progress", True), mlflow_run_id=mlflow_run_id,
                   tracking_uri=uri if uri and tracking.is_local(uri) else None,   # a server's URI stays in the env
                   params={**{k: cfg.get(k) for k in (*keys, "workers")}, "backend": plan.backend,
                           "precision": precision})
@@ -301,7 +248,7 @@ def score_checkpoint(checkpoint, cfg: dict, data):
     module = ClassifierBase(build_model(cfg, len(data.classes)), data.classes,
                             **{**module_kwargs(cfg), "channels_last": False})
     with checkpoint.as_directory() as folder:
-        load_weights(module, Path(folder) / "checkpoint.ckpt")
+        load_weights(module, Path(folder) / CHECKPOINT_NAME)
     with tempfile.TemporaryDirectory() as tmp:
         tester = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
@@ -331,6 +278,7 @@ def record(run: LungRun, cfg: dict, data) -> RunRecord:
     carries acc, balanced_acc, macro_f1, majority_rate and chance of the best checkpoint on the test set."""
     from labkit import tracking
     from labkit.env import environment
+    from labkit.ray_train import count_attempts
 
     params = {k: v for k, v in cfg.items() if k not in ("address", "progress")}
     params["address"] = "set" if cfg.get("address") or os.environ.get("RAY_ADDRESS") else None
@@ -339,7 +287,8 @@ def record(run: LungRun, cfg: dict, data) -> RunRecord:
     headline = {k: run.test[f"test_{k}"] for k in ("acc", "balanced_acc", "macro_f1", "majority_rate", "chance")
                 if f"test_{k}" in run.test}
     final = {**headline, **run.test, "best_epoch": run.best["epoch"], "best_val_loss": run.best["val_loss"],
-             "fit_seconds": run.fit_seconds, "kept_checkpoints": len(run.kept), "best_checkpoint": str(run.best_path),
+             "fit_seconds": run.fit_seconds, "restarts": max(0, count_attempts(run.run_dir) - 1),
+             "kept_checkpoints": len(run.kept), "best_checkpoint": str(run.best_path),
              "kept": run.kept[["epoch", "val_loss"]].to_dict("records"),
              "seconds_per_epoch": float(run.history["seconds"].mean()) if len(run.history) else None,
              "mlflow": tracking.describe_uri(run.tracking_uri) if run.tracking_uri else None,
@@ -350,94 +299,7 @@ def record(run: LungRun, cfg: dict, data) -> RunRecord:
     return rec
 
 
-def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None, run_name: str | None = None,
-          quiet: bool = True) -> LungRun:
-    """The command's driver (the notebook writes its own): Ray, a ``TorchTrainer`` keeping the
-    :data:`KEEP` best checkpoints by ``val_loss``, then :func:`collect`. The MLflow run is marked
-    FAILED when training fails; Ray is shut down whatever happens."""
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+if __name__ == "__main__":  # `python -m labkit.lung_vit`: the command (labkit.lung_vit_command)
+    from labkit import lung_vit_command
 
-    from labkit import tracking
-
-    cfg = {**DEFAULTS, **cfg}
-    address = distributed.resolve_address(cfg.get("address"))
-    plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.machine_resources()) \
-        if address is None else None
-    if plan is not None:
-        resolve_precision(cfg["precision"], plan.use_gpu)
-    data = data if data is not None else load_data(cfg, progress=True)
-    run_name = run_name or distributed.default_run_name()
-    run_dir = run_dir_for(run_name, results_dir)
-    uri, mlflow_run_id = start_tracking(cfg, data, run_name, results_dir)
-    try:
-        with distributed.ray_cluster(address, quiet=quiet) as cluster:
-            if plan is None:
-                plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.cluster_resources(),
-                                                where=f"the cluster at {address}")
-            if plan.notice:
-                print(plan.notice)
-            trainer = TorchTrainer(
-                train_func, train_loop_config=worker_config(cfg, plan, uri, mlflow_run_id),
-                torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
-                scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                             resources_per_worker=plan.resources()),
-                run_config=RunConfig(
-                    name=run_name, storage_path=str(run_dir.parent),
-                    checkpoint_config=CheckpointConfig(num_to_keep=KEEP, checkpoint_score_attribute="val_loss",
-                                                       checkpoint_score_order="min"),
-                    logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
-            tick = time.perf_counter()
-            result = trainer.fit()
-            fit_seconds = time.perf_counter() - tick
-        return collect(result, cfg, data, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
-                       uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)
-    except BaseException:
-        if mlflow_run_id:
-            tracking.end_run(uri, mlflow_run_id, "FAILED")
-        raise
-
-
-# --------------------------------------------------------------------------- command line
-def parse_args(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m labkit.lung_vit", description=__doc__.split("\n\n")[0])
-    for name, value in DEFAULTS.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif value is None:
-            p.add_argument(flag, default=None, help={"address": "a running Ray cluster (default: $RAY_ADDRESS or "
-                           "local)", "data_dir": "dataset root (default: $DATA_PATH, else data/lung)"}.get(name))
-        else:
-            p.add_argument(flag, type=type(value), default=value)
-    p.add_argument("--max-train", type=int, default=None, help="cap on training images (stratified)")
-    p.add_argument("--max-test", type=int, default=None, help="cap on validation and test images each")
-    p.add_argument("--results-dir", default=None, help="results folder (default: $LABKIT_RESULTS or results/)")
-    p.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
-    return vars(p.parse_args(argv))
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """Run the lab from the command line; prints the test metrics and the record's path."""
-    from labkit import results
-
-    args = parse_args(argv)
-    results_dir, progress = args.pop("results_dir"), not args.pop("no_progress")
-    caps = {k: args.pop(k) for k in ("max_train", "max_test")}
-    cfg = check_params(show=True, **args)
-    cfg.update({k: v if cfg.get(k) is None else min(v or cfg[k], cfg[k]) for k, v in caps.items()})
-    cfg["progress"] = progress
-    data = load_data(cfg, progress=progress)
-    run = train(cfg, data=data, results_dir=results_dir)
-    rec = record(run, cfg, data)
-    path = results.save(rec, results_dir)
-    print(f"test_acc {run.test.get('test_acc', float('nan')):.3f}  best epoch {run.best['epoch']} "
-          f"(val_loss {run.best['val_loss']:.3f})  kept {len(run.kept)} checkpoints")
-    print(f"record: {path}")
-    return path
-
-
-if __name__ == "__main__":  # run the module imported as labkit.lung_vit: Ray then pickles train_func by name
-    from labkit import lung_vit
-
-    lung_vit.main()
+    lung_vit_command.main()

@@ -85,6 +85,7 @@ def paired_noise(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds:
 
 
 def verdict(difference: float, noise: float) -> str:
-    """``"within noise"`` when ``|difference| < noise``, else ``"beyond noise"`` — the label every comparison
-    in the course puts beside a difference (Lab 03's ablation table uses the same rule with the seed spread)."""
-    return "within noise" if abs(difference) < noise else "beyond noise"
+    """``"within noise"`` when ``|difference| <= noise`` (so no difference at all is never "beyond"), else
+    ``"beyond noise"`` — the label every comparison in the course puts beside a difference (Lab 03's ablation
+    table uses the same rule with the seed spread)."""
+    return "within noise" if abs(difference) <= noise else "beyond noise"

@@ -44,12 +44,33 @@
 # In Colab this cell installs labkit; anywhere else the course's `make course` / `make setup` already did.
 
 # %%
+# labkit set-up cell: on Colab it fetches the course and installs labkit; elsewhere it does nothing (`make setup` did it).
+# Keep results/ across Colab sessions (Lab 02 compares with Lab 01's record): set results_on_drive = True.
+results_on_drive = False
 import sys
-if "google.colab" in sys.modules:  # Colab: fetch the course and install labkit (elsewhere: `make course` did it)
-    # !git clone -q https://github.com/labkit-course/labkit /content/labkit 2>/dev/null || true
-    # %pip install -q -e /content/labkit
-    # %cd /content/labkit
+if "google.colab" in sys.modules:
+    import importlib.metadata, importlib.util, os, re, subprocess, tempfile
+    def sh(*cmd, hint):  # run a command; on failure stop here with its error and what to do
+        done = subprocess.run(list(cmd), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}\n{hint}")
+    if not os.path.isdir("/content/labkit"):
+        sh("git", "clone", "--depth", "1", "https://github.com/labkit-course/labkit", "/content/labkit",
+            hint="Check that the runtime has internet (Runtime > Change runtime type) and that the URL is right.")
+    if importlib.util.find_spec("labkit") is None:  # keep Colab's torch, torchvision, ipykernel, jupyter*
+        keep = [f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                if re.fullmatch(r"torch|torchvision|ipykernel|jupyter.*", (d.metadata["Name"] or "").lower())]
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
+            pins.write("\n".join(keep) + "\n")
+        sh(sys.executable, "-m", "pip", "install", "-q", "/content/labkit", "-c", pins.name,
+            hint="pip could not install labkit beside Colab's packages; read the error above, then rerun this cell.")
+    os.environ["LABKIT_HOME"] = "/content/labkit"  # data/ and results/ live in the clone
+    if results_on_drive:
+        from google.colab import drive
+        drive.mount("/content/drive")
+        os.environ["LABKIT_RESULTS"] = "/content/drive/MyDrive/labkit/results"
 
+# %%
 import tempfile
 import time
 from pathlib import Path
@@ -59,7 +80,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from labkit import distributed, env, lung_vit, metrics, params, plotting, results, tracking, train
@@ -85,6 +106,8 @@ from labkit.models.summary import count_parameters
 # - `data_dir`: the dataset root (`train/ val/ test/`); the environment variable `DATA_PATH` is used when
 #   `data_dir=None`. When the data is missing, a synthetic stand-in is written there.
 # - `address`: a running Ray cluster; `None` starts a local one. `cnn_epochs`: epochs of Lab 01's CNN for the comparison.
+# - `fail_at_epoch`: kill one worker once, halfway through that epoch, to watch Ray Train restart the workers and
+#   Lightning resume from the latest checkpoint (as in Lab 02).
 
 # %% tags=["parameters"]
 workers = 2
@@ -107,6 +130,7 @@ seed = 0
 quick = False
 address = None                # None: a local Ray cluster; or "ray://host:10001" / "host:6379"
 cnn_epochs = 3                # Lab 01's CNN on the same data, for comparison
+fail_at_epoch = None          # e.g. 2: one worker crashes once at epoch 2; Ray restarts it from the last checkpoint
 
 # %% [markdown]
 # ## 2. Check the parameters
@@ -119,7 +143,8 @@ cfg = lung_vit.check_params(
     rules={"cnn_epochs": params.Rule(int, 1, 100, help="epochs of Lab 01's CNN for the comparison")},
     workers=workers, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, image_size=image_size,
     depth=depth, heads=heads, dim=dim, mlp_dim=mlp_dim, dropout=dropout, precision=precision, track=track, data=data,
-    data_dir=data_dir, device=device, seed=seed, quick=quick, address=address, cnn_epochs=cnn_epochs)
+    data_dir=data_dir, device=device, seed=seed, quick=quick, address=address, cnn_epochs=cnn_epochs,
+    fail_at_epoch=fail_at_epoch)
 env.seed_everything(cfg.seed)
 out_dir = results.lab_dir("04_lung_vit")
 
@@ -316,13 +341,20 @@ print("to_tokens.weight decays:", "to_tokens.weight" not in skip)
 # The worker also shards the data itself (`use_distributed_sampler=False`): a shuffling `DistributedSampler` for
 # training — the same number of batches on every worker, which DDP's all-reduce needs — and `EvalShardSampler` for
 # validation, which hands out every image exactly once (`DistributedSampler` would pad the last round by repeating
-# images). labkit does the plumbing: quiet logs and thread counts (`worker_setup`), the per-epoch history and
-# MLflow logging (`worker_callbacks`), and what rank 0 sends back (`worker_result`).
+# images). labkit does the plumbing: quiet logs and thread counts (`worker_setup`), the per-epoch history, the
+# `fail_at_epoch` crash and MLflow logging (`worker_callbacks`), and what rank 0 sends back (`worker_result`).
+#
+# **Fault tolerance.** When a worker dies, Ray Train (with `FailureConfig(max_failures=1)`, next section) starts
+# the worker group again and calls `train_func` anew. `ray.train.get_checkpoint()` then returns the latest
+# reported checkpoint (`None` on the first start); handing its `checkpoint.ckpt` to `trainer.fit(ckpt_path=...)`
+# makes Lightning restore the weights, the optimizer and LR schedule, the epoch counter and the callbacks' state
+# (the epoch history travels inside every checkpoint), so training continues after the last finished epoch.
 
 # %%
 def train_func(config):
     """What every Ray Train worker runs; returns the epoch history on rank 0 (Result.return_value)."""
     import lightning.pytorch as pl
+    import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
     from torch.utils.data import DistributedSampler
 
@@ -331,7 +363,7 @@ def train_func(config):
     rank, world = lung_vit.worker_setup(config)          # quiet logs, CPU threads, one seed: same initial weights
     data = lung_vit.load_data(config)                     # the decoded cache the driver wrote
     module = LitViT(lung_vit.build_model(config, len(data.classes)), data.classes, **lung_vit.module_kwargs(config))
-    callbacks, history = lightning_module.worker_callbacks(config, rank, len(data["train"]))
+    callbacks, history = lightning_module.worker_callbacks(config, rank, len(data["train"]))   # + the crash demo
     trainer = pl.Trainer(
         max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
         strategy=RayDDPStrategy(),                        # DDP on Ray's process group
@@ -344,16 +376,21 @@ def train_func(config):
     trainer = prepare_trainer(trainer)
     train_sampler = DistributedSampler(range(len(data["train"])), world, rank, shuffle=True, seed=config["seed"])
     val_sampler = lightning_module.EvalShardSampler(range(len(data["val"])), world, rank)   # each image once
-    trainer.fit(module, data.loader("train", config["batch_size"], sampler=train_sampler),
-                data.loader("val", config["batch_size"], sampler=val_sampler))
-    return lung_vit.worker_result(trainer, history, rank)
+    checkpoint = ray.train.get_checkpoint()               # RAY: None at first; after a restart, the latest one
+    with lightning_module.checkpoint_file(checkpoint) as ckpt_path:   # its checkpoint.ckpt (None: a fresh start)
+        trainer.fit(module, data.loader("train", config["batch_size"], sampler=train_sampler),
+                    data.loader("val", config["batch_size"], sampler=val_sampler),
+                    ckpt_path=ckpt_path)                  # resume: weights, optimizer, schedule, epoch, history
+    return lightning_module.worker_result(trainer, history, rank)
 
 
 # %% [markdown]
 # ## 7. Train: the driver
 # This notebook is Ray's *driver*. It starts Ray, builds the `TorchTrainer` and waits for `fit()`. The line to
 # notice is `CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss", checkpoint_score_order="min")`:
-# Ray ranks the reported checkpoints by `val_loss` and deletes the others as training goes. The MLflow run is
+# Ray ranks the reported checkpoints by `val_loss` and deletes the others as training goes.
+# `FailureConfig(max_failures=1)` lets Ray restart the workers once after a crash (try `fail_at_epoch=2`: the dead
+# worker's error is printed — expected — and training continues from the checkpoint of epoch 1). The MLflow run is
 # created here; rank 0 logs each epoch into it, and it is marked FAILED if training fails.
 #
 # **Predict, then run.** The run trains `epochs` epochs and reports one checkpoint per epoch. Before you run the
@@ -370,12 +407,13 @@ try:
             plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.cluster_resources())
         trainer = TorchTrainer(
             train_func,
-            train_loop_config=lung_vit.worker_config(cfg, plan, uri, mlflow_run_id),
+            train_loop_config=lung_vit.worker_config(cfg, plan, uri, mlflow_run_id, run_dir),
             scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                          resources_per_worker=plan.resources()),
             torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
             run_config=RunConfig(
                 name=run_name, storage_path=str(run_dir.parent),
+                failure_config=FailureConfig(max_failures=1),   # restart the workers once after a crash
                 checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss",
                                                    checkpoint_score_order="min"),
                 logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
@@ -392,7 +430,7 @@ print(f"{plan.describe()}, precision {run.precision}, channels_last {run.channel
       f"{run.fit_seconds:.0f} s (training itself {run.history['seconds'].sum():.0f} s)")
 
 # %%
-cols = ["epoch", "loss", "acc", "val_loss", "val_acc", "val_f1_macro", "lr", "seconds", "images_per_s"]
+cols = ["epoch", "loss", "acc", "val_loss", "val_acc", "val_f1_macro", "lr", "seconds", "images_per_s", "attempt"]
 display(run.history[cols].set_index("epoch").round(4))
 plotting.plot_history(run.history, out_dir / "training_curves.png", title="Lab 04: ViT, Lightning on Ray Train");
 
@@ -409,6 +447,7 @@ print("checkpoint folders on disk:", len([p for p in run.run_dir.glob("checkpoin
 print("kept epochs:", sorted(kept["epoch"]), "| the 3 lowest val_loss epochs:", sorted(lowest3),
       "| last epoch:", int(run.history["epoch"].max()))
 print(f"best: epoch {run.best['epoch']} (val_loss {run.best['val_loss']:.4f}) -> scored on the test set")
+print("worker restarts:", run.history["attempt"].max() - 1, "| epochs in the history:", run.history["epoch"].tolist())
 
 # %% [markdown]
 # **What happened.** Three folders when the last epoch is among the three lowest `val_loss` values; **four** when it
@@ -517,6 +556,16 @@ vit_row = {"run": f"ViT, Ray {cfg.workers} workers, {cfg.epochs} epochs", "param
 comparison = pd.DataFrame([vit_row] + ([cnn_row] if cnn_row else []))
 display(comparison.set_index("run").round(3))
 print(f"majority-class rate {summary['majority_rate']:.3f}, chance {summary['chance']:.3f}")
+vs_cnn = None
+if cnn_row and np.array_equal(np.asarray(cnn_test["y_true"]), np.asarray(y_true)):
+    # Both models scored the same test images, so resample those images (a paired bootstrap) to see how far the
+    # balanced-accuracy difference could move by the luck of the test sample alone.
+    diff = vit_row["balanced_acc"] - cnn_row["balanced_acc"]
+    noise = metrics.paired_noise(y_true, y_pred, cnn_test["y_pred"])
+    agree = float((np.asarray(y_pred) == np.asarray(cnn_test["y_pred"])).mean())
+    vs_cnn = {"balanced_acc_diff": diff, "noise": noise, "verdict": metrics.verdict(diff, noise), "agreement": agree}
+    print(f"balanced accuracy, ViT − CNN: {diff:+.3f}; test-sample noise ±{noise:.3f} (paired bootstrap, "
+          f"{len(y_true)} images) → {vs_cnn['verdict']}; the two models give the same answer on {agree:.0%} of them")
 plotting.plot_comparison(comparison, out_dir / "vit_vs_cnn.png", metrics=["acc", "balanced_acc", "macro_f1"],
                          title="ViT vs Lab 01's CNN, same data");
 
@@ -577,7 +626,8 @@ if run.mlflow_run_id:
 
 # %%
 flags = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("workers", "epochs", "image_size", "depth", "heads", "dim",
-                                                               "mlp_dim", "batch_size", "lr", "precision"))
+                                                               "mlp_dim", "batch_size", "lr", "precision", "fail_at_epoch")
+                 if cfg[k] is not None)
 print("ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- \\")
 print(f"    python -m labkit.lung_vit {flags}" + (" --quick" if cfg.quick else "") + ("" if cfg.track else " --no-track"))
 print()
@@ -600,7 +650,7 @@ print(runtime_env.read_text() if runtime_env.is_file() else "(see labs/ray_runti
 
 # %%
 record = lung_vit.record(run, cfg, ds)
-record.final.update(parameters=n_params, comparison=comparison.to_dict(orient="records"))
+record.final.update(parameters=n_params, comparison=comparison.to_dict(orient="records"), vs_cnn=vs_cnn)
 for name in ("samples", "training_curves", "confusion_matrix", "cls_attention", "vit_vs_cnn"):
     record.add_artifact(out_dir / f"{name}.png")
 if run.mlflow_run_id and tracking.is_local(run.tracking_uri):

@@ -116,7 +116,8 @@ def test_quick_lab_compares_with_lab01_and_keeps_the_last_checkpoints(quick_run)
     runs = [row["run"] for row in record.final["comparison"]]
     assert len(runs) == 2 and runs[0].startswith("Lab 01")
     versus = record.final["vs_lab01"]            # the difference is judged against the test-sample noise
-    assert versus["noise"] > 0 and versus["verdict"] == ("within noise" if abs(versus["acc_diff"]) < versus["noise"]
+    assert versus["noise"] >= 0 and versus["verdict"] == ("within noise" if abs(versus["acc_diff"]) <=
+                                                         versus["noise"]
                                                          else "beyond noise")
     assert f"→ {versus['verdict']}" in all_output(nb)
     assert (results_dir / "02_ray" / "training_comparison.png").is_file()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import lung_vit, params, tracking
+from labkit import lung_vit, lung_vit_command, params, tracking
 from labkit.data.synth_lung import write_lung_standin
 from labkit.params import ParameterError
 
@@ -85,9 +85,12 @@ def test_eval_shard_sampler_counts_each_image_once():
 
 
 def test_command_line_arguments():
-    args = lung_vit.parse_args(["--workers", "1", "--no-track", "--data-dir", "/x", "--max-train", "9"])
+    args = lung_vit_command.parse_args(["--workers", "1", "--no-track", "--data-dir", "/x", "--max-train", "9",
+                                        "--fail-at-epoch", "2"])
     assert args["workers"] == 1 and args["track"] is False and args["data_dir"] == "/x" and args["max_train"] == 9
-    assert lung_vit.parse_args([])["data_dir"] is None  # $DATA_PATH, else data/lung
+    assert args["fail_at_epoch"] == 2
+    default = lung_vit_command.parse_args([])
+    assert default["data_dir"] is None and default["fail_at_epoch"] is None  # $DATA_PATH, else data/lung; no crash
 
 
 # --------------------------------------------------------------------------- tracking
@@ -149,7 +152,7 @@ def test_lightning_module_and_mlflow_epoch_logger(results_tmp, tmp_path, monkeyp
     lung_vit.quiet_lightning()
     x, y, loader = _tiny_data()
     bf16 = precision.startswith("bf16")
-    module = lung_vit.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, **SMALL), ["a", "b", "c"], lr=1e-3,
+    module = lung_vit_command.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, **SMALL), ["a", "b", "c"], lr=1e-3,
                              channels_last=bf16)
     before = [p.detach().clone() for p in module.parameters()]
     uri, run_id = tracking.create_run("04_lung_vit", "lightning")
@@ -198,7 +201,7 @@ def test_notebook_module_and_command_module_train_alike(tmp_path):
     lung_vit.quiet_lightning()
     *_, loader = _tiny_data()
     weights = []
-    for cls in (_notebook_class("LitViT"), lung_vit.LitViT):
+    for cls in (_notebook_class("LitViT"), lung_vit_command.LitViT):
         torch.manual_seed(0)
         module = cls(ViT(num_classes=3, image_size=16, in_channels=1, **SMALL), ["a", "b", "c"], lr=1e-3,
                      weight_decay=0.05, warmup_epochs=1)
@@ -206,6 +209,56 @@ def test_notebook_module_and_command_module_train_alike(tmp_path):
         _trainer(tmp_path, max_epochs=2).fit(module, loader, loader)
         weights.append([p.detach() for p in module.parameters()])
     assert all(torch.allclose(a, b) for a, b in zip(*weights))
+
+
+class _SaveLikeRay:
+    """Saves a full Lightning checkpoint at every train-epoch end, where RayTrainReportCallback does."""
+
+    def __new__(cls, folder: Path, crash_at: int | None = None):
+        import lightning.pytorch as pl
+
+        class Save(pl.Callback):
+            def on_train_epoch_start(self, trainer, module):
+                if crash_at is not None and trainer.current_epoch + 1 == crash_at:
+                    raise RuntimeError("crash")
+
+            def on_train_epoch_end(self, trainer, module):
+                trainer.save_checkpoint(folder / f"epoch{trainer.current_epoch + 1}.ckpt", weights_only=False)
+
+        return Save()
+
+
+def test_resuming_from_an_epoch_end_checkpoint_continues_the_run(tmp_path):
+    """What a restarted Ray worker does (`trainer.fit(ckpt_path=...)` with the latest checkpoint): the resumed
+    run trains only the missing epochs, keeps the finished epochs' history (EpochHistory's state travels in the
+    checkpoint) and ends with the weights and LR of an uninterrupted run."""
+    from labkit.lightning_module import EpochHistory
+    from labkit.models.vit import ViT
+
+    lung_vit.quiet_lightning()
+    *_, loader = _tiny_data()
+
+    def run(folder, crash_at=None, ckpt_path=None):
+        torch.manual_seed(0)
+        module = lung_vit_command.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, dropout=0.0, **SMALL),
+                                         ["a", "b", "c"], lr=3e-3, warmup_epochs=1)
+        history = EpochHistory(4, 20, show=False, attempt=1 if ckpt_path is None else 2)
+        trainer = _trainer(tmp_path, max_epochs=4, callbacks=[history, _SaveLikeRay(folder, crash_at)])
+        try:
+            trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
+        except RuntimeError:
+            pass
+        return module, history.rows, trainer
+
+    straight, rows, _ = run(tmp_path / "a")
+    (tmp_path / "b").mkdir(), (tmp_path / "a").mkdir(exist_ok=True)
+    run(tmp_path / "b", crash_at=3)                                     # dies at the start of epoch 3
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["epoch1.ckpt", "epoch2.ckpt"]
+    resumed, resumed_rows, trainer = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "epoch2.ckpt"))
+    assert [r["epoch"] for r in resumed_rows] == [1, 2, 3, 4] and [r["attempt"] for r in resumed_rows] == [1, 1, 2, 2]
+    assert [r["lr"] for r in resumed_rows] == pytest.approx([r["lr"] for r in rows])
+    assert [r["val_loss"] for r in resumed_rows] == pytest.approx([r["val_loss"] for r in rows], rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(straight.parameters(), resumed.parameters()))
 
 
 # --------------------------------------------------------------------------- slow: Ray job + notebook
@@ -290,6 +343,52 @@ def test_ray_job_submit_keeps_the_three_best_checkpoints(small_lung, tmp_path):
     assert test["test_loss"] == pytest.approx(rec["final"]["test_loss"], rel=1e-4)
 
 
+def _notebook_train_func():
+    """The lab's LitViT and train_func cells, executed into one namespace (not importable by name, so Ray
+    pickles them by value, as it does from the notebook)."""
+    import torch.nn.functional as F
+
+    from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
+
+    text = (ROOT / "labs" / "04_lung_vit.py").read_text()
+    namespace = {"__name__": "lab04_notebook_cells", "torch": torch, "F": F, "tempfile": tempfile,
+                 "ClassifierBase": ClassifierBase, "decay_groups": decay_groups, "cosine_warmup": cosine_warmup}
+    for name in ("class LitViT(", "def train_func("):
+        start = text.index(name)
+        exec(compile(text[start:text.index("# %%", start)], "labs/04_lung_vit.py", "exec"), namespace)
+    return namespace["train_func"]
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_resumes_and_loses_no_epoch(small_lung, tmp_path, monkeypatch):
+    """The notebook's train_func under FailureConfig: one of 2 workers dies halfway through epoch 2; Ray restarts
+    the group once, get_checkpoint() hands Lightning the checkpoint of epoch 1, and the record has every epoch
+    (1 on the first attempt, 2-4 on the second), with the top-3 checkpoints (plus the latest) chosen over all of them."""
+    from labkit import ray_train
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lkr", dir="/tmp"))
+    cfg = lung_vit.check_params(show=False, **{
+        **lung_vit.DEFAULTS, "workers": 2, "epochs": 4, "image_size": 16, "depth": 1, "heads": 2, "dim": 32,
+        "mlp_dim": 64, "lr": 0.03, "batch_size": 16, "precision": "32", "track": False, "data_dir": str(small_lung),
+        "fail_at_epoch": 2})
+    cfg["progress"] = False
+    data = lung_vit.load_data(cfg)
+    run = lung_vit_command.train(cfg, data=data, results_dir=tmp_path / "results", run_name="crash",
+                                 worker=_notebook_train_func())
+    rec = lung_vit.record(run, cfg, data)
+    assert (run.run_dir / ray_train.CRASH_MARKER).is_file() and rec.final["restarts"] == 1
+    assert [(row["epoch"], row["attempt"]) for row in rec.epochs] == [(1, 1), (2, 2), (3, 2), (4, 2)]
+    epochs = {row["epoch"]: row["val_loss"] for row in rec.epochs}
+    kept = {row["epoch"]: row["val_loss"] for row in rec.final["kept"]}
+    lowest = sorted(epochs, key=epochs.get)[:3]
+    assert sorted(kept) == sorted(set(lowest) | {4})
+    assert all(kept[e] == pytest.approx(epochs[e]) for e in kept)   # Ray's metrics = the history's, epoch by epoch
+    assert rec.final["best_epoch"] == lowest[0]
+    folders = [p for p in run.run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    assert len(folders) == len(kept)
+
+
 def _stop_processes(*marks: str) -> None:
     """Stop the head started above and its job: the processes whose command line names its temp dir
     or the job's results dir (other Ray clusters on this machine are left alone)."""
@@ -326,6 +425,9 @@ def test_quick_notebook_runs_and_tracks(course):
     final = rec["final"]
     assert final["balanced_acc"] >= max(final["chance"], final["majority_rate"]) + QUICK_MARGIN, final
     assert rec["env"]["precision"] in ("bf16-mixed", "32-true") and "channels_last" in rec["env"]
+    versus = final["vs_cnn"]                      # ViT vs CNN judged against the paired test-sample noise
+    assert versus["noise"] >= 0 and versus["verdict"] == ("within noise" if abs(versus["balanced_acc_diff"]) <=
+                                                         versus["noise"] else "beyond noise")
     for name in ("samples", "training_curves", "confusion_matrix", "cls_attention", "vit_vs_cnn"):
         assert (lab / f"{name}.png").is_file() and f"04_lung_vit/{name}.png" in rec["artifacts"]
     uri = f"sqlite:///{lab / 'mlflow.db'}"
