@@ -2,14 +2,18 @@
 #   make course   set up .venv, run every lab in quick mode, write results/ (results/SUMMARY.md, summary.png)
 #   make test     set up .venv, run the test suite (what CI runs: .ci/run)
 # Other targets: make regrade (the course, then every executed lab regraded with nbval), make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
-# labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make clean.
+# labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make lock (rewrite constraints.txt), make clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.labkit-installed
 
-.PHONY: course test regrade setup lab student labs clean
+# Caps pip itself is configured with (`pip config list`: global.constraint), which make lock honours
+# so that the lock installs where it is made; or LOCK_CAPS=file.
+LOCK_CAPS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
+
+.PHONY: course test regrade setup lock lab student labs clean
 
 course: $(STAMP)
 	$(BIN)/labkit run --quick
@@ -23,13 +27,24 @@ regrade: $(STAMP)
 
 setup: $(STAMP)
 
-# Re-install only when the requirements change; a fresh clone builds the venv once.
-$(STAMP): requirements.txt pyproject.toml
+# Re-install only when the requirements change; a fresh clone builds the venv once. Runtime
+# (requirements.txt) and course tools (requirements-dev.txt = labkit[dev]) at the exact versions CI
+# tests (constraints.txt).
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# constraints.txt: every package's exact version, resolved from the two requirements files (pip-compile
+# keeps existing pins unless a requirement changes; delete constraints.txt to re-resolve everything).
+lock:
+	test -x $(BIN)/pip-compile || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -m pip install --quiet "pip-tools>=7.4"; }
+	printf -- '-r requirements.txt\n-r requirements-dev.txt\n$(if $(LOCK_CAPS),-c $(LOCK_CAPS)\n)' > .lock.in
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url \
+	  --no-emit-find-links -o constraints.txt .lock.in; status=$$?; rm -f .lock.in; exit $$status
 
 lab: $(STAMP)
 	$(BIN)/labkit run $(LAB) $(ARGS)
@@ -41,4 +56,4 @@ labs: $(STAMP)
 	$(BIN)/labkit labs sync
 
 clean:
-	rm -rf results/executed results/0* results/SUMMARY.md results/summary.png student/
+	rm -rf results/executed results/0* results/SUMMARY.md results/summary.png

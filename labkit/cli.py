@@ -30,6 +30,10 @@ Run `labkit COMMAND --help` for the options of a command.
 """
 
 
+#: Modules of labkit[dev] (requirements-dev.txt) that some commands need; Colab installs without them.
+DEV_MODULES = {"papermill", "nbval", "jupytext", "pytest", "nbclient"}
+
+
 def _wrap(text: str) -> str:
     return textwrap.fill(text, width=90)
 
@@ -49,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                                            "it took, a table at the end names the cell where a lab failed, and the results "
                                            "summary is written. Exit status 1 when any lab failed."),
                          epilog="examples:\n  labkit run --quick\n  labkit run 01 02_ray -p epochs 5 -p device cpu\n"
+                                "  labkit run 02 -y 'sweep: [1, 2]'\n  labkit run 02 -f params.yaml\n"
                                 "  labkit run labs/01_baseline.ipynb --results /tmp/results")
     run.add_argument("labs", nargs="*", metavar="LAB",
                      help="lab number (01), name (01_baseline) or notebook path; default: every labs/*.ipynb, sorted")
@@ -57,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                      help="set a notebook parameter, as with papermill -p (True/False/None, ints and floats "
                           "are read as Python values); repeatable")
+    run.add_argument("-y", "--yaml", action="append", default=[], metavar="YAML",
+                     help="parameters as a YAML mapping, lists and dicts included, as with papermill -y: "
+                          "-y 'sweep: [1, 2]'; repeatable")
+    run.add_argument("-f", "--parameters-file", action="append", default=[], metavar="FILE",
+                     help="parameters from a YAML file (as papermill -f); -f, then -y, then -p: later ones win")
     run.add_argument("--results", metavar="DIR", default=None,
                      help="results folder (default: $LABKIT_RESULTS or <course>/results)")
     run.add_argument("--labs-dir", metavar="DIR", default="labs", help="folder of lab notebooks (default: labs)")
@@ -121,10 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     labs = sub.add_parser("labs", formatter_class=fmt, help="sync lab notebooks with their .py sources",
                           description=_wrap("Each labs/NN_*.ipynb is paired with a jupytext percent-format labs/NN_*.py "
                                             "holding every cell, its markdown and its tags. `labkit labs sync` writes "
-                                            "whichever side is older (or missing) from the other; `labkit labs check` "
-                                            "names every lab whose two sides differ and exits 1."))
+                                            "whichever side is older (or missing) from the other, and each lab's set-up "
+                                            "cell and Colab badge from labkit/colab.py; `labkit labs check` names every lab "
+                                            "whose two sides differ, or whose set-up cell or badge differs, and exits 1."))
     labs_sub = labs.add_subparsers(dest="labs_command", metavar="ACTION")
     sync = labs_sub.add_parser("sync", help="write the older side of each pair from the newer one")
+    sync.add_argument("labs", nargs="*", metavar="LAB", help="only these labs (01 or 01_baseline; default: all)")
     sync.add_argument("--prefer", choices=("py", "ipynb"), default=None,
                       help="take this side as the source for every lab that differs (default: the side edited last)")
     check = labs_sub.add_parser("check", help="exit 1 naming each lab whose .ipynb and .py differ")
@@ -139,7 +151,7 @@ def _cmd_labs(args: argparse.Namespace) -> int:
 
     folder = resolve_path(args.labs_dir)
     if args.labs_command == "sync":
-        written = labsource.sync(folder, prefer=args.prefer)
+        written = labsource.sync(folder, prefer=args.prefer, only=args.labs)
         print("\n".join(written) if written else "every lab is in sync")
         return 0
     if args.labs_command == "check":
@@ -151,9 +163,9 @@ def _cmd_labs(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from labkit.course import format_runs, parse_parameters, run_labs
+    from labkit.course import format_runs, gather_parameters, run_labs
 
-    params = parse_parameters(args.parameter)
+    params = gather_parameters(args.parameters_file, args.yaml, args.parameter)
     runs = run_labs(args.labs or None, quick=args.quick, parameters=params, results_dir=args.results,
                     labs_dir=args.labs_dir, timeout=args.timeout)
     print()
@@ -225,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"run": _cmd_run, "regrade": _cmd_regrade, "student": _cmd_student, "summary": _cmd_summary}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in DEV_MODULES:
+            raise
+        print(f"labkit {args.command}: error: {exc.name} is not installed; it is one of the course tools "
+              "(requirements-dev.txt): pip install -e '.[dev]', or run `make setup`.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"labkit {args.command}: interrupted", file=sys.stderr)

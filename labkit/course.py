@@ -119,6 +119,41 @@ def parse_parameters(pairs: Sequence[Sequence[str]] | None) -> dict[str, Any]:
     return params
 
 
+def parse_yaml_parameters(text: str, where: str = "-y") -> dict[str, Any]:
+    """Parameters from YAML, as papermill's ``-y``/``-f`` read them: a mapping of names to values,
+    lists and dicts included (``'workers: [1, 2]'`` → ``{"workers": [1, 2]}``)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where}: not valid YAML ({exc}); write e.g. -y 'sweep: [1, 2]'.") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: YAML parameters must be a mapping NAME: VALUE, got a {type(data).__name__}; "
+                         "write e.g. -y 'sweep: [1, 2]'.")
+    bad = [k for k in data if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        raise ValueError(f"{where}: parameter name(s) {bad!r} are not Python names.")
+    return data
+
+
+def gather_parameters(files: Sequence[str] = (), yamls: Sequence[str] = (),
+                      pairs: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+    """Merge parameters in papermill's order: ``-f`` files, then ``-y`` YAML, then ``-p`` pairs (later wins)."""
+    params: dict[str, Any] = {}
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"-f {name}: no such parameters file.")
+        params.update(parse_yaml_parameters(path.read_text(encoding="utf-8"), where=f"-f {name}"))
+    for text in yamls:
+        params.update(parse_yaml_parameters(text, where=f"-y {text!r}"))
+    params.update(parse_parameters(pairs))
+    return params
+
+
 def available_labs(labs_dir: str | os.PathLike = "labs") -> list[Path]:
     """All lab notebooks in ``labs_dir`` (relative to the course folder), sorted by name."""
     folder = resolve_path(labs_dir)

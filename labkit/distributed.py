@@ -12,7 +12,7 @@ what surrounds them (Lab 04 uses the same pieces)::
 
 - :func:`plan_scaling` — a pure function: how many workers, CPU (gloo) or GPU (NCCL), how many CPU
   cores each. It refuses impossible requests *before* Ray starts (Ray would wait forever for CPUs
-  that do not exist) and falls back to CPU workers when there are fewer GPUs than workers.
+  that do not exist) and lets workers share the GPU(s) when there are fewer GPUs than workers.
 - :func:`ray_cluster` — a context manager: ``ray.init`` for a local cluster sized to this machine,
   or the cluster at ``address`` / ``$RAY_ADDRESS`` (checked first, so a wrong address fails in
   seconds), quiet logs, and ``ray.shutdown()`` on the way out, also when training fails.
@@ -24,10 +24,11 @@ from __future__ import annotations
 import copyreg
 import importlib
 import logging
+import math
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -67,21 +68,24 @@ DEFAULT_PORTS = {"ray": 10001, "gcs": 6379}  # Ray Client (ray://host) and the c
 # --------------------------------------------------------------------------- sizing the run
 @dataclass(frozen=True)
 class ScalingPlan:
-    """How a run is laid out: ``workers`` processes on CPU (gloo) or one GPU each (NCCL)."""
+    """How a run is laid out: ``workers`` processes on CPU (gloo), on one GPU each (NCCL), or sharing
+    fewer GPUs (``gpu_share`` < 1 of one GPU each, gloo)."""
 
     workers: int
     use_gpu: bool
-    backend: str              # "gloo" (CPU) or "nccl" (GPU)
+    backend: str              # "gloo" (CPU, or GPUs shared by several workers) or "nccl" (one GPU per worker)
     cpus_per_worker: int      # CPU cores Ray reserves for each worker (= its torch threads on CPU)
     notice: str = ""          # why the plan differs from what was asked, if it does
+    gpu_share: float = 1.0    # the fraction of one GPU Ray reserves for each worker (when use_gpu)
 
     def resources(self) -> dict[str, float]:
         """``resources_per_worker`` for ``ScalingConfig``."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpu_share} if self.use_gpu else {})}
 
     def describe(self) -> str:
         """One line for the notebook."""
-        where = "1 GPU" if self.use_gpu else f"{self.cpus_per_worker} CPU core(s)"
+        where = (("1 GPU" if self.gpu_share == 1 else f"{self.gpu_share:g} of a GPU") if self.use_gpu
+                 else f"{self.cpus_per_worker} CPU core(s)")
         return f"{self.workers} worker(s), {where} each, backend {self.backend}"
 
 
@@ -102,10 +106,12 @@ def plan_scaling(workers: int, device: str = "auto", *, node_cpus: Sequence[int]
     ``node_cpus`` lists the CPU cores of each node and ``gpus`` counts the GPUs (see
     :func:`machine_resources` / :func:`cluster_resources`). Rules:
 
-    - GPUs are used when ``device`` allows it and there is one GPU per worker (NCCL needs its own
-      GPU per process: two workers on one GPU fail with "Duplicate GPU detected").
-    - ``device="auto"`` with fewer GPUs than workers falls back to CPU workers with gloo, and says so;
-      ``device="cuda"`` then raises instead.
+    - One GPU or more per worker (``device`` "auto" or "cuda"): one GPU each, NCCL.
+    - Fewer GPUs than workers, but at least one (e.g. ``workers=2`` on Colab's one GPU): the workers
+      **share** the GPUs — Ray reserves a fraction of a GPU for each — and all-reduce with gloo,
+      because NCCL needs its own GPU per process (two ranks on one GPU fail with "Duplicate GPU
+      detected"). The plan's notice says so; use ``workers <= gpus`` for NCCL.
+    - No GPU: CPU workers with gloo (``device="cuda"`` then raises).
     - More workers than CPU cores raises :class:`ParameterError` at once (each worker needs a core;
       Ray would otherwise wait for resources that never come).
     """
@@ -113,22 +119,24 @@ def plan_scaling(workers: int, device: str = "auto", *, node_cpus: Sequence[int]
         raise ParameterError(f"workers={workers!r}: need an integer >= 1 (one model replica per worker), "
                              "e.g. -p workers 2.")
     name = str(device).lower()
-    notice = ""
+    notice, share = "", 1.0
     if name == "cpu":
         use_gpu = False
     elif name == "mps":
         use_gpu, notice = False, "device='mps': Ray Train workers cannot share Apple's MPS device; training on CPU workers."
     elif name == "auto" or name.startswith("cuda"):
-        use_gpu = gpus >= workers and gpus > 0
+        use_gpu = gpus > 0
         if not use_gpu and name.startswith("cuda"):
-            raise ParameterError(
-                f"device={device!r} with workers={workers}: {where} has {gpus} GPU(s), and NCCL needs one GPU per "
-                f"worker (two workers on one GPU fail with 'Duplicate GPU detected'). Use workers <= {gpus} "
-                "to train on GPUs, or device='auto' / 'cpu' to train on CPU workers.")
-        if not use_gpu and gpus > 0:
-            notice = (f"Notice: {workers} workers but only {gpus} GPU(s) on {where}. NCCL needs one GPU per worker "
-                      "(sharing one fails with 'Duplicate GPU detected'), so this run uses CPU workers with gloo. "
-                      f"Use workers <= {gpus} to train on the GPU(s).")
+            raise ParameterError(f"device={device!r}: {where} has no GPU. Use device='auto' or 'cpu' to train on CPU "
+                                 "workers.")
+        if use_gpu and gpus < workers:
+            per_gpu = math.ceil(workers / gpus)
+            share = math.floor(10_000 / per_gpu) / 10_000      # Ray counts GPU fractions in 1/10,000ths
+            notice = (f"Notice: {workers} workers but {gpus} GPU(s) on {where}: the workers share the GPU(s), "
+                      f"{share:g} of a GPU each, and all-reduce with gloo (NCCL needs one GPU per worker: sharing "
+                      "fails with 'Duplicate GPU detected'). gloo copies gradients through host memory, so this "
+                      "shows how the code scales, not how fast it would be on separate GPUs; use "
+                      f"workers <= {gpus} to train with NCCL.")
     else:
         raise ParameterError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'mps'.")
 
@@ -139,8 +147,9 @@ def plan_scaling(workers: int, device: str = "auto", *, node_cpus: Sequence[int]
             f"workers={workers}, but {where} has {total} CPU core(s) for Ray and every worker needs at least one "
             f"(Ray would wait forever for the missing {workers - total}). Use workers <= {total} "
             f"(e.g. -p workers {max(total, 1)}), or connect to a bigger Ray cluster with address=... / RAY_ADDRESS.")
-    return ScalingPlan(workers=workers, use_gpu=use_gpu, backend="nccl" if use_gpu else "gloo",
-                       cpus_per_worker=per_worker, notice=notice)
+    shared = use_gpu and share < 1
+    return ScalingPlan(workers=workers, use_gpu=use_gpu, backend="nccl" if use_gpu and not shared else "gloo",
+                       cpus_per_worker=per_worker, notice=notice, gpu_share=share)
 
 
 def machine_resources() -> dict[str, Any]:
@@ -222,6 +231,31 @@ def _cluster_info(address: str | None, init_seconds: float) -> dict[str, Any]:
             "gpus": res["gpus"], "init_seconds": init_seconds, "ray": ray.__version__}
 
 
+#: Ray's switch for its single-machine mode (meant for Windows/macOS): the node binds to 127.0.0.1.
+_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start a local cluster that listens on 127.0.0.1 only. On Linux Ray 2.60 binds a local cluster to the
+    machine's routable address (and rewrites ``_node_ip_address="127.0.0.1"`` to it); its single-machine mode
+    — the driver's constant and the variable the raylet, GCS and workers inherit — keeps every port on
+    loopback. Restored afterwards, so joining a real cluster later is unaffected."""
+    from ray._private import ray_constants
+
+    before_const, before_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(_SINGLE_MACHINE_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_SINGLE_MACHINE_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_const
+        if before_env is None:
+            os.environ.pop(_SINGLE_MACHINE_VAR, None)
+        else:
+            os.environ[_SINGLE_MACHINE_VAR] = before_env
+
+
 @contextmanager
 def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: float = 5.0) -> Iterator[dict]:
     """Start (or join) Ray for the ``with`` block and shut it down afterwards, also on errors.
@@ -251,7 +285,8 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
     tries = 1 if address else 3  # a local start can time out on a busy machine (a slow raylet): try again
     for attempt in range(1, tries + 1):
         try:
-            ray.init(**kwargs)
+            with _loopback_only() if address is None else nullcontext():   # local: 127.0.0.1 only
+                ray.init(**kwargs)
             break
         except Exception as exc:
             ray.shutdown()

@@ -10,6 +10,8 @@ The notebooks stay committed, without outputs, so Colab badges, papermill and nb
 ``labkit labs sync`` (or ``make labs``) brings each pair together: the side edited last wins,
 unless ``prefer`` says which; ``labkit labs check`` (and the test suite) names any lab whose two
 sides differ. Cell ids of unchanged cells are kept, so a one-line edit is a one-cell diff.
+The sync also writes each lab's set-up cell and Colab badge from the template in ``labkit.colab``;
+the check names a lab whose set-up cell or badge differs from it.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import difflib
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import jupytext
 import nbformat
 
+from labkit import colab
 from labkit.files import atomic_path
 
 TEXT_FORMAT = "py:percent"
@@ -28,9 +32,15 @@ TEXT_FORMAT = "py:percent"
 _METADATA_FILTER = "-jupytext.text_representation.jupytext_version"
 
 
-def _stems(labs_dir: Path) -> list[str]:
-    return sorted({p.stem for p in labs_dir.glob("[0-9][0-9]_*.ipynb")} |
-                  {p.stem for p in labs_dir.glob("[0-9][0-9]_*.py")})
+def _stems(labs_dir: Path, only: Sequence[str] | None = None) -> list[str]:
+    stems = sorted({p.stem for p in labs_dir.glob("[0-9][0-9]_*.ipynb")} |
+                   {p.stem for p in labs_dir.glob("[0-9][0-9]_*.py")})
+    if only:
+        unknown = [o for o in only if not any(s == o or s.startswith(f"{o}_") for s in stems)]
+        if unknown:
+            raise ValueError(f"no lab {', '.join(unknown)} in {labs_dir}; labs: {', '.join(stems)}.")
+        stems = [s for s in stems if any(s == o or s.startswith(f"{o}_") for o in only)]
+    return stems
 
 
 def _cell_key(cell) -> tuple:
@@ -72,8 +82,21 @@ def pair_problem(ipynb: Path, text: Path) -> str | None:
 def differences(labs_dir: str | os.PathLike = "labs") -> list[str]:
     """One line per lab whose ``.ipynb`` and ``.py`` disagree (or that lacks one side); empty when in sync."""
     labs_dir = Path(labs_dir)
-    found = (pair_problem(labs_dir / f"{stem}.ipynb", labs_dir / f"{stem}.py") for stem in _stems(labs_dir))
+    found = []
+    for stem in _stems(labs_dir):
+        ipynb, text = labs_dir / f"{stem}.ipynb", labs_dir / f"{stem}.py"
+        found += [pair_problem(ipynb, text), template_problem(ipynb, text)]
     return [line for line in found if line]
+
+
+def template_problem(ipynb: Path, text: Path) -> str | None:
+    """Why a lab's set-up cell or Colab badge (on either side) differs from ``labkit.colab``'s template;
+    ``None`` when both sides agree with it."""
+    found: list[str] = []
+    for path, read in ((text, read_text), (ipynb, read_notebook)):
+        if path.exists():
+            found += [f"{path.name}: {p}" for p in colab.problems(read(path), ipynb.name)]
+    return f"{ipynb.stem}: {'; '.join(found)}; run `labkit labs sync`." if found else None
 
 
 def _new_id(cell, taken: set[str]) -> str:
@@ -124,8 +147,10 @@ def write_text(nb: nbformat.NotebookNode, path: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def sync(labs_dir: str | os.PathLike = "labs", prefer: str | None = None) -> list[str]:
-    """Bring every pair together; returns one line per file written.
+def sync(labs_dir: str | os.PathLike = "labs", prefer: str | None = None,
+         only: Sequence[str] | None = None) -> list[str]:
+    """Bring every pair together (or the labs named in ``only``: ``"01"`` or ``"01_baseline"``) and
+    write each lab's set-up cell and badge from the template; returns one line per file written.
 
     The side modified last is the source, unless ``prefer`` is ``"py"`` or ``"ipynb"``.
     """
@@ -135,18 +160,22 @@ def sync(labs_dir: str | os.PathLike = "labs", prefer: str | None = None) -> lis
     if not labs_dir.is_dir():
         raise FileNotFoundError(f"{labs_dir}: no labs folder here; run from the course root or pass the folder.")
     written = []
-    for stem in _stems(labs_dir):
+    for stem in _stems(labs_dir, only):
         ipynb, text = labs_dir / f"{stem}.ipynb", labs_dir / f"{stem}.py"
+        in_sync = False
         if ipynb.exists() and text.exists():
-            if pair_problem(ipynb, text) is None:
-                continue
+            in_sync = pair_problem(ipynb, text) is None
             source = prefer or ("py" if text.stat().st_mtime >= ipynb.stat().st_mtime else "ipynb")
         else:
             source = "py" if text.exists() else "ipynb"
-        if source == "py":
-            write_notebook(read_text(text), ipynb)
-            written.append(f"{ipynb} ← {text.name}")
-        else:
-            write_text(read_notebook(ipynb), text)
-            written.append(f"{text} ← {ipynb.name}")
+        nb = read_text(text) if source == "py" else read_notebook(ipynb)
+        templated = colab.apply(nb, ipynb.name)
+        if in_sync and not templated:
+            continue
+        if source == "ipynb" or templated:
+            write_text(nb, text)
+            written.append(f"{text} ← {ipynb.name}" if not templated else f"{text} ← labkit.colab template")
+        if source == "py" or templated:
+            write_notebook(nb, ipynb)
+            written.append(f"{ipynb} ← {text.name}" if not templated else f"{ipynb} ← labkit.colab template")
     return written

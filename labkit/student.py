@@ -10,6 +10,10 @@ In a lab, an exercise's solution sits between two comment lines in a code cell::
 The student copy keeps everything outside the markers and replaces the span (markers included)
 with ``raise NotImplementedError("Exercise: complete this cell")`` at the indentation of the
 ``# BEGIN SOLUTION`` line. The check cells stay, so students see them fail until they solve it.
+Each copy's "Open in Colab" badge opens the student copy (``student/NN_x.ipynb``), not the lab.
+
+``student/`` is committed (``make student`` writes it); :func:`stale_copies` names every copy that
+no longer matches what ``labs/`` would give, so a test fails when someone forgets to regenerate.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import nbformat
 
+from labkit import colab
 from labkit.files import atomic_path
 
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)#+\s*BEGIN SOLUTION\b")
@@ -60,9 +65,13 @@ def strip_solutions(source: str, where: str = "cell") -> tuple[str, int]:
     return "\n".join(out) + ("\n" if source.endswith("\n") else ""), spans
 
 
-def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook") -> tuple[nbformat.NotebookNode, int]:
-    """A student copy of ``nb`` (the original is not changed) and the number of exercises stubbed."""
+def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook",
+                     folder: str = "student") -> tuple[nbformat.NotebookNode, int]:
+    """A student copy of ``nb`` (the original is not changed) and the number of exercises stubbed.
+
+    Its Colab badges open ``folder/<name's file name>`` (the student copy in the repository)."""
     copy = nbformat.from_dict(nb)
+    colab.set_badges(copy, Path(name).name if name.endswith(".ipynb") else f"{name}.ipynb", folder)
     spans = 0
     for index, cell in enumerate(copy.cells):
         if cell.cell_type != "code":
@@ -101,3 +110,30 @@ def write_student_versions(labs_dir: str | os.PathLike, out_dir: str | os.PathLi
             nbformat.write(nb, str(tmp))
         written[target] = spans
     return written
+
+
+def _key(cell) -> tuple:
+    return cell.cell_type, cell.source, repr(sorted(cell.get("metadata", {}).items()))
+
+
+def stale_copies(labs_dir: str | os.PathLike = "labs", out_dir: str | os.PathLike = "student") -> list[str]:
+    """One line per student copy in ``out_dir`` that is missing, extra or differs (cell sources and
+    metadata) from the copy ``labs_dir`` would give now; empty when ``out_dir`` is up to date."""
+    src, dst = Path(labs_dir), Path(out_dir)
+    labs = {p.name: p for p in sorted(src.glob("*.ipynb")) if not p.name.startswith(".")}
+    found = []
+    for name, path in labs.items():
+        target = dst / name
+        if not target.exists():
+            found.append(f"{dst.name}/{name} is missing; run `make student`.")
+            continue
+        fresh, _ = student_notebook(nbformat.read(path, as_version=4), name=str(path))
+        have = nbformat.read(target, as_version=4)
+        a, b = [_key(c) for c in fresh.cells], [_key(c) for c in have.cells]
+        if a != b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            found.append(f"{dst.name}/{name} is stale against {src.name}/{name} (from cell {first} on); "
+                         "run `make student`.")
+    found += [f"{dst.name}/{p.name} has no lab in {src.name}/; delete it or run `make student`."
+              for p in sorted(dst.glob("*.ipynb")) if p.name not in labs]
+    return found

@@ -39,12 +39,33 @@
 # In Colab this cell installs labkit; anywhere else the course's `make course` / `make setup` already did.
 
 # %%
+# labkit set-up cell: on Colab it fetches the course and installs labkit; elsewhere it does nothing (`make setup` did it).
+# Keep results/ across Colab sessions (Lab 02 compares with Lab 01's record): set results_on_drive = True.
+results_on_drive = False
 import sys
-if "google.colab" in sys.modules:  # Colab only: fetch the course and install labkit (elsewhere `make course` did it)
-    # !git clone -q https://github.com/labkit-course/labkit /content/labkit 2>/dev/null || true
-    # %pip install -q -e /content/labkit
-    # %cd /content/labkit
+if "google.colab" in sys.modules:
+    import importlib.metadata, importlib.util, os, re, subprocess, tempfile
+    def sh(*cmd, hint):  # run a command; on failure stop here with its error and what to do
+        done = subprocess.run(list(cmd), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}\n{hint}")
+    if not os.path.isdir("/content/labkit"):
+        sh("git", "clone", "--depth", "1", "https://github.com/labkit-course/labkit", "/content/labkit",
+            hint="Check that the runtime has internet (Runtime > Change runtime type) and that the URL is right.")
+    if importlib.util.find_spec("labkit") is None:  # keep Colab's torch, torchvision, ipykernel, jupyter*
+        keep = [f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                if re.fullmatch(r"torch|torchvision|ipykernel|jupyter.*", (d.metadata["Name"] or "").lower())]
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
+            pins.write("\n".join(keep) + "\n")
+        sh(sys.executable, "-m", "pip", "install", "-q", "/content/labkit", "-c", pins.name,
+            hint="pip could not install labkit beside Colab's packages; read the error above, then rerun this cell.")
+    os.environ["LABKIT_HOME"] = "/content/labkit"  # data/ and results/ live in the clone
+    if results_on_drive:
+        from google.colab import drive
+        drive.mount("/content/drive")
+        os.environ["LABKIT_RESULTS"] = "/content/drive/MyDrive/labkit/results"
 
+# %%
 import contextlib
 import copy
 import time

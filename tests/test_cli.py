@@ -123,3 +123,43 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"labkit {labkit.__version__}"
+
+
+def test_yaml_parameters_carry_lists_and_dicts_like_papermill(tmp_path):
+    from labkit.course import gather_parameters, parse_yaml_parameters
+
+    assert parse_yaml_parameters("sweep: [1, 2]\nopts: {lr: 0.001, rule: sqrt}") == \
+        {"sweep": [1, 2], "opts": {"lr": 0.001, "rule": "sqrt"}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("sweep: [1, 2, 4]\nepochs: 9\ndevice: cpu\n")
+    merged = gather_parameters([str(params_file)], ["epochs: 3"], [["device", "cuda"]])
+    assert merged == {"sweep": [1, 2, 4], "epochs": 3, "device": "cuda"}   # -f, then -y, then -p
+    with pytest.raises(ValueError, match="must be a mapping"):
+        parse_yaml_parameters("[1, 2]")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_yaml_parameters("sweep: [1, 2")
+    with pytest.raises(FileNotFoundError, match="-f nope.yaml"):
+        gather_parameters(["nope.yaml"])
+
+
+def test_run_passes_yaml_and_file_parameters_to_the_labs(tmp_path, monkeypatch, capsys):
+    from labkit import course
+
+    seen = {}
+    monkeypatch.setattr(course, "run_labs", lambda labs, **kw: seen.update(kw) or [])
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text("clients: 4\n")
+    assert cli.main(["run", "02", "-y", "sweep: [1, 2]", "-y", "split: {a: 1}", "-f", str(params_file),
+                     "-p", "epochs", "2", "--no-summary"]) == 0
+    assert seen["parameters"] == {"clients": 4, "sweep": [1, 2], "split": {"a": 1}, "epochs": 2}
+    assert cli.main(["run", "02", "-y", "- 1", "--no-summary"]) == 2
+    assert "must be a mapping" in capsys.readouterr().err
+
+
+def test_a_command_needing_the_course_tools_says_how_to_install_them(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "jupytext", None)          # as if labkit[dev] were not installed
+    monkeypatch.delitem(sys.modules, "labkit.labsource", raising=False)
+    monkeypatch.delattr("labkit.labsource", raising=False)    # so `from labkit import labsource` imports again
+    assert cli.main(["labs", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "jupytext is not installed" in err and "pip install -e '.[dev]'" in err

@@ -62,16 +62,32 @@ def test_one_gpu_per_worker_uses_nccl():
     assert plan.resources() == {"CPU": 4, "GPU": 1}
 
 
-def test_more_workers_than_gpus_falls_back_to_cpu_with_a_notice():
-    plan = distributed.plan_scaling(2, "auto", node_cpus=[8], gpus=1)
-    assert (plan.use_gpu, plan.backend) == (False, "gloo")
-    assert "Duplicate GPU" in plan.notice and "workers <= 1" in plan.notice
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_two_workers_on_one_gpu_share_it_over_gloo_and_say_so(device):
+    """Colab's one GPU with workers=2: both workers on the GPU, half of it each, gloo (NCCL would fail)."""
+    plan = distributed.plan_scaling(2, device, node_cpus=[8], gpus=1)
+    assert (plan.use_gpu, plan.backend, plan.gpu_share) == (True, "gloo", 0.5)
+    assert plan.resources() == {"CPU": 4, "GPU": 0.5}
+    assert "share" in plan.notice and "Duplicate GPU" in plan.notice and "workers <= 1" in plan.notice
+    assert "0.5 of a GPU" in plan.describe()
 
 
-def test_explicit_cuda_with_too_few_gpus_refuses_and_says_why():
-    with pytest.raises(ParameterError, match="one GPU per"):
-        distributed.plan_scaling(2, "cuda", node_cpus=[8], gpus=1)
-    with pytest.raises(ParameterError, match="0 GPU"):
+def test_shared_gpu_fractions_never_ask_for_more_than_there_is():
+    for workers, gpus in [(3, 1), (3, 2), (5, 2), (7, 3)]:
+        plan = distributed.plan_scaling(workers, "auto", node_cpus=[16], gpus=gpus)
+        assert plan.backend == "gloo" and 0 < plan.gpu_share < 1
+        per_gpu = -(-workers // gpus)                  # workers packed onto one GPU at most
+        assert per_gpu * plan.gpu_share <= 1, (workers, gpus, plan.gpu_share)
+        assert workers * plan.gpu_share <= gpus
+
+
+def test_a_gpu_each_keeps_nccl_and_no_notice():
+    plan = distributed.plan_scaling(1, "auto", node_cpus=[8], gpus=1)
+    assert (plan.use_gpu, plan.backend, plan.gpu_share, plan.notice) == (True, "nccl", 1.0, "")
+
+
+def test_explicit_cuda_without_a_gpu_refuses_and_says_why():
+    with pytest.raises(ParameterError, match="no GPU"):
         distributed.plan_scaling(1, "cuda", node_cpus=[8], gpus=0)
 
 

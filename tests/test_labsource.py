@@ -96,3 +96,46 @@ def test_no_lab_shows_its_code_only_through_getsource():
     for path in sorted(LABS.glob("[0-9][0-9]_*")):
         if path.suffix in (".ipynb", ".py"):
             assert "getsource" not in path.read_text(), f"{path.name} shows code through inspect.getsource"
+
+
+def test_sync_writes_the_set_up_cell_and_badge_from_the_template_and_check_names_a_drift(labs_copy):
+    from labkit import colab
+
+    text = labs_copy / "01_baseline.py"
+    edited = text.read_text().replace("results_on_drive = False", "results_on_drive = False  # my edit", 1)
+    edited = edited.replace("/blob/main/labs/01_baseline.ipynb", "/blob/dev/labs/01_baseline.ipynb")
+    text.write_text(edited)
+    _touch_later(text)
+    problems = labsource.differences(labs_copy)
+    assert any("set-up cell differs" in p and "Colab badge" in p and "labkit labs sync" in p for p in problems), problems
+    assert main(["labs", "check", "--labs-dir", str(labs_copy)]) == 1
+    labsource.sync(labs_copy)
+    assert labsource.differences(labs_copy) == []
+    for nb in (labsource.read_text(text), labsource.read_notebook(labs_copy / "01_baseline.ipynb")):
+        assert colab.problems(nb, "01_baseline.ipynb") == []
+        assert "# my edit" not in "".join(c.source for c in nb.cells)
+
+
+def test_sync_splits_an_older_labs_colab_cell_into_set_up_and_imports(tmp_path):
+    from labkit import colab
+
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Lab 09\n\n[![Open In Colab](https://colab.research.google.com/assets/"
+                                              "colab-badge.svg)](https://colab.research.google.com/github/x/y/blob/"
+                                              "main/labs/09_new.ipynb)"),
+                nbformat.v4.new_code_cell('import sys\nif "google.colab" in sys.modules:  # Colab only\n'
+                                          "    !git clone -q https://example.org/x /content/x || true\n\n"
+                                          "import time\nprint(sys.version_info >= (3,))"),
+                nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]})]
+    nbformat.write(nb, labs / "09_new.ipynb")
+    written = labsource.sync(labs, only=["09"])
+    assert len(written) == 2
+    out = labsource.read_notebook(labs / "09_new.ipynb")
+    assert [c.source for c in out.cells[1:]] == [colab.SETUP_CELL.rstrip("\n"),
+                                                  "import sys\nimport time\nprint(sys.version_info >= (3,))", "x = 1"]
+    assert colab.badge("09_new.ipynb") in out.cells[0].source
+    assert labsource.differences(labs) == []
+    with pytest.raises(ValueError, match="no lab 10"):
+        labsource.sync(labs, only=["10"])

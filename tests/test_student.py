@@ -158,3 +158,43 @@ def test_student_copy_runs_up_to_the_first_exercise_check_and_stops_there(lab, t
     assert err.value.ename == "AssertionError" and "not implemented yet" in err.value.evalue, \
         f"{lab.name}: the student copy failed with {err.value.ename}: {err.value.evalue}\nin cell:\n{failed.source}"
     assert "check_" in failed.source and "nbval-check-output" in failed.metadata.get("tags", []), failed.source
+
+
+def test_committed_student_copies_are_up_to_date():
+    """student/ is committed: it must be what `make student` writes from labs/ now."""
+    from labkit.student import stale_copies
+
+    assert stale_copies(REPO / "labs", REPO / "student") == []
+
+
+def test_a_stale_student_copy_is_named_with_what_to_do(tmp_path):
+    from labkit.student import stale_copies
+
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    _lab(labs / "02_ray.ipynb")
+    write_student_versions(labs, tmp_path / "student")
+    assert stale_copies(labs, tmp_path / "student") == []
+    nb = nbformat.read(labs / "02_ray.ipynb", as_version=4)
+    nb.cells[1].source += "\nimport math"
+    nbformat.write(nb, labs / "02_ray.ipynb")
+    _lab(labs / "03_new.ipynb")
+    problems = stale_copies(labs, tmp_path / "student")
+    assert len(problems) == 2 and all("run `make student`" in p for p in problems)
+    assert "student/02_ray.ipynb is stale" in problems[0] and "cell 1" in problems[0]
+    assert "student/03_new.ipynb is missing" in problems[1]
+
+
+def test_student_badges_open_the_student_copy(tmp_path):
+    from labkit import colab
+
+    labs = tmp_path / "labs"
+    labs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# Lab 02\n\n{colab.badge('02_ray.ipynb')}\n"), nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(nb, labs / "02_ray.ipynb")
+    write_student_versions(labs, tmp_path / "copies")
+    copy = nbformat.read(tmp_path / "copies" / "02_ray.ipynb", as_version=4)
+    assert colab.colab_url("02_ray.ipynb", "student") in copy.cells[0].source
+    assert "/blob/main/student/02_ray.ipynb" in copy.cells[0].source and "/labs/" not in copy.cells[0].source
+    assert nbformat.read(labs / "02_ray.ipynb", as_version=4).cells[0].source == nb.cells[0].source
