@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX",
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from labkit import ray_train  # noqa: E402
+from labkit import local_ray, ray_train  # noqa: E402
 from labkit.env import resolve_path  # noqa: E402
 from labkit.params import ParameterError  # noqa: E402
 from labkit.results import lab_dir  # noqa: E402
@@ -231,31 +231,6 @@ def _cluster_info(address: str | None, init_seconds: float) -> dict[str, Any]:
             "gpus": res["gpus"], "init_seconds": init_seconds, "ray": ray.__version__}
 
 
-#: Ray's switch for its single-machine mode (meant for Windows/macOS): the node binds to 127.0.0.1.
-_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextmanager
-def _loopback_only() -> Iterator[None]:
-    """Start a local cluster that listens on 127.0.0.1 only. On Linux Ray 2.60 binds a local cluster to the
-    machine's routable address (and rewrites ``_node_ip_address="127.0.0.1"`` to it); its single-machine mode
-    — the driver's constant and the variable the raylet, GCS and workers inherit — keeps every port on
-    loopback. Restored afterwards, so joining a real cluster later is unaffected."""
-    from ray._private import ray_constants
-
-    before_const, before_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(_SINGLE_MACHINE_VAR)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ[_SINGLE_MACHINE_VAR] = "0"
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before_const
-        if before_env is None:
-            os.environ.pop(_SINGLE_MACHINE_VAR, None)
-        else:
-            os.environ[_SINGLE_MACHINE_VAR] = before_env
-
-
 @contextmanager
 def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: float = 5.0) -> Iterator[dict]:
     """Start (or join) Ray for the ``with`` block and shut it down afterwards, also on errors.
@@ -279,13 +254,14 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
     if address is None:
         res = machine_resources()
         kwargs.update(address="local", num_cpus=sum(res["node_cpus"]), num_gpus=res["gpus"])
+        local_ray.lean_env()
     else:  # the cluster's nodes get this labkit (torch and ray must be installed there)
         kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
     tick = time.perf_counter()
     tries = 1 if address else 3  # a local start can time out on a busy machine (a slow raylet): try again
     for attempt in range(1, tries + 1):
         try:
-            with _loopback_only() if address is None else nullcontext():   # local: 127.0.0.1 only
+            with local_ray.loopback_only() if address is None else nullcontext():   # local: 127.0.0.1 only
                 ray.init(**kwargs)
             break
         except Exception as exc:

@@ -6,6 +6,7 @@ Most tests start no Ray cluster. The training function is the one written in the
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -372,3 +373,24 @@ def test_worker_functions_using_torch_and_dot_classes_pickle():
     notebook.worker.__module__ = "__main__"
     restored = cloudpickle.loads(cloudpickle.dumps(notebook.worker))
     assert restored().shape == (2,)
+
+
+def test_a_local_cluster_gets_a_lean_environment_that_a_user_setting_overrides(monkeypatch):
+    """Ray's processes inherit the driver's environment at ``ray.init``: labkit turns off Train V2 parts a
+    single-machine run does not use (a user's own value wins) and keeps a slow optional import out of them."""
+    import subprocess
+    import sys
+
+    from labkit import local_ray
+
+    monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")                 # the user's choice
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    local_ray.lean_env()
+    local_ray.lean_env()                                                   # idempotent
+    assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1" and os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    paths = os.environ["PYTHONPATH"].split(os.pathsep)
+    assert len([p for p in paths if p.endswith("labkit-ray-stubs")]) == 1
+    probe = ("import jsonschema\ntry:\n    import rfc3987_syntax\nexcept ImportError as e:\n    print('declined:', e)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert out.returncode == 0 and "declined: labkit keeps rfc3987_syntax out" in out.stdout, out.stderr
