@@ -133,7 +133,9 @@ out_dir = results.lab_dir("02_ray")
 # Next, Ray's resources: each worker is a process that needs at least one CPU core, and NCCL (the GPU
 # communication library) needs **one GPU per worker**. `plan_scaling` decides CPU/gloo or GPU/NCCL and refuses a
 # request that cannot run *before* Ray starts — asking for 64 workers on 2 cores fails now, instead of Ray waiting
-# forever for cores that do not exist. (With `address` set, the plan is made from the cluster's resources instead.)
+# forever for cores that do not exist. With fewer GPUs than workers (`workers=2` on Colab's one GPU) the workers
+# *share* the GPU — half of it each — and all-reduce with gloo, and the plan prints why; `workers=1` uses NCCL.
+# (With `address` set, the plan is made from the cluster's resources instead.)
 
 # %%
 plan = None
