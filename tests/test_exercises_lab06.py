@@ -1,0 +1,72 @@
+"""labkit.exercises.lab06: the top-k check passes a right answer (printing one ✓ line) and explains a wrong one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from labkit.exercises import lab06 as exercises
+from checks import one_check_line, stub
+
+
+def _top_k(probs, k, threshold):
+    """A right answer, written differently from the reference: a full sort per row."""
+    order = np.argsort(probs, axis=1)[:, ::-1][:, :k]
+    top = np.take_along_axis(probs, order, 1)
+    return {"classes": order, "probs": top, "confident": top[:, 0] >= threshold}
+
+
+def test_top_k_right_answer_passes(capsys):
+    exercises.check_top_k(_top_k, 3, 0.8)
+    assert "top-3" in one_check_line(capsys)
+
+
+def test_top_k_typical_wrong_answers_fail_with_a_hint():
+    def ascending(probs, k, threshold):
+        out = _top_k(probs, k, threshold)
+        return {**out, "classes": out["classes"][:, ::-1], "probs": out["probs"][:, ::-1]}
+    with pytest.raises(AssertionError, match="least probable first"):
+        exercises.check_top_k(ascending)
+
+    def smallest(probs, k, threshold):
+        order = np.argsort(probs, axis=1)[:, :k][:, ::-1]
+        return {"classes": order, "probs": np.take_along_axis(probs, order, 1),
+                "confident": probs.max(1) >= threshold}
+    with pytest.raises(AssertionError, match="k largest"):
+        exercises.check_top_k(smallest)
+
+    def strict_threshold(probs, k, threshold):
+        return {**_top_k(probs, k, threshold), "confident": probs.max(1) > threshold + 0.05}
+    with pytest.raises(AssertionError, match="top-1 >= threshold"):
+        exercises.check_top_k(strict_threshold)
+
+    def in_place(probs, k, threshold):
+        out = _top_k(probs.copy(), k, threshold)
+        probs.sort(axis=1)
+        return out
+    with pytest.raises(AssertionError, match="in place"):
+        exercises.check_top_k(in_place)
+
+    def shuffled_probs(probs, k, threshold):
+        out = _top_k(probs, k, threshold)
+        return {**out, "probs": np.sort(probs, 1)[:, :k]}
+    with pytest.raises(AssertionError, match="probabilities of those classes"):
+        exercises.check_top_k(shuffled_probs)
+
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_top_k(stub)
+
+
+def test_reference_is_sorted_and_thresholds_the_top_probability():
+    probs = np.array([[0.1, 0.7, 0.2], [0.85, 0.05, 0.1]], dtype=np.float32)
+    ref = exercises.reference_top_k(probs, 2, 0.8)
+    assert ref["classes"].tolist() == [[1, 2], [0, 2]]
+    assert np.allclose(ref["probs"], [[0.7, 0.2], [0.85, 0.1]])
+    assert ref["confident"].tolist() == [False, True]
+
+
+def test_check_probabilities_have_confident_and_unsure_rows_and_no_ties():
+    probs = exercises._probabilities()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    top1 = probs.max(1)
+    assert (top1 >= 0.8).any() and (top1 < 0.8).any()
+    assert all(len(set(row.tolist())) == len(row) for row in probs)
