@@ -1,0 +1,633 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lab 07 — Tune, compress, serve: where a trained model goes next
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/labkit-course/labkit/blob/main/labs/07_tune_serve.ipynb)
+#
+# Labs 01–05 trained models. This one takes Lab 01's CNN on the Alzheimer MRI slices the rest of the way:
+# **search** its hyperparameters with **Ray Tune**, **compress** the best model to int8, and **serve** it
+# behind an HTTP endpoint with **Ray Serve** — then measure what the endpoint does under load.
+#
+# **You will learn to**
+# - write a Tune *trainable* that reports balanced accuracy and checkpoints every epoch, a search space,
+#   and let **ASHA** stop weak trials early; resume an interrupted search with `Tuner.restore`;
+# - quantize a model to int8 with PyTorch's own tooling (torchao) and export it with `torch.export`, and
+#   *measure* size, CPU latency and accuracy instead of assuming them;
+# - write a Ray Serve deployment with `@serve.batch` request batching and replicas, a client, and a
+#   bounded load test (p50/p95/p99 latency, requests/s); answer bad requests with a 4xx and keep serving.
+#
+# **Run time**: quick mode (`quick=True`: 4 trials × ≤ 3 epochs at 48 px, 1000 training images) ≈ 3 min on 2 CPU cores; the full configuration (12 trials × up to
+# 10 epochs at 128 px, 400 requests per load test) ≈ 1 h on 2 CPU cores, minutes on a GPU.
+
+# %% [markdown]
+# ## 0. Setup
+# In Colab this cell installs labkit; anywhere else the course's `make course` / `make setup` already did.
+
+# %%
+# labkit set-up cell: on Colab it fetches the course and installs labkit; elsewhere it does nothing (`make setup` did it).
+# Keep results/ across Colab sessions (Lab 02 compares with Lab 01's record): set results_on_drive = True.
+results_on_drive = False
+import sys
+if "google.colab" in sys.modules:
+    import importlib.metadata, importlib.util, os, re, subprocess, tempfile
+    def sh(*cmd, hint):  # run a command; on failure stop here with its error and what to do
+        done = subprocess.run(list(cmd), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}\n{hint}")
+    if not os.path.isdir("/content/labkit"):
+        sh("git", "clone", "--depth", "1", "https://github.com/labkit-course/labkit", "/content/labkit",
+            hint="Check that the runtime has internet (Runtime > Change runtime type) and that the URL is right.")
+    if importlib.util.find_spec("labkit") is None:  # keep Colab's torch, torchvision, ipykernel, jupyter*
+        keep = [f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                if re.fullmatch(r"torch|torchvision|ipykernel|jupyter.*", (d.metadata["Name"] or "").lower())]
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
+            pins.write("\n".join(keep) + "\n")
+        sh(sys.executable, "-m", "pip", "install", "-q", "/content/labkit", "-c", pins.name,
+            hint="pip could not install labkit beside Colab's packages; read the error above, then rerun this cell.")
+    os.environ["LABKIT_HOME"] = "/content/labkit"  # data/ and results/ live in the clone
+    if results_on_drive:
+        from google.colab import drive
+        drive.mount("/content/drive")
+        os.environ["LABKIT_RESULTS"] = "/content/drive/MyDrive/labkit/results"
+
+# %%
+import asyncio
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from ray import serve, tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import train_test_split
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from labkit import compress, distributed, env, metrics, params, plotting, results, serving, train
+from labkit.data import batch_transform
+from labkit.data.alzheimer import load_alzheimer
+from labkit.files import atomic_path
+from labkit.models.cnn import AlzheimerCNN
+from labkit.params import ParameterError
+
+# %% [markdown]
+# ## 1. Parameters
+# `num_samples` hyperparameter configurations are tried, each for at most `max_epochs` epochs; ASHA lets
+# every trial train `grace_period` epochs before it may stop it. The endpoint runs `replicas` copies of the
+# model; `@serve.batch` groups up to `max_batch_size` requests, waiting at most `batch_wait_timeout_s` for
+# them. The load test sends `load_requests` requests per configuration. `quick=True` (or `LABKIT_QUICK=1`)
+# shrinks data, image size, trials and requests.
+
+# %% tags=["parameters"]
+num_samples = 12
+max_epochs = 10
+grace_period = 2
+replicas = 2
+max_batch_size = 16
+batch_wait_timeout_s = 0.01
+load_requests = 400
+quantize = True               # int8 (torchao) next to fp32
+image_size = 128
+device = "auto"               # for the Tune trials and the re-training; the endpoint serves on CPU replicas
+data = "auto"                 # "auto": the real dataset when present, else a synthetic stand-in
+data_dir = "data/alzheimer"
+quick = False
+seed = 0
+address = None                # a running Ray cluster, e.g. "ray://head:10001"; None starts a local one
+
+# %% [markdown]
+# ## 2. Check the parameters
+
+# %% tags=["nbval-check-output"]
+cfg = params.check("07_tune_serve", num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
+                   replicas=replicas, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                   load_requests=load_requests, quantize=quantize, image_size=image_size, device=device, data=data,
+                   data_dir=data_dir, quick=quick, seed=seed, address=address)
+if cfg.grace_period > cfg.max_epochs:
+    raise ParameterError(f"07_tune_serve: parameter 'grace_period' = {cfg.grace_period} is larger than max_epochs = "
+                         f"{cfg.max_epochs}; ASHA needs grace_period <= max_epochs.")
+env.seed_everything(cfg.seed)
+dev = env.pick_device(cfg.device)
+amp_dtype = env.amp_dtype("auto", dev)
+out_dir = results.lab_dir("07_tune_serve")
+
+# %% [markdown]
+# ## 3. The data: train, validation, test
+# The Alzheimer slices of Lab 01 (the real Kaggle layout when it is in `data/alzheimer`, else the
+# **synthetic stand-in** — generated pictures, not medical images). A search must never look at the test
+# split: it picks the configuration with the best **validation** score, so we cut a stratified validation
+# set out of the training split. The test split is used once, at the end, on the re-trained best model.
+
+# %%
+ds = load_alzheimer(data=cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                    max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+classes = list(ds.classes)
+all_x, all_y = ds["train"].images, ds["train"].labels
+fit_idx, val_idx = train_test_split(np.arange(len(all_y)), test_size=0.2, stratify=all_y.numpy(), random_state=cfg.seed)
+fit_x, fit_y, val_x, val_y = all_x[fit_idx], all_y[fit_idx], all_x[val_idx], all_y[val_idx]
+test_x, test_y = ds["test"].images, ds["test"].labels
+
+# %% tags=["nbval-check-output"]
+split_counts = pd.DataFrame({name: np.bincount(y.numpy(), minlength=len(classes))
+                             for name, y in (("tune-train", fit_y), ("validation", val_y), ("test", test_y))},
+                            index=pd.Index(classes, name="class"))
+print(f"layout: {ds.layout}   synthetic stand-in: {ds.synthetic}   image tensor: {tuple(all_x.shape[1:])}")
+print(split_counts.to_string())
+
+# %% [markdown]
+# ## 4. What the endpoint will answer — exercise
+# At the end of this lab a client sends an image and the endpoint answers with JSON: the most likely class
+# and the `k` most likely classes with their probabilities. Write that answer builder now; the deployment
+# in section 9 calls it for every image.
+#
+# **Exercise.** `top_k_answer(probs, classes, k)` gets one probability per class (a list, a NumPy array or a
+# torch tensor) and returns `{"class": name, "top_k": [{"class": name, "probability": p}, ...]}`: the
+# `min(k, len(classes))` most likely classes, most likely first; on a tie the lower class index first.
+# The probabilities must be plain Python floats — `json.dumps` cannot encode a NumPy `float32`.
+
+# %%
+def top_k_answer(probs, classes: list[str], k: int = 3) -> dict:
+    """The JSON-ready answer for one image: the most likely class and the top-k classes with probabilities."""
+    # BEGIN SOLUTION
+    values = [float(p) for p in (probs.tolist() if hasattr(probs, "tolist") else probs)]
+    order = sorted(range(len(values)), key=lambda i: -values[i])[:k]     # sorted() is stable: ties keep index order
+    return {"class": classes[order[0]],
+            "top_k": [{"class": classes[i], "probability": values[i]} for i in order]}
+    # END SOLUTION
+
+
+# %% tags=["nbval-check-output"]
+from labkit.exercises.lab07 import check_top_k
+check_top_k(top_k_answer)
+
+# %% [markdown]
+# ## 5. Start Ray
+# One Ray start for the whole lab (`labkit.distributed.ray_cluster`: a local cluster sized to this machine,
+# or `address`), closed in the last cell. Tune runs its trials as Ray actors; Serve its replicas.
+
+# %%
+ray_stack = contextlib.ExitStack()
+cluster = ray_stack.enter_context(distributed.ray_cluster(cfg.address))
+print(f"Ray {cluster['ray']}: {cluster['cpus']} CPU(s), started in {cluster['init_seconds']:.1f} s")
+
+# %% [markdown]
+# ## 6. The search
+# ### The trainable
+# A Tune *trainable* is a plain function of one `config` dict. It trains Lab 01's `AlzheimerCNN` with the
+# config's hyperparameters and, after every epoch, calls `tune.report(metrics, checkpoint=...)`: the
+# metrics go to the scheduler (ASHA decides on them), the checkpoint (model + optimizer + epoch) makes the
+# trial resumable. When Tune restarts a trial, `tune.get_checkpoint()` hands the last one back and the
+# loop continues where it stopped.
+#
+# The images reach the trials through the **object store**: `tune.with_parameters` puts them there once
+# (`ray.put`), and every trial on this machine reads the same copy instead of decoding the JPEGs again.
+
+# %%
+def train_trial(config: dict, data: tuple) -> None:
+    """One Tune trial: train AlzheimerCNN with `config`, report validation balanced accuracy every epoch."""
+    torch.set_num_threads(config["threads"])
+    logging.getLogger("ray.train").setLevel(logging.WARNING)   # no "checkpoint created" line every epoch
+    x_fit, y_fit, x_val, y_val = data
+    trial_dev = env.pick_device(config["device"])
+    trial_amp = env.amp_dtype("auto", trial_dev)
+    torch.manual_seed(config["seed"])
+    model = AlzheimerCNN(num_classes=len(config["classes"]), image_size=config["image_size"]).to(trial_dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    first_epoch = 1
+    checkpoint = tune.get_checkpoint()                  # set when Tune resumes this trial
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location=trial_dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch = state["epoch"] + 1
+    counts = torch.bincount(y_fit, minlength=len(config["classes"]))
+    weight = train.class_weights_from_counts(counts).to(trial_dev) if config["class_weights"] else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    augment = batch_transform(train=config["augment"] > 0, flip=config["augment"] > 0,
+                              degrees=float(config["augment"])).to(trial_dev)
+    normalise = batch_transform(train=False).to(trial_dev)
+    val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=128)
+    scaler = env.grad_scaler(trial_amp, trial_dev)      # fp16 GPUs only; None elsewhere
+    for epoch in range(first_epoch, config["max_epochs"] + 1):
+        loader = DataLoader(TensorDataset(x_fit, y_fit), batch_size=config["batch_size"], shuffle=True,
+                            generator=torch.Generator().manual_seed(config["seed"] + epoch))
+        stats = train.train_one_epoch(model, loader, optimizer, loss_fn, device=trial_dev, transform=augment,
+                                      amp_dtype=trial_amp, scaler=scaler, progress=False)
+        val = train.evaluate(model, val_loader, loss_fn, device=trial_dev, transform=normalise,
+                             amp_dtype=trial_amp, return_outputs=True)
+        scores = {"epoch": epoch, "loss": stats["loss"], "val_loss": val["loss"], "val_acc": val["acc"],
+                  "balanced_acc": float(balanced_accuracy_score(val["y_true"], val["y_pred"])),
+                  "seconds": stats["seconds"]}
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                       Path(folder) / "state.pt")
+            tune.report(scores, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+# %% [markdown]
+# ### The search space and the scheduler
+# Five hyperparameters: the learning rate on a **log scale** (1e-4 and 1e-3 are as far apart as 1e-3 and
+# 1e-2), the batch size, AdamW's weight decay (log scale too), class weights in the loss on or off, and the
+# augmentation strength (the largest rotation in degrees, with random flips; 0 = none). The rest of the
+# config is fixed and travels with every trial.
+#
+# **ASHA** (asynchronous successive halving) lets every trial train `grace_period` epochs, then, at each
+# *rung* (epoch `grace_period`, `2·grace_period`, `4·grace_period`, …), stops a trial whose validation
+# balanced accuracy is not in the top half of what trials reached at that rung. Good trials get the epochs;
+# bad ones stop early. Each trial takes one CPU (and a share of the GPU, when there is one), so on two cores
+# two trials run at once.
+
+# %%
+search_space = {
+    "lr": tune.loguniform(1e-4, 3e-3),
+    "batch_size": tune.choice([16, 32, 64]),
+    "weight_decay": tune.loguniform(1e-6, 1e-2),
+    "class_weights": tune.choice([False, True]),
+    "augment": tune.choice([0, 10, 20]),
+    # fixed for every trial
+    "max_epochs": cfg.max_epochs, "image_size": cfg.image_size, "classes": classes, "seed": cfg.seed,
+    "device": str(dev), "threads": 1,
+}
+concurrent = max(1, min(cfg.num_samples, int(ray.cluster_resources().get("CPU", 1))))
+resources = {"cpu": 1, "gpu": 1 / concurrent if dev.type == "cuda" else 0}
+trainable = tune.with_resources(tune.with_parameters(train_trial, data=(fit_x, fit_y, val_x, val_y)), resources)
+scheduler = ASHAScheduler(max_t=cfg.max_epochs, grace_period=cfg.grace_period, reduction_factor=2)
+
+# %% [markdown]
+# ### Run it — or resume it
+# The search lives in `results/07_serve/tune/<name>/`, where `<name>` is derived from the configuration.
+# If a run with the same configuration was interrupted (a closed laptop, a killed kernel), `Tuner.restore`
+# picks it up: finished trials are kept, not re-run; unfinished ones continue from their last checkpoint.
+# Run this cell twice and the second time it only reads the finished search back.
+
+# %%
+sweep_key = {k: cfg[k] for k in ("num_samples", "max_epochs", "grace_period", "image_size", "max_train", "seed", "data")}
+sweep_path = out_dir / "tune" / ("sweep-" + hashlib.sha1(json.dumps(sweep_key, sort_keys=True).encode()).hexdigest()[:8])
+if tune.Tuner.can_restore(str(sweep_path)):
+    print(f"resuming the search in {sweep_path.name}: finished trials are kept, unfinished ones continue")
+    tuner = tune.Tuner.restore(str(sweep_path), trainable, resume_errored=True, param_space=search_space)
+else:
+    tuner = tune.Tuner(
+        trainable, param_space=search_space,
+        tune_config=tune.TuneConfig(metric="balanced_acc", mode="max", num_samples=cfg.num_samples,
+                                    scheduler=scheduler, max_concurrent_trials=concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.seed)),
+        run_config=tune.RunConfig(storage_path=str(sweep_path.parent), name=sweep_path.name, verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+tick = time.perf_counter()
+grid = tuner.fit()
+tune_seconds = time.perf_counter() - tick
+print(f"{len(grid)} trials in {tune_seconds:.0f} s; errors: {grid.num_errors}")
+
+# %% [markdown]
+# ### The trials table
+# One row per trial: its hyperparameters, how many epochs it trained (`epochs`: fewer than `max_epochs`
+# means ASHA stopped it), and its last and best validation balanced accuracy. Saved as
+# `results/07_serve/trials.csv`.
+
+# %%
+hyper = ["lr", "batch_size", "weight_decay", "class_weights", "augment"]
+rows, curves = [], {}
+for i, res in enumerate(grid):
+    hist = res.metrics_dataframe
+    if res.error is not None or hist is None or hist.empty:
+        print(f"trial {i} failed: {res.error}")
+        continue
+    curves[i] = hist
+    rows.append({"trial": i, **{h: res.config[h] for h in hyper}, "epochs": int(hist["epoch"].max()),
+                 "stopped_early": int(hist["epoch"].max()) < cfg.max_epochs,
+                 "last_balanced_acc": float(hist["balanced_acc"].iloc[-1]),
+                 "best_balanced_acc": float(hist["balanced_acc"].max()),
+                 "seconds": float(hist["seconds"].sum())})
+trials = pd.DataFrame(rows).set_index("trial").sort_values("best_balanced_acc", ascending=False)
+trials_csv = out_dir / "trials.csv"
+with atomic_path(trials_csv) as tmp:
+    trials.to_csv(tmp)
+display(trials.round({"lr": 5, "weight_decay": 6, "last_balanced_acc": 3, "best_balanced_acc": 3, "seconds": 1}))
+
+# %% [markdown]
+# ### Each trial's curve
+# Validation balanced accuracy per epoch; a cross marks where ASHA stopped a trial. The dotted line is
+# what any constant answer scores (1 / number of classes).
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+for i, hist in curves.items():
+    line, = ax.plot(hist["epoch"], hist["balanced_acc"], marker="o", ms=3, label=f"trial {i}")
+    if trials.loc[i, "stopped_early"]:
+        ax.plot(hist["epoch"].iloc[-1], hist["balanced_acc"].iloc[-1], "x", ms=12, mew=2.5, color=line.get_color())
+ax.axhline(1 / len(classes), color="grey", ls=":", label="chance")
+ax.set(xlabel="epoch", ylabel="validation balanced accuracy", title="Tune trials (× = stopped by ASHA)")
+ax.legend(fontsize=7, ncol=2)
+plotting.save_figure(fig, out_dir / "trials.png");
+
+# %% [markdown]
+# ## 7. Re-train the best configuration, score it on test
+# The best trial by validation balanced accuracy (any epoch: `get_best_result(scope="all")`). Its
+# hyperparameters are re-trained once on the **whole** training split (tune-train + validation) for
+# `max_epochs` epochs, then scored on the test split — once.
+
+# %%
+best = grid.get_best_result(metric="balanced_acc", mode="max", scope="all")
+best_config = {h: best.config[h] for h in hyper}
+print("best configuration:", best_config)
+
+torch.manual_seed(cfg.seed)
+model = AlzheimerCNN(num_classes=len(classes), image_size=cfg.image_size).to(dev)
+optimizer = torch.optim.AdamW(model.parameters(), lr=best_config["lr"], weight_decay=best_config["weight_decay"])
+weight = (train.class_weights_from_counts(torch.bincount(all_y, minlength=len(classes))).to(dev)
+          if best_config["class_weights"] else None)
+loss_fn = nn.CrossEntropyLoss(weight=weight)
+augment = batch_transform(train=best_config["augment"] > 0, flip=best_config["augment"] > 0,
+                          degrees=float(best_config["augment"])).to(dev)
+normalise = batch_transform(train=False).to(dev)
+history, scaler = [], env.grad_scaler(amp_dtype, dev)
+for epoch in range(1, cfg.max_epochs + 1):
+    loader = ds.loader("train", batch_size=best_config["batch_size"], seed=cfg.seed + epoch)
+    stats = train.train_one_epoch(model, loader, optimizer, loss_fn, device=dev, transform=augment,
+                                  amp_dtype=amp_dtype, scaler=scaler, desc=f"epoch {epoch}/{cfg.max_epochs}")
+    history.append({"epoch": epoch, "loss": stats["loss"], "acc": stats["acc"], "seconds": stats["seconds"],
+                    "images_per_s": stats["images_per_s"]})
+model = model.cpu().eval()
+state_fp32 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+# %% tags=["nbval-check-output", "labkit-result"]
+pred_fp32, probs_fp32 = compress.predict(model, test_x, normalise.cpu())
+final = metrics.summarize(test_y, pred_fp32, num_classes=len(classes), train_labels=all_y)
+print(f"best configuration re-trained, on test: accuracy {final['acc']:.2f}, balanced accuracy "
+      f"{final['balanced_acc']:.2f}, macro-F1 {final['macro_f1']:.2f}, majority-class rate {final['majority_rate']:.2f}")
+
+# %% [markdown]
+# ## 8. Compress: int8 and `torch.export`
+# **Which layers does int8 touch?** torchao's `Int8DynamicActivationInt8WeightConfig` quantizes the
+# **linear** layers: their weights are stored as int8 (one scale per output row), and at run time each
+# activation batch is quantized to int8 on the fly, multiplied in integers, and scaled back. The
+# convolutions stay fp32. The next cell counts where the parameters sit: in this CNN most *bytes* are in the
+# first linear layer (256·(S/16)² × 512 weights), but most *compute* is in the convolutions — so expect the
+# file to shrink a lot and the latency to move little (or even grow: quantizing activations costs time too).
+# Measure it.
+#
+# `torch.export` captures the fp32 model as a graph (an `ExportedProgram`, saved as `.pt2`) that runs without
+# the Python class — what a serving runtime or an ahead-of-time compiler takes. It is not smaller; it is
+# portable. Latency: median of a few timed calls after warm-up, one thread, per image, at batch 1 and 32.
+
+# %%
+print(pd.Series(compress.layer_kinds(model), name="parameters").to_string())
+variants = {"fp32": model}
+if cfg.quantize:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    model_int8 = copy.deepcopy(model)
+    quantize_(model_int8, Int8DynamicActivationInt8WeightConfig())
+    variants["int8 (torchao, linear layers)"] = model_int8
+example = normalise.cpu()(test_x[:2])
+exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+
+files = {"fp32": out_dir / "model_fp32.pt", "int8 (torchao, linear layers)": out_dir / "model_int8.pt",
+         "fp32 (torch.export)": out_dir / "model_fp32.pt2"}
+batch32 = normalise.cpu()(test_x[:32].repeat(-(-32 // len(test_x)), 1, 1, 1)[:32])
+rows, preds = [], {}
+for name, fn in [*variants.items(), ("fp32 (torch.export)", exported.module())]:
+    size = (compress.size_on_disk(exported, files[name], save=torch.export.save) if name.endswith("export)")
+            else compress.size_on_disk(fn.state_dict(), files[name]))
+    preds[name], _ = compress.predict(fn, test_x, normalise.cpu())
+    rows.append({"model": name, "size MB": size,
+                 "ms / image, batch 1": compress.latency_ms(fn, batch32[:1], repeats=20),
+                 "ms / image, batch 32": compress.latency_ms(fn, batch32, repeats=5),
+                 "test balanced acc": balanced_accuracy_score(test_y.numpy(), preds[name]),
+                 "agrees with fp32": compress.agreement(preds[name], pred_fp32)})
+quant_table = pd.DataFrame(rows).set_index("model")
+quant_csv = out_dir / "quantization.csv"
+with atomic_path(quant_csv) as tmp:
+    quant_table.to_csv(tmp)
+display(quant_table.round(3))
+
+# %% [markdown]
+# **Read the table.** The int8 file is smaller by about the share of parameters in linear layers times ¾.
+# Latency on a CPU depends on whether it has fast int8 instructions (VNNI/AMX): on one without them the extra
+# quantize/dequantize steps can make int8 *slower*. The agreement column says how often int8 and fp32 predict
+# the same class on the test images; test balanced accuracy says whether that matters.
+#
+# **The model we serve**: int8 only if it is faster at batch 1 (what a single request sees) and agrees with
+# fp32 on at least 95 % of the test images; otherwise fp32.
+
+# %%
+int8_name = "int8 (torchao, linear layers)"
+serve_int8 = bool(cfg.quantize and quant_table.loc[int8_name, "ms / image, batch 1"] < quant_table.loc["fp32", "ms / image, batch 1"]
+                  and quant_table.loc[int8_name, "agrees with fp32"] >= 0.95)
+print(f"serving: {'int8' if serve_int8 else 'fp32'}")
+
+# %% [markdown]
+# ## 9. Serve
+# ### The deployment
+# A Ray Serve *deployment* is a class; Serve runs `num_replicas` copies of it (each a Ray actor) behind one
+# HTTP proxy. `__call__` gets each HTTP request: it decodes and validates the body with
+# `labkit.serving.decode_request`, which raises a `RequestError` with a 4xx status and a message naming the
+# problem (empty body, body over the size limit, not JSON, not an image, wrong size) — the replica answers
+# with that status and carries on.
+#
+# `@serve.batch` turns `predict` into a batching point: calls from concurrent requests wait up to
+# `batch_wait_timeout_s` in a queue, and `predict` gets a **list** of up to `max_batch_size` images and
+# runs them as **one** forward pass. `set_max_batch_size` changes the limit per deployment, so the same class
+# serves with batching and (with a limit of 1) without.
+
+# %%
+@serve.deployment
+class AlzheimerClassifier:
+    def __init__(self, state: dict, image_size: int, classes: list[str], int8: bool, max_batch_size: int,
+                 batch_wait_timeout_s: float, k: int = 3, max_bytes: int = serving.MAX_BODY_BYTES):
+        torch.set_num_threads(1)
+        self.model = AlzheimerCNN(num_classes=len(classes), image_size=image_size)
+        self.model.load_state_dict(state)
+        self.model.eval()
+        if int8:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+            quantize_(self.model, Int8DynamicActivationInt8WeightConfig())
+        self.normalise = batch_transform(train=False)
+        self.image_size, self.classes, self.k, self.max_bytes = image_size, classes, k, max_bytes
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, images: list[torch.Tensor]) -> list[list[float]]:
+        with torch.inference_mode():
+            probs = self.model(self.normalise(torch.stack(images))).float().softmax(1)
+        return probs.tolist()
+
+    async def __call__(self, request: Request):
+        body = await request.body()
+        try:
+            images = serving.decode_request(body, self.image_size, self.max_bytes)
+        except serving.RequestError as err:
+            return JSONResponse(err.answer(), status_code=err.status)
+        probs = await asyncio.gather(*(self.predict(image) for image in images))
+        return {"predictions": [top_k_answer(p, self.classes, self.k) for p in probs]}
+
+
+# %% [markdown]
+# ### Start Serve on 127.0.0.1 and deploy
+# HTTP listens on the loopback address only, on a free port. One Serve *application* per configuration we
+# will compare — 1 and 2 replicas (and `replicas`), each with batching on and off — all deployed at once
+# with `serve.run_many`, each on its own route; `/classify` is the one with `replicas` replicas and batching.
+# A replica may hold `max_ongoing_requests` requests at a time; it must be at least `max_batch_size`, or a
+# batch can never fill. Replicas reserve a share of a CPU each: only one configuration is under load at a time.
+
+# %%
+port = serving.free_port()
+quiet = {"log_level": "WARNING", "enable_access_log": False}     # no log line per request
+serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+ray_stack.callback(serve.shutdown)          # closed before Ray itself, in the last cell
+base = f"http://127.0.0.1:{port}"
+configs = [(n, batch) for n in sorted({1, 2, cfg.replicas}) for batch in (True, False)]
+cpus = ray.cluster_resources().get("CPU", 1)
+replica_cpus = min(1.0, cpus / (2 * sum(n for n, _ in configs)))   # a reservation, not a limit: leaves room
+
+
+def app_for(num_replicas: int, batch: bool):
+    """The classifier application with `num_replicas` replicas, batching on or off."""
+    return AlzheimerClassifier.options(
+        num_replicas=num_replicas, max_ongoing_requests=max(8, 2 * cfg.max_batch_size),
+        ray_actor_options={"num_cpus": replica_cpus},
+    ).bind(state_fp32, cfg.image_size, classes, serve_int8, cfg.max_batch_size if batch else 1,
+           cfg.batch_wait_timeout_s if batch else 0.0)
+
+
+def route(num_replicas: int, batch: bool) -> str:
+    return "/classify" if (num_replicas, batch) == (cfg.replicas, True) else f"/r{num_replicas}-{'batch' if batch else 'single'}"
+
+
+tick = time.perf_counter()
+serve.run_many([serve.RunTarget(app_for(n, b), name=route(n, b).strip("/"), route_prefix=route(n, b), logging_config=quiet)
+                for n, b in configs])
+url = base + "/classify"
+print(f"{len(configs)} applications, {sum(n for n, _ in configs)} replicas up in {time.perf_counter() - tick:.1f} s; "
+      f"the endpoint: {url}")
+
+# %% [markdown]
+# ### The client
+# A client sends real test images as base64 PNG in JSON and reads the answer. First one image per request,
+# then three in one request.
+
+# %%
+for i in range(3):
+    status, answer = serving.post(url, serving.request_body([test_x[i]]))
+    top = answer["predictions"][0]
+    print(f"HTTP {status}  true: {classes[int(test_y[i])]:<17} answered: {top['class']:<17} "
+          + ", ".join(f"{e['class']} {e['probability']:.2f}" for e in top["top_k"]))
+status, answer = serving.post(url, serving.request_body(list(test_x[:3])))
+print(f"one request, three images: HTTP {status}, classes {[p['class'] for p in answer['predictions']]}")
+
+# %% [markdown]
+# ### Bad requests
+# A server that falls over on one malformed request is down for everyone. Each of these gets a 4xx answer
+# with a message saying what was wrong — and the last line shows the endpoint still answers.
+
+# %%
+wrong_size = torch.zeros(1, cfg.image_size // 2, cfg.image_size // 2, dtype=torch.uint8)
+bad = {"not an image": json.dumps({"image": "aGVsbG8gd29ybGQ="}).encode(),
+       "wrong size": serving.request_body([wrong_size]),
+       "empty body": b"",
+       "not JSON": b"hello",
+       f"huge body (> {serving.MAX_BODY_BYTES // 2**20} MiB)": b"x" * (serving.MAX_BODY_BYTES + 1)}
+for what, body in bad.items():
+    status, answer = serving.post(url, body)
+    print(f"{what:<22} HTTP {status}: {answer.get('error')}")
+status, answer = serving.post(url, serving.request_body([test_x[0]]))
+print(f"{'a good one afterwards':<22} HTTP {status}: {answer['predictions'][0]['class']}")
+
+# %% [markdown]
+# ## 10. Load test: replicas and batching
+# **Predict, then run.** With 8 clients sending one image each as fast as they can: does `@serve.batch`
+# raise requests/s? Does a second replica, on a machine with two cores?
+#
+# The load test (`labkit.serving.load_test`) sends a fixed number of requests (`load_requests`) from 8
+# threads to `127.0.0.1`, stops early at a time cap, and reports the p50/p95/p99 latency and requests per
+# second. Each configuration (its own application, deployed above) is warmed up with a few requests, then measured.
+
+# %%
+bodies = [serving.request_body([img]) for img in test_x[:32]]
+load_rows = []
+for n, batch in configs:
+    target = base + route(n, batch)
+    serving.load_test(target, bodies, requests=8, concurrency=4, time_limit_s=10)   # warm-up
+    res = serving.load_test(target, bodies, requests=cfg.load_requests, concurrency=8, time_limit_s=30)
+    load_rows.append(res.row(replicas=n, batching=batch))
+    print(f"{n} replica(s), batching {'on ' if batch else 'off'}: {res.ok}/{res.requests} ok, "
+          f"p50 {res.p50_ms:.0f} ms, p99 {res.p99_ms:.0f} ms, {res.requests_per_s:.1f} req/s")
+latency = pd.DataFrame(load_rows)
+latency_csv = out_dir / "latency.csv"
+with atomic_path(latency_csv) as tmp:
+    latency.to_csv(tmp, index=False)
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+label = latency.apply(lambda r: f"{r.replicas} rep., {'batch' if r.batching else 'no batch'}", axis=1)
+latency.assign(config=label).set_index("config")[["p50_ms", "p95_ms", "p99_ms"]].plot.bar(ax=axes[0], rot=0)
+axes[0].set(ylabel="latency per request (ms)", title="latency percentiles", xlabel="")
+axes[1].bar(label, latency["requests_per_s"], color="tab:green")
+axes[1].set(ylabel="requests / s", title=f"throughput ({cfg.load_requests} requests, 8 clients, loopback)")
+plotting.save_figure(fig, out_dir / "latency.png");
+
+# %% [markdown]
+# **Discussion.** Batching pays off when one forward pass over 16 images costs much less than 16 passes — true
+# for the wide linear layers here, and far more so on a GPU. It costs latency at low load (a request may wait
+# `batch_wait_timeout_s` for company). A second replica helps only when there is a free core for it: on two
+# cores the HTTP proxy, the load-test clients and the replicas compete for the same CPUs.
+
+# %% [markdown]
+# ## 11. Save the run record, shut down Serve and Ray
+
+# %%
+best_row = trials.iloc[0]
+record = results.RunRecord(lab="07_tune_serve", params={**dict(cfg), "precision": env.precision_name(amp_dtype)},
+                           env={**env.environment(dev), "precision": env.precision_name(amp_dtype)},
+                           data={**ds.describe(), "validation_images": len(val_y)}, epochs=history)
+record.final = {"acc": final["acc"], "balanced_acc": final["balanced_acc"], "macro_f1": final["macro_f1"],
+                "majority_rate": final["majority_rate"], "best_config": best_config,
+                "best_val_balanced_acc": float(best_row["best_balanced_acc"]), "trials": len(trials),
+                "stopped_early": int(trials["stopped_early"].sum()), "tune_seconds": tune_seconds,
+                "served": "int8" if serve_int8 else "fp32",
+                "quantization": quant_table.reset_index().to_dict("records"),
+                "latency": latency.to_dict("records")}
+for path in [trials_csv, out_dir / "trials.png", quant_csv, latency_csv, out_dir / "latency.png", *files.values()]:
+    if path.exists():
+        record.add_artifact(path)
+print("saved", results.save(record))
+ray_stack.close()      # serve.shutdown(), then ray.shutdown()
+
+# %% [markdown]
+# ## Take-aways
+# - A Tune trainable is your training loop plus `tune.report(metrics, checkpoint=...)`; the checkpoint is what
+#   makes a trial resumable and a search restorable (`Tuner.restore`) after an interruption.
+# - Tune on a **validation** split; score the chosen configuration on test once, after re-training it.
+# - ASHA spends epochs on promising trials and stops the rest early — the cheapest speed-up of a search.
+# - int8 quantization shrinks what it touches (here the linear layers); whether it is *faster* depends on
+#   the hardware. Measure size, latency and agreement before you ship it.
+# - A served model needs request validation with clear 4xx answers, batching where the model benefits, and a
+#   load test that reports tail latency (p95/p99), not just the mean.
