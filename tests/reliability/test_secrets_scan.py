@@ -45,7 +45,8 @@ def scan(text: str, patterns: dict) -> list[str]:
 
 
 def test_the_scan_finds_what_it_looks_for():
-    leaky = ('aws = "AKIAABCDEFGHIJKLMNOP"\n-----BEGIN RSA PRIVATE KEY-----\npassword = "hunter22!"\n'
+    # built at run time, so that this file itself holds no string the scan of the tree would flag
+    leaky = (f'aws = "{"AKIA" + "ABCDEFGHIJKLMNOP"}"\n{"-----BEGIN RSA " + "PRIVATE KEY-----"}\npassword = "hunter22!"\n'
              'cd /home/alice-q7/course && ssh build-box-17')
     found = scan(leaky, {**SECRET_PATTERNS, **identity_patterns(Path("/home/alice-q7"), "alice-q7", "build-box-17")})
     assert {f.split(":")[0] for f in found} == {"AWS access key", "private key", "credential assignment",
