@@ -223,7 +223,8 @@ def train_trial(config: dict, data: tuple) -> None:
     checkpoint = tune.get_checkpoint()                  # set when Tune resumes this trial
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location=trial_dev, weights_only=True)
+            saved = Path(folder) / "state.pt"
+            state = torch.load(saved, map_location=trial_dev, weights_only=True)   # tensors only: no code runs
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         first_epoch = state["epoch"] + 1
