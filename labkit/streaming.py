@@ -82,11 +82,11 @@ class FileListing:
 
 
 def _alzheimer(data: str, root: Path, progress: bool) -> tuple[Path, Path, bool, dict[str, str]]:
-    from labkit.data.alzheimer import CLASSES, _locate, _synthetic_notice
+    from labkit.data.alzheimer import locate_alzheimer, synthetic_notice
 
-    _, root, split_root, synthetic = _locate(data, root, progress)
+    _, root, split_root, synthetic = locate_alzheimer(data, root, progress)
     if synthetic and progress:
-        print(_synthetic_notice(root))
+        print(synthetic_notice(root))
     return root, split_root, synthetic, {"train": "train", "val": "test"}
 
 
@@ -118,9 +118,9 @@ def list_image_files(layout: str = "alzheimer", data: str = "auto", data_dir: st
         classes, mode = list(CLASSES), "L"
         listed = {s: scan_class_folders(root, root / s, classes) for s in ("train", "val")}
     else:
-        from labkit.data.imagenet import _locate, list_ilsvrc, list_plain, list_tiny_imagenet, standin_notice
+        from labkit.data.imagenet import find_or_write_imagenet, list_ilsvrc, list_plain, list_tiny_imagenet, standin_notice
 
-        found, folder, synthetic = _locate(data, root, "auto", 10, progress)
+        found, folder, synthetic = find_or_write_imagenet(data, root, "auto", 10, progress)
         listing = {"ilsvrc": lambda: list_ilsvrc(folder, root), "tiny-imagenet": lambda: list_tiny_imagenet(folder),
                    "plain": lambda: list_plain(folder)}[found]()
         if synthetic and progress:

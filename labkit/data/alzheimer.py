@@ -30,7 +30,7 @@ GET_DATA = ('Download the Kaggle "Alzheimer\'s Dataset (4 class of images)" and 
             "with a synthetic stand-in.")
 
 
-def _synthetic_notice(root: Path) -> str:
+def synthetic_notice(root: Path) -> str:
     lines = ["SYNTHETIC DATA — THESE ARE NOT MEDICAL IMAGES",
              "",
              "This run uses computer-generated look-alike brain slices",
@@ -98,7 +98,7 @@ def find_alzheimer_layout(root: Path, progress: bool = True) -> tuple[str, Path]
                             f".zip. {GET_DATA.format(root=root)}")
 
 
-def _locate(data: str, root: Path, progress: bool) -> tuple[str, Path, Path, bool]:
+def locate_alzheimer(data: str, root: Path, progress: bool) -> tuple[str, Path, Path, bool]:
     """(layout, data root, folder with train/test, synthetic) for the ``data`` choice."""
     if data not in DATA_CHOICES:
         raise ValueError(f"data={data!r}: use one of {DATA_CHOICES}")
@@ -139,9 +139,9 @@ def load_alzheimer(data: str = "auto", data_dir: str | os.PathLike = "data/alzhe
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name}={value!r}: need an integer >= 1, or None for all images")
     root = resolve_path(data_dir)
-    layout, root, split_root, synthetic = _locate(data, root, progress)
+    layout, root, split_root, synthetic = locate_alzheimer(data, root, progress)
     if synthetic:
-        print(_synthetic_notice(root))
+        print(synthetic_notice(root))
 
     classes = list_class_folders(split_root / "train")
     if classes != sorted(CLASSES):

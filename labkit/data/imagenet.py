@@ -349,7 +349,7 @@ def _standin_classes(root: Path) -> int | None:
     return None
 
 
-def _locate(data: str, root: Path, layout: str, standin_classes: int, progress: bool) -> tuple[str, Path, bool]:
+def find_or_write_imagenet(data: str, root: Path, layout: str, standin_classes: int, progress: bool) -> tuple[str, Path, bool]:
     """(layout, dataset folder, synthetic) for the ``data`` choice; writes the stand-in when needed."""
     if data not in DATA_CHOICES:
         raise ValueError(f"data={data!r}: use one of {DATA_CHOICES}")
@@ -418,7 +418,7 @@ def load_imagenet(data: str = "auto", data_dir: str | os.PathLike = "data/tiny-i
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget < 0:
         raise ValueError(f"load_imagenet: memory_budget={memory_budget!r} must be a number of bytes >= 0.")
     root = resolve_path(data_dir)
-    layout, folder, synthetic = _locate(data, root, layout, standin_classes, progress)
+    layout, folder, synthetic = find_or_write_imagenet(data, root, layout, standin_classes, progress)
     if synthetic:
         print(standin_notice(folder, standin_classes))
     listing = {"ilsvrc": lambda: list_ilsvrc(folder, root), "tiny-imagenet": lambda: list_tiny_imagenet(folder),
