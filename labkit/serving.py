@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from labkit.ddp import free_port  # noqa: F401  (re-exported: the port the Serve endpoint binds on 127.0.0.1)
+
 #: Largest request body the endpoint accepts (bytes): a 128 px grayscale PNG is a few kB, a batch of
 #: 64 of them well under 1 MB. Bodies over the limit get HTTP 413.
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -203,15 +205,6 @@ def load_test(url: str, bodies: Sequence[bytes], requests: int, concurrency: int
     return LoadResult(requests=len(latencies) + errors[0], ok=len(latencies), errors=errors[0], seconds=seconds,
                       p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95),
                       p99_ms=percentile(latencies, 99), requests_per_s=len(latencies) / seconds if seconds else 0.0)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 
