@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX",
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from labkit import local_ray, ray_train  # noqa: E402
+from labkit import local_ray, ray_train, recovery  # noqa: E402
 from labkit.env import resolve_path  # noqa: E402
 from labkit.params import ParameterError  # noqa: E402
 from labkit.results import lab_dir  # noqa: E402
@@ -255,13 +255,16 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
         res = machine_resources()
         kwargs.update(address="local", num_cpus=sum(res["node_cpus"]), num_gpus=res["gpus"])
         local_ray.lean_env()
+    elif local_ray.is_loopback(address):  # a cluster on this machine: its workers import this labkit already
+        kwargs.update(address=address)
     else:  # the cluster's nodes get this labkit (torch and ray must be installed there)
         kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
     tick = time.perf_counter()
     tries = 1 if address else 3  # a local start can time out on a busy machine (a slow raylet): try again
     for attempt in range(1, tries + 1):
         try:
-            with local_ray.loopback_only() if address is None else nullcontext():   # local: 127.0.0.1 only
+            # a local cluster, or one on this machine's loopback: 127.0.0.1 only
+            with local_ray.loopback_only() if address is None or local_ray.is_loopback(address) else nullcontext():
                 ray.init(**kwargs)
             break
         except Exception as exc:
@@ -322,10 +325,12 @@ class RayRun:
     def from_result(cls, result: Any, plan: ScalingPlan, run_dir: Path, fit_seconds: float,
                     cluster: dict | None = None) -> "RayRun":
         """Collect ``trainer.fit()``'s ``Result``: the history is the worker function's return value
-        (every epoch, also those whose checkpoint was deleted); restarts come from the attempt log."""
-        return cls(history=list(result.return_value or []), plan=plan, run_dir=Path(run_dir),
-                   fit_seconds=fit_seconds, cluster=dict(cluster or {}), result=result,
-                   restarts=max(ray_train.count_attempts(run_dir) - 1, 0))
+        (every epoch, also those whose checkpoint was deleted); restarts come from the attempt log. The run
+        folder is marked finished (``resume="last"`` skips it from now on)."""
+        history = list(result.return_value or [])
+        recovery.mark_finished(run_dir, history[-1]["epoch"] if history else 0)
+        return cls(history=history, plan=plan, run_dir=Path(run_dir), fit_seconds=fit_seconds,
+                   cluster=dict(cluster or {}), result=result, restarts=max(ray_train.count_attempts(run_dir) - 1, 0))
 
     def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load the final weights (from :attr:`checkpoint`) into ``model`` and return it."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, MutableMapping
 
 #: Ray's switch for its single-machine mode (meant for Windows/macOS): the node binds to 127.0.0.1.
 _SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -34,6 +34,28 @@ def loopback_only() -> Iterator[None]:
             os.environ[_SINGLE_MACHINE_VAR] = before_env
 
 
+def is_loopback(address: str | None) -> bool:
+    """True for an ``address`` on this machine's loopback (``127.0.0.1:6379``, ``localhost:6379``,
+    ``ray://127.0.0.1:10001``): a cluster started with ``--node-ip-address=127.0.0.1``. Ray joins one only in
+    its single-machine mode (:func:`loopback_only`); otherwise it rewrites 127.0.0.1 to the routable address,
+    where nothing listens, and retries for minutes."""
+    import ipaddress
+
+    if not address or address in ("auto", "local"):
+        return False
+    rest = address.split("://", 1)[-1]                     # HOST:PORT, [IPv6]:PORT or HOST
+    if rest.startswith("["):
+        host = rest[1:rest.find("]")]
+    else:
+        host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 #: Ray Train V2 helpers a lab's single-machine cluster does not use, and a faster controller poll: together
 #: ~12 s less ``fit()`` start-up on 2 cores (``benchmarks/ray_overhead.py``). A user's own setting wins.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
@@ -43,13 +65,14 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRIC
 SKIPPED_IMPORTS = ("rfc3987_syntax",)
 
 
-def lean_env() -> None:
-    """Environment for a local cluster's processes (they inherit it at ``ray.init``): :data:`LOCAL_TRAIN_ENV`
-    and stubs for :data:`SKIPPED_IMPORTS` on ``PYTHONPATH``."""
+def lean_env(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Environment for a local cluster's processes (they inherit it at ``ray.init``, or ``ray start``'s when
+    ``environ`` is the one it is started with): :data:`LOCAL_TRAIN_ENV` and stubs for :data:`SKIPPED_IMPORTS` on
+    ``PYTHONPATH``."""
     import tempfile
 
     for name, value in LOCAL_TRAIN_ENV.items():
-        os.environ.setdefault(name, value)
+        environ.setdefault(name, value)
     stubs = Path(tempfile.gettempdir()) / "labkit-ray-stubs"
     stubs.mkdir(exist_ok=True)
     for module in SKIPPED_IMPORTS:
@@ -57,6 +80,6 @@ def lean_env() -> None:
         if not stub.exists():
             stub.write_text(f'raise ImportError("labkit keeps {module} out of its local Ray cluster\'s processes '
                             f'(optional, slow to import)")\n')
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    paths = environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(stubs) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(stubs), *filter(None, paths)])
+        environ["PYTHONPATH"] = os.pathsep.join([str(stubs), *filter(None, paths)])

@@ -116,6 +116,7 @@ RULES: dict[str, Rule] = {
                        help="how the learning rate grows with the number of workers"),
     "address": Rule(str, optional=True, help="a running Ray cluster ('ray://host:10001' or 'host:6379')"),
     "fail_at_epoch": Rule(int, 1, 10_000, optional=True, help="kill one worker once at this epoch"),
+    "resume": Rule(str, optional=True, help="'last' (the newest unfinished run) or a run folder name: continue it"),
     "precision": Rule(str, choices=("auto", "32", "bf16-mixed", "16-mixed"),
                       help="Lightning precision; 'auto' = bf16-mixed where the GPU or CPU runs bf16 natively, 16-mixed on other GPUs, else 32"),
     "track": Rule(bool, help="log the run to MLflow"),

@@ -3,7 +3,7 @@
 Lab 02 defines ``train_loop_per_worker`` in a notebook cell: Lab 01's loop plus the Ray calls. What
 every such worker repeats, and what the tests call directly, is here: checkpoint save/restore
 (the files inside a ``ray.train.Checkpoint``), the all-reduce timer (a DDP communication hook),
-the one-time crash of the fault-tolerance demo, attempt counting, quiet worker logs and the
+the one-time crash of the fault-tolerance demo, attempt counting, the node of each rank, quiet worker logs and the
 progress relay (worker writes ``progress.json``, the driver draws ``tqdm`` bars from it).
 """
 from __future__ import annotations
@@ -73,6 +73,19 @@ def broadcast_buffers(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buf in unwrap(model).buffers():
             dist.broadcast(buf.data, src=0)
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node each rank runs on (8-character node ids, indexed by rank): gathered from every rank, so
+    rank 0's report says where the whole worker group ran (``recovery.story`` tells restarts from it)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()[:8]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+        return everyone
+    return [me]
 
 
 class AllReduceTimer:

@@ -75,7 +75,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 import labkit
-from labkit import distributed, env, metrics, params, plotting, ray_train, results, timing, train
+from labkit import distributed, env, metrics, params, plotting, ray_train, recovery, results, timing, train
 from labkit.exercises import lab02 as exercises
 from labkit.data.augment import batch_transform
 from labkit.models.cnn import AlzheimerCNN
@@ -93,6 +93,9 @@ from labkit.models.summary import count_parameters
 # - `address`: a running Ray cluster (`"ray://head:10001"` or `"head:6379"`); `None` starts a local cluster on this
 #   machine (the environment variable `RAY_ADDRESS` works too). A cluster is how you outgrow one machine.
 # - `fail_at_epoch`: kill one worker once at that epoch, to watch Ray Train restart it from the last checkpoint.
+# - `resume`: `"last"` continues the newest run that did not finish (the cell was interrupted, or the cluster lost
+#   a node and you stopped waiting for it) from its last checkpoint — with the same or a different number of
+#   workers; or the name of a run folder in `results/02_ray/ray/`. `None` starts a new run.
 # - `sweep`: a list of worker counts, e.g. `[1, 2]`, to train once per count and plot speedup and efficiency.
 
 # %% tags=["parameters"]
@@ -110,6 +113,7 @@ quick = False
 seed = 0
 address = None                # None: a local Ray cluster; or "ray://host:10001" / "host:6379"
 fail_at_epoch = None          # e.g. 2: one worker crashes once at epoch 2
+resume = None                 # "last": continue the newest unfinished run from its last checkpoint
 sweep = None                  # e.g. [1, 2]: one run per worker count, then a speedup plot
 
 
@@ -125,9 +129,10 @@ def _worker_counts(value):
 cfg = params.check("02_ray", rules={"sweep": params.Rule(list, optional=True, test=_worker_counts)},
                    workers=workers, epochs=epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
                    image_size=image_size, device=device, amp=amp, data=data, data_dir=data_dir, quick=quick, seed=seed,
-                   address=address, fail_at_epoch=fail_at_epoch, sweep=sweep)
+                   address=address, fail_at_epoch=fail_at_epoch, resume=resume, sweep=sweep)
 env.seed_everything(cfg.seed)
 out_dir = results.lab_dir("02_ray")
+recovery.check_resume(cfg.resume, out_dir / "ray")                # a run to continue? (fails here if none)
 
 # %% [markdown]
 # Next, Ray's resources: each worker is a process that needs at least one CPU core, and NCCL (the GPU
@@ -360,6 +365,7 @@ def train_loop_per_worker(config):
         torch.set_num_threads(config["threads"])                   # the cores Ray reserved for this worker
     run_dir = Path(config["run_dir"])
     attempt = ray_train.record_attempt(run_dir) if rank == 0 else 0
+    nodes = ray_train.worker_nodes()                               # the node each rank runs on (for restarts)
     started = time.perf_counter()
 
     # Lab 01: the same cached data, model, optimizer and precision.
@@ -406,7 +412,7 @@ def train_loop_per_worker(config):
         val = train.evaluate(train.unwrap(model), test_loader, loss_fn, device=device, transform=to_eval,
                              amp_dtype=dtype)
         row = {"epoch": epoch, **all_reduce_epoch(sums, val, sync_timer.seconds if sync_timer else None, device),
-               "lr": optimizer.param_groups[0]["lr"], "world_size": world_size, "attempt": attempt,
+               "lr": optimizer.param_groups[0]["lr"], "world_size": world_size, "attempt": attempt, "nodes": nodes,
                "epoch_s": time.perf_counter() - tick, "setup_s": setup_s if epoch == done + 1 else 0.0}
         history.append(row)
         with tempfile.TemporaryDirectory() as folder:
@@ -479,21 +485,29 @@ def make_trainer(plan, run_dir, fail_at_epoch=cfg.fail_at_epoch, progress=True):
 # `fail_at_epoch` set, one worker kills itself halfway through that epoch: Ray prints the dead worker's error
 # (tracebacks are expected here), restarts the worker group, and `get_checkpoint()` continues from the last
 # checkpoint.
+#
+# On a real cluster a whole **node** can go (a preempted VM, a pulled cable). `recovery.RunWatch` says so here
+# when it happens; Ray Train then waits until the cluster has room for all workers again and restarts them from
+# the last checkpoint. If the node does not come back, interrupt the cell and re-run with fewer workers and
+# `resume="last"`: the run folder keeps every checkpoint, so no finished epoch is lost. The same holds when you
+# interrupt this cell yourself (■ in Jupyter): Ray is shut down cleanly, no record is written, and
+# `resume="last"` continues where the last checkpoint left off. Afterwards the run is told attempt by attempt.
 
 # %%
-run_dir = distributed.new_run_dir()
+run_dir = recovery.run_dir_for(cfg.resume, out_dir / "ray", new=distributed.new_run_dir)  # new, or resume
 with distributed.ray_cluster(cfg.address) as cluster:              # ray.init(...) ... ray.shutdown()
     if plan is None:                                               # a remote cluster: plan from its resources
         plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.cluster_resources(),
                                         where=f"the cluster at {cluster['address']}")
     trainer = make_trainer(plan, run_dir)
-    with ray_train.ProgressBars(run_dir, cfg.epochs):
+    with ray_train.ProgressBars(run_dir, cfg.epochs), recovery.RunWatch(run_dir, plan.workers) as watch:
         tick = time.perf_counter()
         result = trainer.fit()
         fit_seconds = time.perf_counter() - tick
 run = distributed.RayRun.from_result(result, plan, run_dir, fit_seconds, cluster)
 summary = run.summary()
 print(f"{run.plan.describe()}; restarts: {run.restarts}")
+print(recovery.story(run.history, ray_train.count_attempts(run_dir), watch.left))
 print(f"ray.init {summary['init_seconds']:.1f} s, trainer.fit {summary['fit_seconds']:.1f} s "
       f"(of which start-up and shut-down {summary['startup_seconds']:.1f} s)")
 
