@@ -50,8 +50,8 @@ class LoopbackCluster:
         local_ray.lean_env(env)                                      # what labkit gives its own local clusters
         env.update({MARK: self.tag, NODE: name, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(self.start_timeout_s),
                     "RAY_USAGE_STATS_ENABLED": "0",
-                    # the head declares a silent node dead after ~3 s instead of Ray's default ~30 s
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+                    # the head declares a silent node dead after ~10 s (Ray: 5 missed checks 3 s apart), robust to a busy CPU
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "10"})
         return env
 
     # ------------------------------------------------------------------ nodes
