@@ -19,8 +19,9 @@ import json
 import os
 import re
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from labkit.params import ParameterError
 
@@ -111,16 +112,34 @@ def _describe(node_id: str, info: dict) -> str:
     return f"node {node_id} ({info.get('ip', '?')}, {cpus:g} CPU{'s' if cpus != 1 else ''})"
 
 
+@contextmanager
+def notebook_interrupts(message: str | Callable[[], str] = "training interrupted: Ray Train stopped the run and "
+                        "its workers.") -> Iterator[None]:
+    """Around ``trainer.fit()`` in a notebook. On an interrupt (Jupyter's ■, Ctrl-C) Ray Train V2's own SIGINT
+    handler aborts the run and raises ``SystemExit``; this turns it into the ``KeyboardInterrupt`` a notebook
+    expects, with ``message`` (a string, or a function that writes it then). Either way it puts back the
+    interrupt handler ``fit()`` replaced — otherwise a later ■ in *any* cell would go to Ray's handler of a run
+    that is long gone."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except SystemExit:
+        raise KeyboardInterrupt(message() if callable(message) else message) from None
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 class RunWatch:
     """Driver side, around ``trainer.fit()``: what happens to the run while it trains, said as it happens.
 
     - Every ``every_s`` seconds it compares the cluster's live nodes with the previous look and prints when one
       leaves or joins, with what Ray Train does about it (``run_dir`` gives the last finished epoch,
       ``workers`` the size of the worker group). The nodes that left are kept in :attr:`left` for :func:`story`.
-    - An interrupt (Jupyter's ■, Ctrl-C): Ray Train V2's own SIGINT handler aborts the run and raises
-      ``SystemExit``; this turns it into the ``KeyboardInterrupt`` a notebook expects, says what is kept and how
-      to continue, and puts back the interrupt handler that ``fit()`` replaced (otherwise a later interrupt of
-      any cell would go to Ray's handler of a run that is long gone).
+    - An interrupt (Jupyter's ■, Ctrl-C) becomes a ``KeyboardInterrupt`` that says which checkpoint the run folder
+      keeps and how to continue (:func:`notebook_interrupts`, which also puts back the interrupt handler).
     """
 
     def __init__(self, run_dir: str | os.PathLike, workers: int, every_s: float = 1.0,
@@ -131,31 +150,25 @@ class RunWatch:
         self.joined: dict[str, dict] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.sigint: Any = None
 
     def __enter__(self) -> "RunWatch":
-        import signal
-
-        if threading.current_thread() is threading.main_thread():
-            self.sigint = signal.getsignal(signal.SIGINT)
         self.nodes = alive_nodes()
+        self.interrupts = notebook_interrupts(self._interrupted)
+        self.interrupts.__enter__()
         self.thread.start()
         return self
 
-    def __exit__(self, kind, error, tb) -> bool:
-        import signal
-
+    def __exit__(self, kind, error, tb) -> bool | None:
         self.stop.set()
         self.thread.join()
-        if self.sigint is not None:
-            signal.signal(signal.SIGINT, self.sigint)
-        if kind is SystemExit or kind is KeyboardInterrupt:
-            done = last_checkpoint_epoch(self.run_dir)
-            kept = f"keeps the checkpoint of epoch {done}" if done else "has no checkpoint yet (no epoch had finished)"
-            raise KeyboardInterrupt(f"training interrupted: Ray Train stopped the run and its workers. Run folder "
-                                    f"{self.run_dir.name} {kept}; nothing else was written. Re-run with resume='last' to "
-                                    "continue from there (any number of workers), or resume=None to start anew.") from None
-        return False
+        return self.interrupts.__exit__(kind, error, tb)
+
+    def _interrupted(self) -> str:
+        done = last_checkpoint_epoch(self.run_dir)
+        kept = f"keeps the checkpoint of epoch {done}" if done else "has no checkpoint yet (no epoch had finished)"
+        return (f"training interrupted: Ray Train stopped the run and its workers. Run folder {self.run_dir.name} "
+                f"{kept}; nothing else was written. Re-run with resume='last' to continue from there (any number "
+                "of workers), or resume=None to start anew.")
 
     def _loop(self) -> None:
         while not self.stop.wait(self.every_s):

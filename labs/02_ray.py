@@ -631,7 +631,7 @@ if cfg.sweep:
     sweep_runs, plans = [], {}
     if distributed.resolve_address(cfg.address) is None:           # check every count before Ray starts
         plans = {w: distributed.plan_scaling(w, cfg.device, **distributed.machine_resources()) for w in cfg.sweep}
-    with distributed.ray_cluster(cfg.address):                     # one Ray start for every count
+    with distributed.ray_cluster(cfg.address), recovery.notebook_interrupts():  # one Ray start for every count
         for count in cfg.sweep:
             count_plan = plans.get(count) or distributed.plan_scaling(count, cfg.device,
                                                                       **distributed.cluster_resources())

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labkit import distributed, env, lung_vit, metrics, params, plotting, results, tracking, train
+from labkit import distributed, env, lung_vit, metrics, params, plotting, recovery, results, tracking, train
 from labkit.data.augment import batch_transform
 from labkit.exercises import lab04 as checks
 from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, no_decay_names
@@ -418,7 +418,8 @@ try:
                                                    checkpoint_score_order="min"),
                 logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
         tick = time.perf_counter()
-        result = trainer.fit()
+        with recovery.notebook_interrupts():              # ■ stops the run cleanly
+            result = trainer.fit()
         fit_seconds = time.perf_counter() - tick
     run = lung_vit.collect(result, cfg, ds, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
                            uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)

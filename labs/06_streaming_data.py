@@ -82,7 +82,7 @@ import ray.data
 import torch
 from torch import nn
 
-from labkit import distributed, env, metrics, params, plotting, ray_train, results, streaming
+from labkit import distributed, env, metrics, params, plotting, ray_train, recovery, results, streaming
 from labkit.data.augment import batch_transform
 from labkit.files import atomic_path
 from labkit.models.cnn import AlzheimerCNN
@@ -405,7 +405,8 @@ trainer = TorchTrainer(
                          checkpoint_config=CheckpointConfig(num_to_keep=1),
                          logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
 tick = time.perf_counter()
-result = trainer.fit()
+with recovery.notebook_interrupts():                              # ■ stops the run cleanly
+    result = trainer.fit()
 run = distributed.RayRun.from_result(result, plan, run_dir, time.perf_counter() - tick, cluster)
 history = pd.DataFrame(run.history).set_index("epoch")
 display(history[["loss", "acc", "images", "images_per_s", "wait_s", "seconds"]].round(3))

@@ -112,6 +112,18 @@ def test_run_watch_turns_ray_trains_interrupt_into_keyboard_interrupt_and_restor
             raise ValueError("boom")
 
 
+def test_notebook_interrupts_turn_ray_trains_abort_into_keyboard_interrupt(monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="training interrupted: Ray Train stopped the run"):
+        with recovery.notebook_interrupts():
+            signal.signal(signal.SIGINT, lambda *_: None)
+            raise SystemExit(0)
+    assert signal.getsignal(signal.SIGINT) is before
+    with recovery.notebook_interrupts():                     # no interrupt: the handler is put back all the same
+        signal.signal(signal.SIGINT, lambda *_: None)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.parametrize("address, loopback", [
     ("127.0.0.1:6379", True), ("localhost:6379", True), ("ray://127.0.0.1:10001", True), ("[::1]:6379", True),
     ("10.1.2.3:6379", False), ("ray://head:10001", False), ("auto", False), (None, False)])

@@ -83,14 +83,7 @@ class LoopbackCluster:
     def kill_node(self, name: str) -> list[int]:
         """SIGKILL every process of node ``name`` at once (raylet, agents, log monitor, its workers): to Ray, a
         machine that vanished. Returns their PIDs."""
-        procs = self.processes(name)
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        return [p.pid for p in procs]
+        return _kill(self.processes(name))
 
     def listening_addresses(self) -> set[str]:
         """The IP addresses this cluster's processes listen on."""
@@ -110,18 +103,10 @@ class LoopbackCluster:
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> list[int]:
-        """Kill every process of the cluster (until none is left) and remove its folders; returns the PIDs left
-        after the first round (should be none)."""
-        for _ in range(3):
-            procs = self.processes()
-            if not procs:
+        """Kill every process of the cluster and remove its folders; returns the PIDs still there (none)."""
+        for _ in range(3):                    # a dying raylet may still start a worker: look again
+            if not _kill(self.processes()):
                 break
-            for proc in procs:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(procs, timeout=10)
         left = [p.pid for p in self.processes()]
         shutil.rmtree(self.root, ignore_errors=True)
         return left
@@ -131,3 +116,14 @@ class LoopbackCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _kill(procs: list[psutil.Process]) -> list[int]:
+    """SIGKILL ``procs`` and wait for them; returns their PIDs."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
