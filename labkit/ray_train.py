@@ -80,7 +80,8 @@ def worker_nodes() -> list[str]:
     rank 0's report says where the whole worker group ran (``recovery.story`` tells restarts from it)."""
     import ray
 
-    me = ray.get_runtime_context().get_node_id()[:8]
+    # Ray Train's local mode (num_workers=0) runs without a cluster; asking it for the node would start one
+    me = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, me)

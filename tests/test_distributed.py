@@ -341,6 +341,9 @@ def test_training_function_resumes_after_the_last_checkpointed_epoch(lab_cfg, tm
 
     fresh = run_local_mode({**config, "epochs": 1})
     assert [row["epoch"] for row in fresh] == [1] and fresh[0]["attempt"] == 2
+    assert fresh[0]["nodes"] == ["local"]
+    import ray
+    assert not ray.is_initialized(), "the training function started a Ray cluster under Ray Train's local mode"
 
 
 def test_driver_progress_bars_follow_the_progress_file(tmp_path):
