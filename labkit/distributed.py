@@ -251,11 +251,12 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
         check_address(address, timeout_s)
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.ERROR if quiet else logging.INFO,
                               "include_dashboard": False}
+    on_loopback = address is None or local_ray.is_loopback(address)   # this machine: 127.0.0.1 only
     if address is None:
         res = machine_resources()
         kwargs.update(address="local", num_cpus=sum(res["node_cpus"]), num_gpus=res["gpus"])
         local_ray.lean_env()
-    elif local_ray.is_loopback(address):  # a cluster on this machine: its workers import this labkit already
+    elif on_loopback:  # a cluster on this machine: its workers import this labkit already
         kwargs.update(address=address)
     else:  # the cluster's nodes get this labkit (torch and ray must be installed there)
         kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
@@ -263,8 +264,7 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
     tries = 1 if address else 3  # a local start can time out on a busy machine (a slow raylet): try again
     for attempt in range(1, tries + 1):
         try:
-            # a local cluster, or one on this machine's loopback: 127.0.0.1 only
-            with local_ray.loopback_only() if address is None or local_ray.is_loopback(address) else nullcontext():
+            with local_ray.loopback_only() if on_loopback else nullcontext():
                 ray.init(**kwargs)
             break
         except Exception as exc:

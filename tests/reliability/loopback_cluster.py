@@ -8,7 +8,6 @@ environment, so the test finds — and at the end kills — exactly the processe
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 import shutil
@@ -98,8 +97,8 @@ class LoopbackCluster:
 
     @staticmethod
     def is_loopback(ip: str) -> bool:
-        ip = ip.removeprefix("::ffff:")
-        return ipaddress.ip_address(ip).is_loopback
+        """A listening address on loopback (an IPv4-mapped ``::ffff:127.0.0.1`` counts)."""
+        return local_ray.is_loopback(ip.removeprefix("::ffff:"))
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> list[int]:
