@@ -100,7 +100,7 @@ def main() -> None:
     native = env.cpu_has_native_bf16()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 on this CPU: {native}"
           + ("" if native else " (labkit's amp='auto' stays in fp32 here; bf16 below is emulated)"))
-    print(f"\n| model | px | " + " | ".join(MODES) + " |")
+    print("\n| model | px | " + " | ".join(MODES) + " |")
     print("|---|---|" + "---|" * len(MODES))
     for name, size, rates in speed_table(args.rounds, args.steps):
         base = rates["fp32"]

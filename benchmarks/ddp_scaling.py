@@ -16,7 +16,7 @@
    A last mode adds ``gradient_as_bucket_view=True`` and ``static_graph=True`` (views/static) to the largest
    bucket size. Modes are interleaved over rounds and the best round counts (a shared machine's drift hits all alike).
 2. **The lab's figure — core sharing, not DDP**: the quick Lab 03 workload through
-   ``labkit.imagenet.run_ablations`` on world size 1 and 2 with the default threads (one rank uses
+   ``labkit.labs.ablations.sweep.run_ablations`` on world size 1 and 2 with the default threads (one rank uses
    *both* cores; two ranks get one each), so it mostly measures giving up a core, not DDP.
 """
 from __future__ import annotations
@@ -32,7 +32,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from labkit import ddp, env, imagenet
+from labkit import env
+from labkit.distributed import ddp
+from labkit.labs.ablations import sweep
 from labkit.params import QUICK
 
 WHY_CPU = """\
@@ -82,7 +84,7 @@ SOLO = ("1 rank, plain model", "1 rank, DDP (world size 1)")
 
 
 def fair_rank(rank: int, world_size: int, device: torch.device, opts: dict) -> dict:
-    """Rank function (``labkit.ddp.launch``, 2 ranks): best seconds per step of each mode over ``rounds``
+    """Rank function (``labkit.distributed.ddp.launch``, 2 ranks): best seconds per step of each mode over ``rounds``
     interleaved rounds. The 1-rank modes run on rank 0 while rank 1 waits idle in a barrier (a blocking
     socket read: no CPU), so both figures come from the same processes, interleaved in time."""
     torch.set_num_threads(opts["threads"])  # launch(threads=1) did this already; said again for the reader
@@ -177,11 +179,11 @@ def print_fair(res: dict, args: argparse.Namespace) -> float:
 
 
 # --------------------------------------------------------------------------- 2. the lab's figure (core sharing)
-def measure(data, world_size: int, cfg: imagenet.AblationConfig, device: str, repeats: int = 2) -> dict:
+def measure(data, world_size: int, cfg: sweep.AblationConfig, device: str, repeats: int = 2) -> dict:
     """Train ``cfg`` ``repeats`` times on ``world_size`` ranks (one process group); the best images/s
     over the epochs after the first (the best of the repeats shrugs off other load on the machine)."""
-    configs = [imagenet.make_config({**cfg.__dict__, "name": f"{cfg.name}{i}"}) for i in range(repeats)]
-    runs = imagenet.run_ablations(configs, data, world_size=world_size, device=device, progress=False,
+    configs = [sweep.make_config({**cfg.__dict__, "name": f"{cfg.name}{i}"}) for i in range(repeats)]
+    runs = sweep.run_ablations(configs, data, world_size=world_size, device=device, progress=False,
                                   save_dir=os.environ.get("TMPDIR", "/tmp") + "/labkit_ddp_bench")
     best = None
     for result in runs:
@@ -193,10 +195,10 @@ def measure(data, world_size: int, cfg: imagenet.AblationConfig, device: str, re
     return best
 
 
-def amp_comparison(data, cfg: imagenet.AblationConfig, device: str) -> None:
+def amp_comparison(data, cfg: sweep.AblationConfig, device: str) -> None:
     """One rank, ``amp="auto"`` (bf16/fp16 + channels_last) against fp32 (channels_last only on CUDA)."""
-    fast = measure(data, 1, imagenet.make_config({**cfg.__dict__, "amp": "auto"}), device)
-    slow = measure(data, 1, imagenet.make_config({**cfg.__dict__, "amp": False}), device)
+    fast = measure(data, 1, sweep.make_config({**cfg.__dict__, "amp": "auto"}), device)
+    slow = measure(data, 1, sweep.make_config({**cfg.__dict__, "amp": False}), device)
     dtype = env.precision_name(env.amp_dtype("auto", torch.device(device)))
     print(f"{device}, 1 rank: {dtype} + channels_last {fast['images_per_s']:.0f} img/s, fp32 "
           f"{slow['images_per_s']:.0f} img/s -> speed-up x{fast['images_per_s'] / slow['images_per_s']:.2f}")
@@ -207,7 +209,7 @@ def lab_figure(args: argparse.Namespace) -> None:
 
     data = load_imagenet("auto", "data/tiny-imagenet", image_size=args.image_size, max_train=args.max_train,
                          max_val=200, progress=False)
-    cfg = imagenet.make_config(name="bench", model="resnet18", width=args.width, image_size=args.image_size,
+    cfg = sweep.make_config(name="bench", model="resnet18", width=args.width, image_size=args.image_size,
                                epochs=args.epochs, batch_size=args.batch_size, progressive=False, lr=1e-3,
                                affine=False, color_jitter=False, erasing=False)  # per-image augmentation off:
     # it runs in a Python loop and would measure the augmentation, not DDP's scaling

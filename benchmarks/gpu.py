@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(r50, device, dtype, True, False, None)
     s = timed(lambda: trainer.step(x, y), device, args.steps, warmup)
     add(f"ResNet-50 {rs}px AMP {env.precision_name(dtype)} + channels_last", rb / s, r50_flops, f"batch {rb}")
-    del trainer, r50, x
+    trainer = r50 = x = None  # free the GPU memory before the next rows
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

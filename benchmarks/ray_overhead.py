@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from labkit import distributed, ray_train
+from labkit import distributed
 from labkit.data.augment import batch_transform
+from labkit.distributed import worker
 from labkit.env import seed_everything
 from labkit.models.cnn import AlzheimerCNN
 from labkit.params import check
@@ -116,7 +117,7 @@ def ray_worker(config: dict) -> dict:
     marks = {"fn_start": entered, "worker_process": psutil.Process().create_time(),
              "controller_process": _process_started("ray::TrainController")}
     if dist.is_initialized():  # the process group Ray set up: time a fresh one of the same kind
-        from labkit.ddp import free_port
+        from labkit.distributed.ddp import free_port
 
         tick = time.perf_counter()
         group = dist.new_group(backend="gloo")
@@ -127,10 +128,10 @@ def ray_worker(config: dict) -> dict:
         store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=__import__("datetime").timedelta(seconds=30))
         dist.ProcessGroupGloo(store, 0, 1)  # rendezvous + gloo context: what init_process_group does
         marks["init_pg_s"] = time.perf_counter() - tick
-    ray_train.quiet_ray_worker_logs()
+    worker.quiet_ray_worker_logs()
     torch.set_num_threads(config["threads"])
     seed_everything(config["seed"])
-    with ray_train.quiet_prints():
+    with worker.quiet_prints():
         ds = distributed.prepare_data(config)
     model = ray.train.torch.prepare_model(AlzheimerCNN(num_classes=len(ds.classes), image_size=config["image_size"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
@@ -147,7 +148,7 @@ def ray_worker(config: dict) -> dict:
         evaluate(model, test_loader, loss_fn, device="cpu", transform=batch_transform(train=False))
         row = {"epoch": epoch, "seconds": stats["seconds"]}
         with tempfile.TemporaryDirectory() as folder:
-            ray_train.save_checkpoint(folder, model, optimizer, epoch, history)
+            worker.save_checkpoint(folder, model, optimizer, epoch, history)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
         history.append({**row, "epoch_s": time.perf_counter() - tick})
     marks["fn_end"] = time.time()

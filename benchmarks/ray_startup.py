@@ -7,7 +7,7 @@ then two ``TorchTrainer.fit()`` of a 1-worker loop that only reports one metric 
 cluster) and a warm one. The fit times are whole ``fit()`` calls, so they are start-up plus tear-down.
 
 - **Ray defaults**: ``ray.init(address="local", include_dashboard=False)``;
-- **labkit**: :func:`labkit.distributed.ray_cluster` — the same, plus :mod:`labkit.local_ray`: 127.0.0.1 only,
+- **labkit**: :func:`labkit.distributed.ray_cluster` — the same, plus :mod:`labkit.distributed.local_ray`: 127.0.0.1 only,
   Train V2's preemption watcher and metrics off, a 0.2 s controller poll, and jsonschema's optional
   ``rfc3987_syntax`` kept out of Ray's processes.
 

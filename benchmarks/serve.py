@@ -6,7 +6,7 @@
 One Ray cluster, Serve on 127.0.0.1 (a free port), Lab 01's ``AlzheimerCNN`` (untrained: speed does not
 depend on the weights) in a deployment like Lab 07's. The same deployment class runs twice: with
 ``@serve.batch`` grouping up to ``--max-batch-size`` requests, and with the batch limit set to 1 (each
-request its own forward pass). Each side is warmed up, then ``labkit.serving.load_test`` sends the same
+request its own forward pass). Each side is warmed up, then ``labkit.labs.tune_serve.serving.load_test`` sends the same
 number of one-image requests from ``--clients`` threads; the two sides alternate ``--rounds`` times and the
 medians are compared, so a slow drift of a shared machine hits both.
 """
@@ -18,9 +18,9 @@ import statistics
 
 import torch
 
-from labkit import serving
 from labkit.data import batch_transform
 from labkit.distributed import ray_cluster
+from labkit.labs.tune_serve import serving
 from labkit.models.cnn import AlzheimerCNN
 
 

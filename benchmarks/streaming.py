@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/streaming.py --images 1200 --image-size 128 --concurrency 2
 
 Both sides read the same image files (Lab 06's default: the Alzheimer layout, the stand-in when the real data
-is absent) and run the same ``labkit.streaming.DecodeAugment`` (PIL decode, resize, flip/rotate, uint8 out):
+is absent) and run the same ``labkit.labs.streaming.DecodeAugment`` (PIL decode, resize, flip/rotate, uint8 out):
 
 - **Ray Data**: ``from_items`` → ``map_batches(DecodeAugment, concurrency=N)`` → ``iter_torch_batches``;
 - **DataLoader**: ``DataLoader(items, num_workers=N, collate_fn=DecodeAugment.collate)`` (spawned workers).
@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from labkit import distributed, streaming
+from labkit import distributed
+from labkit.labs import streaming
 
 
 def one_pass(batches) -> tuple[float, float, int]:

@@ -1,4 +1,4 @@
 """``python -m labkit`` = the ``labkit`` command."""
-from labkit.cli import main
+from labkit.course.cli import main
 
 raise SystemExit(main())

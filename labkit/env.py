@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+#: MIME type of the invisible note of where a notebook ran (:func:`machine`), which ``labkit.params.check``
+#: displays and the course's regrade reads back.
+ENV_MIME = "application/vnd.labkit.env+json"
 
 
 def in_colab() -> bool:

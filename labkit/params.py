@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from labkit.env import DEVICE_CHOICES
+from labkit import _moved
+from labkit.env import DEVICE_CHOICES, ENV_MIME, machine, pick_device, resolve_path
+from labkit.errors import ParameterError
 
-
-class ParameterError(ValueError):
-    """A notebook parameter has a wrong type or value."""
+__all__ = ["RULES", "QUICK", "Config", "ParameterError", "Rule", "check", "folder_test", "quick_requested"]
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,13 @@ def _device_test(value: str) -> str | None:
 
 def folder_test(value: str) -> str | None:
     """A ``Rule`` test for dataset folders: a path that is a file is refused (``None`` passes)."""
-    from labkit.env import resolve_path
-
     return "is a file, not a folder (give the dataset's folder)" if resolve_path(value).is_file() else None
 
 
-#: Rules for the parameter names the labs share. A lab passes ``rules=`` for its own extras.
+#: Rules for the parameter names every lab shares. Each lab passes its own as ``rules=``, kept beside what they
+#: configure: ``labkit.distributed.RULES`` (workers, a Ray address, resume), a lab package's ``RULES``
+#: (``labkit.labs.lung_vit.runner``, ``labkit.labs.tune_serve``, ``labkit.labs.ablations.sweep.LAB_RULES``), or
+#: ``LAB_RULES`` in the notebook (Labs 05 and 06).
 RULES: dict[str, Rule] = {
     "epochs": Rule(int, 1, 10_000, help="passes over the training data"),
     "batch_size": Rule(int, 1, 65_536, help="images per step (per worker in distributed labs)"),
@@ -110,24 +111,6 @@ RULES: dict[str, Rule] = {
     "class_weights": Rule(bool, help="weight the loss by inverse class frequency"),
     "amp": Rule((bool, str), choices=("auto", "bf16", "fp16", True, False),
                 help="mixed precision; 'auto' = bf16 where the GPU or CPU runs it natively, fp16 on other GPUs, else fp32"),
-    "workers": Rule(int, 1, 4096, help="Ray Train workers (processes), one model replica each"),
-    "world_size": Rule(int, 1, 4096, help="DDP processes, one model replica each"),
-    "lr_scaling": Rule(str, choices=("none", "linear", "sqrt"),
-                       help="how the learning rate grows with the number of workers"),
-    "address": Rule(str, optional=True, help="a running Ray cluster ('ray://host:10001' or 'host:6379')"),
-    "fail_at_epoch": Rule(int, 1, 10_000, optional=True, help="kill one worker once at this epoch"),
-    "resume": Rule(str, optional=True, help="'last' (the newest unfinished run) or a run folder name: continue it"),
-    "precision": Rule(str, choices=("auto", "32", "bf16-mixed", "16-mixed"),
-                      help="Lightning precision; 'auto' = bf16-mixed where the GPU or CPU runs bf16 natively, 16-mixed on other GPUs, else 32"),
-    "track": Rule(bool, help="log the run to MLflow"),
-    "num_samples": Rule(int, 1, 10_000, help="Ray Tune trials (hyperparameter configurations) to sample"),
-    "max_epochs": Rule(int, 1, 10_000, help="epochs a Tune trial may train at most (ASHA stops weak ones earlier)"),
-    "grace_period": Rule(int, 1, 10_000, help="epochs every Tune trial trains before ASHA may stop it"),
-    "replicas": Rule(int, 1, 256, help="Ray Serve replicas of the model deployment"),
-    "max_batch_size": Rule(int, 1, 4096, help="most requests @serve.batch combines into one forward pass"),
-    "batch_wait_timeout_s": Rule(float, 0, 10, help="seconds @serve.batch waits to fill a batch"),
-    "load_requests": Rule(int, 1, 1_000_000, help="requests per configuration in the bounded load test"),
-    "quantize": Rule(bool, help="quantize the best model to int8 (torchao) and compare it with fp32"),
 }
 
 #: What quick mode does to each lab: numbers are caps (min with the given value), others replace.
@@ -139,7 +122,8 @@ QUICK: dict[str, dict[str, Any]] = {
                     "depth": 2, "heads": 4, "dim": 64, "mlp_dim": 128},
     "05_federated": {"rounds": 3, "local_epochs": 1, "image_size": 32, "batch_size": 32, "max_patches": 1400},
     "06_streaming_data": {"epochs": 4, "image_size": 64, "max_train": 1200, "max_test": 300},
-    "07_tune_serve": {"num_samples": 4, "max_epochs": 3, "grace_period": 1, "image_size": 48, "max_train": 1000, "max_test": 300, "replicas": 2, "load_requests": 60},
+    "07_tune_serve": {"num_samples": 4, "max_epochs": 3, "grace_period": 1, "image_size": 48, "max_train": 1000,
+                      "max_test": 300, "replicas": 2, "load_requests": 60},
 }
 _QUICK_DEFAULT = {"epochs": 2, "image_size": 64, "max_train": 800, "max_test": 300}
 
@@ -182,7 +166,7 @@ def check(lab: str, rules: dict[str, Rule] | None = None, show: bool = True, **v
     table = {**RULES, **(rules or {})}
     problems = []
     for name, value in values.items():
-        rule = table.get(name)
+        rule = table.get(name) or _moved.rule(lab, name)
         if rule is None:
             raise ParameterError(f"{lab}: no rule for parameter {name!r}; pass rules={{{name!r}: Rule(...)}}.")
         why = rule.error(value)
@@ -191,7 +175,6 @@ def check(lab: str, rules: dict[str, Rule] | None = None, show: bool = True, **v
     if problems:
         raise ParameterError(f"{lab}: " + "\n".join(problems) + "\n(with papermill: -p NAME VALUE, e.g. -p epochs 5)")
 
-    _check_cluster(lab, values)
     cfg = Config(values)
     cfg["lab"] = lab
     cfg.setdefault("max_train", None)
@@ -210,25 +193,6 @@ def check(lab: str, rules: dict[str, Rule] | None = None, show: bool = True, **v
     return cfg
 
 
-def _check_cluster(lab: str, values: dict) -> None:
-    """What only the machine can tell, checked before anything starts: a given Ray ``address`` answers (a
-    5-second probe instead of Ray's minutes of retries), and without one, ``workers`` fit this machine."""
-    if "address" not in values and "workers" not in values:
-        return
-    from labkit import distributed
-
-    address = distributed.resolve_address(values.get("address"))
-    try:
-        if address is not None:
-            distributed.check_address(address)
-        elif "workers" in values:
-            distributed.plan_scaling(values["workers"], values.get("device", "auto"), **distributed.machine_resources())
-    except (ConnectionError, ParameterError) as exc:
-        name = "address" if address is not None else "workers"
-        value = values.get("address") or address if name == "address" else values["workers"]
-        raise ParameterError(f"{lab}: parameter {name!r} = {value!r}: {exc}") from None
-
-
 def _note_machine(device: Any) -> None:
     """In a notebook, leave an invisible, machine-readable note of where it ran (device, versions):
     ``labkit regrade`` reports it beside the machine that re-runs the notebook."""
@@ -239,9 +203,6 @@ def _note_machine(device: Any) -> None:
 
     if get_ipython() is None:
         return
-    from labkit.env import machine, pick_device
-    from labkit.nbval_tolerance import ENV_MIME
-
     try:
         dev = pick_device(device)
     except ValueError:

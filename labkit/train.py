@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from labkit.env import amp_dtype as resolve_amp_dtype, grad_scaler, pick_device, use_channels_last
+from labkit.env import amp_dtype as resolve_amp_dtype
+from labkit.env import grad_scaler, pick_device, use_channels_last
 from labkit.timing import sync, throughput
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -67,8 +68,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     :func:`to_float`), then ``channels_last`` where :func:`labkit.env.use_channels_last` says so
     (put the model in that layout too, as :func:`fit` does). ``amp_dtype``/``scaler``: from
     :func:`labkit.env.amp_dtype` / :func:`labkit.env.grad_scaler`. ``batch_transform(x, y)`` may
-    return soft targets ``[B, K]`` (accuracy then compares with ``targets.argmax(1)``). ``scheduler`` is stepped after every batch; ``ema`` (a
-    ``torch.optim.swa_utils.AveragedModel``) is updated after every optimizer step.
+    return soft targets ``[B, K]`` (accuracy then compares with ``targets.argmax(1)``). ``scheduler`` is stepped
+    after every batch; ``ema`` (a ``torch.optim.swa_utils.AveragedModel``) is updated after every optimizer step.
 
     Returns ``loss`` (mean over images), ``acc``, ``images``, ``seconds``, ``images_per_s``,
     ``data_s`` (time spent waiting for the loader) and ``compute_s`` (the rest).

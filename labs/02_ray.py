@@ -74,8 +74,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-import labkit
-from labkit import distributed, env, metrics, params, plotting, ray_train, recovery, results, timing, train
+from labkit import distributed, env, metrics, params, plotting, results, timing, train
+from labkit.distributed import recovery, worker
 from labkit.exercises import lab02 as exercises
 from labkit.data.augment import batch_transform
 from labkit.models.cnn import AlzheimerCNN
@@ -357,20 +357,20 @@ def train_loop_per_worker(config):
     import ray.train
     import ray.train.torch
 
-    ray_train.quiet_ray_worker_logs()
+    worker.quiet_ray_worker_logs()
     ctx = ray.train.get_context()                                  # RAY: who am I, how many are we?
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()                          # RAY: this worker's GPU, or the CPU
     if device.type == "cpu" and config.get("threads"):
         torch.set_num_threads(config["threads"])                   # the cores Ray reserved for this worker
     run_dir = Path(config["run_dir"])
-    attempt = ray_train.record_attempt(run_dir) if rank == 0 else 0
-    nodes = ray_train.worker_nodes()                               # the node each rank runs on (for restarts)
+    attempt = worker.record_attempt(run_dir) if rank == 0 else 0
+    nodes = worker.worker_nodes()                                  # the node each rank runs on (for restarts)
     started = time.perf_counter()
 
     # Lab 01: the same cached data, model, optimizer and precision.
     env.seed_everything(config["seed"])                            # identical initial weights on every rank
-    with ray_train.quiet_prints():                                 # the driver already showed the data notices
+    with worker.quiet_prints():                                    # the driver already showed the data notices
         ds = distributed.prepare_data(config)
     model = AlzheimerCNN(num_classes=len(ds.classes), image_size=config["image_size"])
     dtype = env.amp_dtype(config["amp"], device)                   # bf16 / fp16 autocast, or None (fp32)
@@ -379,7 +379,7 @@ def train_loop_per_worker(config):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)                   # RAY: to the device, wrapped in DDP
-    sync_timer = ray_train.AllReduceTimer.attach(model)            # times DDP's gradient all-reduce (CPU)
+    sync_timer = worker.AllReduceTimer.attach(model)               # times DDP's gradient all-reduce (CPU)
     lr = train.scale_lr(config["lr"], world_size, config["lr_scaling"])  # exercise 3
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -394,9 +394,9 @@ def train_loop_per_worker(config):
                             sampler=train.shard_indices(n_test, rank, world_size))
 
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")  # RAY: after a crash, the last checkpoint
-    done, history = ray_train.restore(checkpoint, model, optimizer)
+    done, history = worker.restore(checkpoint, model, optimizer)
     setup_s = time.perf_counter() - started
-    progress = ray_train.ProgressFile(run_dir, config["epochs"], done) if rank == 0 and config.get("progress") else None
+    progress = worker.ProgressFile(run_dir, config["epochs"], done) if rank == 0 and config.get("progress") else None
 
     for epoch in range(done + 1, config["epochs"] + 1):
         tick = time.perf_counter()
@@ -404,11 +404,11 @@ def train_loop_per_worker(config):
             train_loader.sampler.set_epoch(epoch)                  # RAY/DDP: a new shuffle of the shards each epoch
         if sync_timer:
             sync_timer.reset()
-        batches = ray_train.crash_halfway(train_loader, config.get("fail_at_epoch"), epoch, rank, world_size, run_dir)
+        batches = worker.crash_halfway(train_loader, config.get("fail_at_epoch"), epoch, rank, world_size, run_dir)
         batches = progress.batches(batches, epoch, len(train_loader)) if progress else batches
         sums = train_epoch(model, batches, optimizer, loss_fn, device=device, augment=augment, dtype=dtype,
                            scaler=scaler, channels_last=channels_last)
-        ray_train.broadcast_buffers(model)                         # rank 0's BatchNorm statistics everywhere
+        worker.broadcast_buffers(model)                            # rank 0's BatchNorm statistics everywhere
         val = train.evaluate(train.unwrap(model), test_loader, loss_fn, device=device, transform=to_eval,
                              amp_dtype=dtype)
         row = {"epoch": epoch, **all_reduce_epoch(sums, val, sync_timer.seconds if sync_timer else None, device),
@@ -418,7 +418,7 @@ def train_loop_per_worker(config):
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:                                          # one copy of the weights is enough
-                ray_train.save_checkpoint(folder, model, optimizer, epoch, history)
+                worker.save_checkpoint(folder, model, optimizer, epoch, history)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)  # RAY: the folder as a checkpoint
             ray.train.report(row, checkpoint=checkpoint,           # RAY: metrics + checkpoint, every epoch
                              checkpoint_dir_name=f"epoch{epoch:03d}_attempt{attempt or 1}")
@@ -500,14 +500,14 @@ with distributed.ray_cluster(cfg.address) as cluster:              # ray.init(..
         plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.cluster_resources(),
                                         where=f"the cluster at {cluster['address']}")
     trainer = make_trainer(plan, run_dir)
-    with ray_train.ProgressBars(run_dir, cfg.epochs), recovery.RunWatch(run_dir, plan.workers) as watch:
+    with worker.ProgressBars(run_dir, cfg.epochs), recovery.RunWatch(run_dir, plan.workers) as watch:
         tick = time.perf_counter()
         result = trainer.fit()
         fit_seconds = time.perf_counter() - tick
 run = distributed.RayRun.from_result(result, plan, run_dir, fit_seconds, cluster)
 summary = run.summary()
 print(f"{run.plan.describe()}; restarts: {run.restarts}")
-print(recovery.story(run.history, ray_train.count_attempts(run_dir), watch.left))
+print(recovery.story(run.history, worker.count_attempts(run_dir), watch.left))
 print(f"ray.init {summary['init_seconds']:.1f} s, trainer.fit {summary['fit_seconds']:.1f} s "
       f"(of which start-up and shut-down {summary['startup_seconds']:.1f} s)")
 
@@ -527,7 +527,7 @@ plotting.plot_history(run.history, out_dir / "training_curves.png", title=f"Lab 
 # Per epoch and averaged over workers: `data_s` is time spent waiting for the next batch, `compute_s` the rest of
 # the step (forward, backward, optimizer — *including* any wait for gradients), and `sync_s` the time gradient
 # all-reduces were in flight. `sync_s` is measured by a DDP **communication hook** (`AllReduceTimer` in
-# `labkit/ray_train.py`) that starts DDP's usual all-reduce and times it until its result arrives. Buckets are
+# `labkit/distributed/worker.py`) that starts DDP's usual all-reduce and times it until its result arrives. Buckets are
 # reduced while backward is still computing earlier layers, so `sync_s` **overlaps** `compute_s`: it is an upper
 # bound on the time spent waiting for gradients, not a slice to subtract. With one worker there is no all-reduce
 # (`sync_s` empty); on GPUs the hook is not used (NCCL's futures complete at launch; use the PyTorch profiler).

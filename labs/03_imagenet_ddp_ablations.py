@@ -36,7 +36,7 @@
 #
 # **Run time**: quick mode (`quick=True`) ≈ 2 min on 2 CPU cores (one `torchrun` run, then the baseline twice
 # and two other rows, 2 ranks); the full configuration (ResNet-50, 30 epochs × 13 rows, the baseline 3 times, on
-# Tiny ImageNet) is a multi-GPU job — hours on 2–4 GPUs. Long sweeps also run from a terminal: `python -m labkit.imagenet --help`.
+# Tiny ImageNet) is a multi-GPU job — hours on 2–4 GPUs. Long sweeps also run from a terminal: `python -m labkit.labs.ablations --help`.
 
 # %% [markdown]
 # ## 0. Setup
@@ -87,7 +87,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
-from labkit import env, imagenet, params, plotting, recipe, results
+from labkit import env, params, plotting, results
+from labkit.labs.ablations import recipe, sweep
 from labkit.data.imagenet import load_imagenet
 from labkit.exercises import lab03 as exercises
 from labkit.files import write_text
@@ -100,7 +101,7 @@ from labkit.models.summary import count_parameters
 # `papermill labs/03_imagenet_ddp_ablations.ipynb out.ipynb -p world_size 4 -p epochs 50`.
 #
 # `ablations` is the study itself: a list of named configs, each a dict of **switches** over the shared
-# settings above it (`python -m labkit.imagenet --help` explains every switch). The first row is the
+# settings above it (`python -m labkit.labs.ablations --help` explains every switch). The first row is the
 # **baseline** — every technique of the seed switched off — and every other row changes **exactly one** switch
 # of it, so each difference can be credited to that one change. The last row switches everything on (the seed's
 # recipe), to compare with the seed's headline. Add, remove or edit rows freely; a misspelt switch is refused
@@ -172,13 +173,13 @@ quick_ablations = ["+mixup/cutmix", "+EMA"]   # quick mode: the baseline and the
 
 # %% tags=["nbval-check-output"]
 LAB = "03_imagenet_ddp_ablations"
-cfg = params.check(LAB, rules=imagenet.LAB_RULES, show=False,
+cfg = params.check(LAB, rules=sweep.LAB_RULES, show=False,
                    world_size=world_size, epochs=epochs, model=model, width=width, image_size=image_size,
                    progressive_sizes=progressive_sizes, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
                    amp=amp, data=data, data_dir=data_dir, layout=layout, standin_classes=standin_classes,
                    lr_finder_steps=lr_finder_steps, quick=quick, device=device, seed=seed, ablations=ablations,
                    quick_ablations=quick_ablations, repeats=repeats, test_size=test_size, memory_budget=memory_budget)
-configs = imagenet.prepare(cfg)
+configs = sweep.prepare(cfg)
 cfg.show()
 env.seed_everything(cfg.seed)
 dev = env.pick_device(cfg.device)
@@ -273,7 +274,7 @@ from torch.utils.data.distributed import DistributedSampler
 from labkit import env                              # precision choice (bf16 / fp16 / fp32)
 from labkit.data.imagenet import load_imagenet      # real dataset, or the synthetic stand-in
 from labkit.models.resnet import resnet
-from labkit.recipe import RGBTransform              # uint8 batch -> crop/flip -> normalised floats
+from labkit.labs.ablations.recipe import RGBTransform              # uint8 batch -> crop/flip -> normalised floats
 
 p = argparse.ArgumentParser()
 p.add_argument("--data-dir", default="data/tiny-imagenet")
@@ -414,9 +415,9 @@ base = configs[0]
 script_args = ["--data-dir", str(data_set.root), "--standin-classes", str(cfg.standin_classes),
                "--image-size", str(base.image_size), "--max-train", str(cfg.max_train), "--max-val", str(cfg.max_test),
                "--test-size", str(cfg.test_size),
-               "--depth", str(imagenet.MODELS[base.model]), "--width", str(base.width),
+               "--depth", str(sweep.MODELS[base.model]), "--width", str(base.width),
                "--epochs", str(1 if cfg.quick else base.epochs),                  # quick mode: one epoch shows it all
-               "--batch-size", str(base.batch_size), "--lr", f"{imagenet.peak_lr(base, cfg.world_size):.6g}",
+               "--batch-size", str(base.batch_size), "--lr", f"{sweep.peak_lr(base, cfg.world_size):.6g}",
                "--amp", str(cfg.amp), "--seed", str(cfg.seed), "--out", str(run_dir)]
 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.world_size}",
            str(script), *script_args]
@@ -471,10 +472,10 @@ exercises.check_epoch_order(my_epoch_order)
 
 # %% [markdown]
 # **The same steps, for a sweep.** Seven ablations launched with `torchrun` would pay the start-up (processes,
-# imports, rendezvous) seven times. `labkit.ddp.launch(fn, world_size)` (open `labkit/ddp.py`) does what
+# imports, rendezvous) seven times. `labkit.distributed.ddp.launch(fn, world_size)` (open `labkit/distributed/ddp.py`) does what
 # `torchrun --standalone` does — a free port, one spawned process per rank, `init_process_group` with a
 # timeout, the failing rank's traceback brought back to the caller, no process left behind — but runs a Python
-# function, so `labkit.imagenet` trains all ablations in **one** process group (section 7). Inside each rank
+# function, so `labkit.labs.ablations.sweep` trains all ablations in **one** process group (section 7). Inside each rank
 # it does what your script does, plus the recipe pieces of the next sections.
 
 # %% [markdown]
@@ -493,7 +494,7 @@ exercises.check_epoch_order(my_epoch_order)
 # %% tags=["nbval-check-output"]
 rows = []
 for c in configs:
-    m = resnet(imagenet.MODELS[c.model], len(data_set.classes), c.variant, c.drop_path_rate, c.use_blurpool,
+    m = resnet(sweep.MODELS[c.model], len(data_set.classes), c.variant, c.drop_path_rate, c.use_blurpool,
                c.width, small_input=c.image_size < 128)
     rows.append({"ablation": c.name, "model": c.model, "variant": c.variant, "parameters": count_parameters(m),
                  "drop-path blocks": sum(isinstance(x, StochasticDepth) for x in m.modules()),
@@ -529,10 +530,10 @@ print("eval mode, first feature per sample: ", drop(branch)[:, 0].tolist())
 # %% [markdown]
 # ## 6. The recipe, piece by piece
 # Each cell below builds one piece from `torch` / `torchvision` and applies it to one batch. The sweep in
-# section 7 uses the same pieces (`labkit/recipe.py` keeps the ones it needs), plugged into the course's one
+# section 7 uses the same pieces (`labkit/labs/ablations/recipe.py` keeps the ones it needs), plugged into the course's one
 # training loop, `labkit.train.train_one_epoch`.
 #
-# **Augmentation and MixUp / CutMix.** The seed's pipeline, each piece a switch of `labkit.recipe.RGBTransform`
+# **Augmentation and MixUp / CutMix.** The seed's pipeline, each piece a switch of `labkit.labs.ablations.recipe.RGBTransform`
 # drawn per image with `torchvision.transforms.v2`: a horizontal flip (p 0.5), ShiftScaleRotate as
 # `v2.RandomAffine` (shift ≤ 6.25 %, scale 0.9–1.1, ±15°, p 0.5), `v2.ColorJitter(0.2, 0.2, 0.2, 0.1)` (p 0.3) and
 # CoarseDropout as `v2.RandomErasing` (one square a quarter of the side, mean colour, p 0.5).
@@ -583,19 +584,19 @@ exercises.check_mixup_targets(my_mixup)
 # %% [markdown]
 # **Progressive resizing.** The seed trained ImageNet at 64 px for epochs 1–30 (batch 256), 128 px for 31–50
 # (batch 128) and 224 px for 51–90 (batch 64): small images early are cheap, and the network sees the full
-# size at the end. `labkit.recipe.progressive_schedule` scales that plan to any run length (the last epoch is
+# size at the end. `labkit.labs.ablations.recipe.progressive_schedule` scales that plan to any run length (the last epoch is
 # always at full size) and `progressive_sizes` scales 64 : 128 : 224 to our `image_size`. The cell times one
 # training step of the sweep's model at each phase: a smaller image costs less per image.
 
 # %% tags=["nbval-check-output"]
 prog = next((c for c in configs if c.progressive), configs[0])
-plan = imagenet.schedule(prog)
+plan = sweep.schedule(prog)
 print(f"{prog.name}: {prog.epochs} epochs")
 print(pd.DataFrame(plan, columns=["image_size", "batch_per_rank"], index=pd.RangeIndex(1, len(plan) + 1, name="epoch")).to_string())
 print("seed's plan on 90 epochs:", sorted(set(recipe.progressive_schedule(90)), reverse=False))
 
 # %%
-net = resnet(imagenet.MODELS[prog.model], num_classes, prog.variant, width=prog.width, small_input=True)
+net = resnet(sweep.MODELS[prog.model], num_classes, prog.variant, width=prog.width, small_input=True)
 opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
 images_u8, labels = next(iter(data_set.loader("train", max(bs for _, bs in plan), shuffle=True, seed=cfg.seed)))
 for size, bs in sorted(set(plan)):
@@ -622,7 +623,7 @@ for size, bs in sorted(set(plan)):
 # AdamW). Lab 02 derived the rules; here `lr_scaling` picks one.
 
 # %% tags=["nbval-check-output"]
-peak = imagenet.peak_lr(prog, cfg.world_size)
+peak = sweep.peak_lr(prog, cfg.world_size)
 per_rank = math.ceil(len(data_set["train"]) / cfg.world_size)
 total_steps = sum(per_rank // bs for _, bs in plan)                  # drop_last: only full batches
 w = nn.Parameter(torch.zeros(1))
@@ -675,10 +676,10 @@ for step in range(1, 21):
 # average: a short run's EMA is mostly the *untrained* network, which guesses — **0.5 % is exactly chance on
 # 200 classes**, the number the seed saw. Two fixes: a decay that fits the run (`0.999` ≈ 1,000 steps), and a
 # **warm-up** (timm/TensorFlow): use `min(d, (1 + n) / (10 + n))` at update `n`, so the EMA follows the model
-# closely at first. The sweep's EMA (`labkit.recipe.make_ema`) is the `AveragedModel` above with that warm-up.
+# closely at first. The sweep's EMA (`labkit.labs.ablations.recipe.make_ema`) is the `AveragedModel` above with that warm-up.
 
 # %% tags=["nbval-check-output"]
-steps = sum(per_rank // bs for _, bs in imagenet.schedule(configs[-1]))
+steps = sum(per_rank // bs for _, bs in sweep.schedule(configs[-1]))
 seed_steps = 100_000 // 256 * 5   # the seed: 5 epochs of Tiny ImageNet at batch 256
 rows = []
 for d in (0.9999, 0.999, 0.99):
@@ -726,7 +727,7 @@ def lr_range_test(model, loader, transform, start_lr=1e-6, end_lr=1.0, steps=100
 if cfg.lr_finder_steps:
     c = configs[-1]
     torch.manual_seed(cfg.seed)
-    net = resnet(imagenet.MODELS[c.model], num_classes, c.variant, width=c.width, small_input=c.image_size < 128)
+    net = resnet(sweep.MODELS[c.model], num_classes, c.variant, width=c.width, small_input=c.image_size < 128)
     finder = lr_range_test(net, data_set.loader("train", min(c.batch_size, 64), seed=cfg.seed),
                            recipe.RGBTransform(c.image_size, train=True), steps=cfg.lr_finder_steps)
     suggested = float(finder.loc[finder["smooth_loss"].idxmin(), "lr"]) / 10
@@ -743,7 +744,7 @@ else:
 
 # %% [markdown]
 # ## 7. Run the ablations
-# All ablations run in **one** process group started by `labkit.ddp.launch`, one config after another. In every
+# All ablations run in **one** process group started by `labkit.distributed.ddp.launch`, one config after another. In every
 # rank it does what your script does — `DistributedSampler` with `set_epoch`, the DDP wrapper, sums all-reduced
 # over the ranks, a rank-0 checkpoint every epoch (`results/03_ablations/checkpoints/<name>/last.pt`) — plus the
 # row's recipe pieces: MixUp/CutMix and label smoothing, progressive resizing, stochastic depth and BlurPool,
@@ -754,7 +755,7 @@ else:
 # the seed watched shrink with stochastic depth.
 
 # %%
-runs = imagenet.run_ablations(configs, data_set, world_size=cfg.world_size, device=cfg.device,
+runs = sweep.run_ablations(configs, data_set, world_size=cfg.world_size, device=cfg.device,
                               save_dir=out_dir / "checkpoints")
 
 # %% [markdown]
@@ -765,7 +766,7 @@ runs = imagenet.run_ablations(configs, data_set, world_size=cfg.world_size, devi
 # — a different seed alone moved the baseline that much, so the row has not shown an effect.
 
 # %%
-table = imagenet.ablation_table(runs)
+table = sweep.ablation_table(runs)
 write_text(out_dir / "ablations.csv", table.to_csv(index=False))
 print(table.round(3).to_string(index=False))
 
@@ -864,9 +865,9 @@ if not earlier.empty and "images_per_s" in earlier:
 # way `examples/imagenet` does: load the model (into `model.module`), optimizer and scheduler states, and start
 # the loop at the saved epoch. Then stop a run after one epoch (`--epochs` 1 is not the same — why not? look at
 # OneCycleLR's `total_steps`) and compare the resumed run's final weights with an uninterrupted one.
-# `python -m labkit.imagenet --quick --stop-after 1 --name try` and `--resume results/03_ablations/checkpoints/try/last.pt`
+# `python -m labkit.labs.ablations --quick --stop-after 1 --name try` and `--resume results/03_ablations/checkpoints/try/last.pt`
 # do this for the sweep's runner: why are its weights the same, not just similar? (Hint: where does
-# `labkit.imagenet` seed the random generators, and what does `set_epoch` do?)
+# `labkit.labs.ablations.sweep` seed the random generators, and what does `set_epoch` do?)
 
 # %% [markdown]
 # ## 11. Save the run record

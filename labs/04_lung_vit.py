@@ -83,10 +83,12 @@ import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labkit import distributed, env, lung_vit, metrics, params, plotting, recovery, results, tracking, train
+from labkit import distributed, env, metrics, params, plotting, results, train
+from labkit.distributed import recovery
+from labkit.labs.lung_vit import runner, tracking
 from labkit.data.augment import batch_transform
 from labkit.exercises import lab04 as checks
-from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, no_decay_names
+from labkit.labs.lung_vit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, no_decay_names
 from labkit.models import vit
 from labkit.models.cnn import AlzheimerCNN
 from labkit.models.summary import count_parameters
@@ -139,7 +141,7 @@ fail_at_epoch = None          # e.g. 2: one worker crashes once at epoch 2; Ray 
 # `dim` divisible by `heads`. A bad value fails here, naming the parameter.
 
 # %% tags=["nbval-check-output"]
-cfg = lung_vit.check_params(
+cfg = runner.check_params(
     rules={"cnn_epochs": params.Rule(int, 1, 100, help="epochs of Lab 01's CNN for the comparison")},
     workers=workers, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, image_size=image_size,
     depth=depth, heads=heads, dim=dim, mlp_dim=mlp_dim, dropout=dropout, precision=precision, track=track, data=data,
@@ -159,9 +161,9 @@ out_dir = results.lab_dir("04_lung_vit")
 plan = None
 if distributed.resolve_address(cfg.address) is None:
     plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.machine_resources())
-    precision = lung_vit.resolve_precision(cfg.precision, plan.use_gpu)
+    precision = runner.resolve_precision(cfg.precision, plan.use_gpu)
     print("plan:", plan.describe(), "| precision:", precision,
-          "| channels_last:", lung_vit.use_channels_last(precision, plan.use_gpu))
+          "| channels_last:", runner.use_channels_last(precision, plan.use_gpu))
     if plan.notice:
         print(plan.notice)
 else:
@@ -175,7 +177,7 @@ else:
 # is written in the same layout — generated pictures, **not medical images**.
 
 # %%
-ds = lung_vit.load_data(cfg, progress=True)
+ds = runner.load_data(cfg, progress=True)
 
 # %% tags=["nbval-check-output"]
 print(f"layout: {ds.layout}   synthetic stand-in: {ds.synthetic}   image tensor: {tuple(ds['train'].images.shape[1:])}")
@@ -215,7 +217,7 @@ print(f"attention matrix per head and block: {s['attention_pixels']:,} entries w
 # fused kernel (Flash attention on recent GPUs). The parameter count, and where the parameters sit:
 
 # %% tags=["nbval-check-output"]
-model = lung_vit.build_model(cfg, num_classes=len(ds.classes))
+model = runner.build_model(cfg, num_classes=len(ds.classes))
 n_params = count_parameters(model)
 parts = {"conv stem": model.stem, "token projection": model.to_tokens, "transformer blocks": model.blocks,
          "head (LN + Linear)": torch.nn.ModuleList([model.norm, model.head])}
@@ -268,7 +270,7 @@ checks.check_prenorm_block(my_prenorm_block)
 # ## 5. The LightningModule: the steps, written here
 # Lightning splits training into methods it calls for you: `training_step` returns the loss (Lightning does
 # `backward`, the DDP gradient all-reduce and the optimizer step), `validation_step` scores a batch, and
-# `configure_optimizers` says how to update. Everything else lives in `labkit.lightning_module.ClassifierBase`:
+# `configure_optimizers` says how to update. Everything else lives in `labkit.labs.lung_vit.lightning_module.ClassifierBase`:
 # the model, the batch transform (uint8 → augmented, normalised floats **on the device**, `channels_last` when the
 # precision wants it), the `torchmetrics` objects, the per-class logging and the test step that scores a checkpoint.
 #
@@ -358,11 +360,11 @@ def train_func(config):
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
     from torch.utils.data import DistributedSampler
 
-    from labkit import lightning_module, lung_vit
+    from labkit.labs.lung_vit import lightning_module, runner
 
-    rank, world = lung_vit.worker_setup(config)          # quiet logs, CPU threads, one seed: same initial weights
-    data = lung_vit.load_data(config)                     # the decoded cache the driver wrote
-    module = LitViT(lung_vit.build_model(config, len(data.classes)), data.classes, **lung_vit.module_kwargs(config))
+    rank, world = runner.worker_setup(config)            # quiet logs, CPU threads, one seed: same initial weights
+    data = runner.load_data(config)                       # the decoded cache the driver wrote
+    module = LitViT(runner.build_model(config, len(data.classes)), data.classes, **runner.module_kwargs(config))
     callbacks, history = lightning_module.worker_callbacks(config, rank, len(data["train"]))   # + the crash demo
     trainer = pl.Trainer(
         max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
@@ -399,15 +401,15 @@ def train_func(config):
 
 # %%
 run_name = distributed.default_run_name()
-run_dir = lung_vit.run_dir_for(run_name)                 # results/04_lung_vit/ray/<run_name>
-uri, mlflow_run_id = lung_vit.start_tracking(cfg, ds, run_name)
+run_dir = runner.run_dir_for(run_name)                   # results/04_lung_vit/ray/<run_name>
+uri, mlflow_run_id = runner.start_tracking(cfg, ds, run_name)
 try:
     with distributed.ray_cluster(cfg.address) as cluster:
         if plan is None:                                  # a remote cluster: plan with its resources
             plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.cluster_resources())
         trainer = TorchTrainer(
             train_func,
-            train_loop_config=lung_vit.worker_config(cfg, plan, uri, mlflow_run_id, run_dir),
+            train_loop_config=runner.worker_config(cfg, plan, uri, mlflow_run_id, run_dir),
             scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                          resources_per_worker=plan.resources()),
             torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
@@ -421,7 +423,7 @@ try:
         with recovery.notebook_interrupts():              # ■ stops the run cleanly
             result = trainer.fit()
         fit_seconds = time.perf_counter() - tick
-    run = lung_vit.collect(result, cfg, ds, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
+    run = runner.collect(result, cfg, ds, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
                            uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)
 except BaseException:
     if mlflow_run_id:
@@ -605,7 +607,7 @@ if run.mlflow_run_id:
 
 # %% [markdown]
 # ## 11. The same training on a Ray cluster: `ray job submit`
-# The training is also a command, `python -m labkit.lung_vit` (`--help` lists the options, which are the
+# The training is also a command, `python -m labkit.labs.lung_vit` (`--help` lists the options, which are the
 # parameters above); it runs the same steps as the cells above (labkit keeps a copy of `LitViT` and `train_func`
 # for it, on the same `ClassifierBase`). Seed 004 sent it to its GPU cluster with `ray job submit`: the working directory (this course
 # folder) is uploaded, and the runtime environment file sets `DATA_PATH` for the nodes. On a machine with Ray,
@@ -617,7 +619,7 @@ if run.mlflow_run_id:
 #                                                           # `ray start --address HEAD:6379`
 # export RAY_AUTH_MODE=token
 # ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env labs/ray_runtime_env.yaml \
-#     -- python -m labkit.lung_vit --workers 2 --epochs 12
+#     -- python -m labkit.labs.lung_vit --workers 2 --epochs 12
 # ray stop                                                  # when done
 # ```
 # The job finds the cluster through `RAY_ADDRESS` (set by Ray for the job) and writes its record and MLflow run to
@@ -630,9 +632,9 @@ flags = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("workers", "epoch
                                                                "mlp_dim", "batch_size", "lr", "precision", "fail_at_epoch")
                  if cfg[k] is not None)
 print("ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- \\")
-print(f"    python -m labkit.lung_vit {flags}" + (" --quick" if cfg.quick else "") + ("" if cfg.track else " --no-track"))
+print(f"    python -m labkit.labs.lung_vit {flags}" + (" --quick" if cfg.quick else "") + ("" if cfg.track else " --no-track"))
 print()
-runtime_env = Path(lung_vit.__file__).resolve().parents[1] / "labs" / "ray_runtime_env.yaml"
+runtime_env = Path(runner.__file__).resolve().parents[1] / "labs" / "ray_runtime_env.yaml"
 print(runtime_env.read_text() if runtime_env.is_file() else "(see labs/ray_runtime_env.yaml in the course folder)")
 
 
@@ -650,7 +652,7 @@ print(runtime_env.read_text() if runtime_env.is_file() else "(see labs/ray_runti
 # MLflow store are.
 
 # %%
-record = lung_vit.record(run, cfg, ds)
+record = runner.record(run, cfg, ds)
 record.final.update(parameters=n_params, comparison=comparison.to_dict(orient="records"), vs_cnn=vs_cnn)
 for name in ("samples", "training_curves", "confusion_matrix", "cls_attention", "vit_vs_cnn"):
     record.add_artifact(out_dir / f"{name}.png")

@@ -69,7 +69,6 @@ if "google.colab" in sys.modules:
 import contextlib
 import copy
 import time
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -77,7 +76,8 @@ import pandas as pd
 import ray
 import torch
 
-from labkit import distributed, env, federated, metrics, params, plotting, results
+from labkit import distributed, env, metrics, params, plotting, results
+from labkit.labs import federated
 from labkit.data.breast import load_breast, saved_split
 from labkit.files import atomic_path
 from labkit.models.breast import BreastCancerCNN
@@ -235,7 +235,7 @@ check_fedavg(fedavg)
 # ## 7. Start Ray and the clients
 # One Ray start for the whole lab (`labkit.distributed.ray_cluster`: a local cluster sized to this machine,
 # or `address`; shut down in the last cell, and when the kernel exits). Each client is a **Ray actor**: a
-# process of its own that keeps its shard and its model between calls — `labkit.federated.FedClient`,
+# process of its own that keeps its shard and its model between calls — `labkit.labs.federated.FedClient`,
 # with its own torchvision v2 augmentation (flips, 90° turns, colour jitter) and the precision above.
 
 # %%

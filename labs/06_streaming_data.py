@@ -72,7 +72,6 @@ import contextlib
 import copy
 import tempfile
 import time
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -82,11 +81,12 @@ import ray.data
 import torch
 from torch import nn
 
-from labkit import distributed, env, metrics, params, plotting, ray_train, recovery, results, streaming
+from labkit import distributed, env, metrics, params, plotting, results
+from labkit.distributed import recovery, worker
+from labkit.labs import streaming
 from labkit.data.augment import batch_transform
 from labkit.files import atomic_path
 from labkit.models.cnn import AlzheimerCNN
-from labkit.models.summary import count_parameters
 from labkit.params import Rule
 
 # %% [markdown]
@@ -181,7 +181,7 @@ check_top_k(top_k_filter, cfg.top_k, cfg.confidence_threshold)
 #      rows, in blocks              CPU tasks: PIL decode,          in each Train worker:
 #                                   resize, flip/rotate (uint8)     prefetch, batch, to the device
 # ```
-# One row per file; the decode + augment step is `labkit.streaming.DecodeAugment` (the DataLoader path in
+# One row per file; the decode + augment step is `labkit.labs.streaming.DecodeAugment` (the DataLoader path in
 # section 6 runs the very same class). It returns **uint8** images: four times fewer bytes through the object
 # store than float32; the trainer normalises them on its device. The knobs:
 #
@@ -291,7 +291,7 @@ def train_loop_per_worker(config):
     import ray.train.torch
     import torch.distributed as dist
 
-    ray_train.quiet_ray_worker_logs()
+    worker.quiet_ray_worker_logs()
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -354,11 +354,11 @@ def train_loop_per_worker(config):
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0 and epoch == config["epochs"]:
-                ray_train.save_checkpoint(folder, model, optimizer, epoch, history)
+                worker.save_checkpoint(folder, model, optimizer, epoch, history)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(row, checkpoint=checkpoint)
         if rank == 0:
-            ray_train.say(f"epoch {epoch}/{config['epochs']}: loss {row['loss']:.3f}  acc {row['acc']:.3f}  "
+            worker.say(f"epoch {epoch}/{config['epochs']}: loss {row['loss']:.3f}  acc {row['acc']:.3f}  "
                           f"{row['images_per_s']:.0f} img/s, waiting for data {wait_s:.1f} of {seconds:.1f} s")
 
     # The trainer alone, after training (warm, the pipeline idle): steps on one synthetic batch already on the

@@ -89,7 +89,8 @@ from starlette.responses import JSONResponse
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from labkit import compress, distributed, env, metrics, params, plotting, results, serving, train
+from labkit import distributed, env, metrics, params, plotting, results, train
+from labkit.labs.tune_serve import compress, serving
 from labkit.data import batch_transform
 from labkit.data.alzheimer import load_alzheimer
 from labkit.files import atomic_path
@@ -449,7 +450,7 @@ print(f"serving: {'int8' if serve_int8 else 'fp32'}")
 # ### The deployment
 # A Ray Serve *deployment* is a class; Serve runs `num_replicas` copies of it (each a Ray actor) behind one
 # HTTP proxy. `__call__` gets each HTTP request: it decodes and validates the body with
-# `labkit.serving.decode_request`, which raises a `RequestError` with a 4xx status and a message naming the
+# `labkit.labs.tune_serve.serving.decode_request`, which raises a `RequestError` with a 4xx status and a message naming the
 # problem (empty body, body over the size limit, not JSON, not an image, wrong size) — the replica answers
 # with that status and carries on.
 #
@@ -567,7 +568,7 @@ print(f"{'a good one afterwards':<22} HTTP {status}: {answer['predictions'][0]['
 # **Predict, then run.** With 8 clients sending one image each as fast as they can: does `@serve.batch`
 # raise requests/s? Does a second replica, on a machine with two cores?
 #
-# The load test (`labkit.serving.load_test`) sends a fixed number of requests (`load_requests`) from 8
+# The load test (`labkit.labs.tune_serve.serving.load_test`) sends a fixed number of requests (`load_requests`) from 8
 # threads to `127.0.0.1`, stops early at a time cap, and reports the p50/p95/p99 latency and requests per
 # second. Each configuration (its own application, deployed above) is warmed up with a few requests, then measured.
 

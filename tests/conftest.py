@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-
 from pathlib import Path
 
 import nbformat
@@ -43,7 +42,7 @@ def _tiny_labs(folder: Path) -> list[Path]:
             code(f'import random, time\nfrom labkit import params, results, timing\n'
                  f'cfg = params.check("{name}", epochs=epochs, seed=seed, quick=quick)', metadata={"tags": [CHECK]}),
             code("history = []\nfor epoch in range(cfg.epochs):\n    t0 = time.perf_counter()\n"
-                 "    time.sleep(0.01 * (1 + random.random()))\n    history.append({'epoch': epoch + 1, 'seconds': time.perf_counter() - t0})\n"
+                 "    time.sleep(0.01 * (1 + random.random()))\n    history.append({'epoch': epoch + 1, 'seconds': time.perf_counter() - t0})\n"  # noqa: E501
                  "    print(f\"epoch {epoch + 1}: {timing.format_seconds(history[-1]['seconds'])}\")"),
             code(f"random.seed(cfg.seed + {number})\nacc = sum(random.random() for _ in range(200)) / 200\n"
                  "print(f'test_acc {acc:.3f}')", metadata={"tags": [CHECK]}),
@@ -62,8 +61,8 @@ def course(tmp_path_factory):
 
     Session-scoped: each lab notebook executes once per test run; lab tests read its executed copy
     and run record, the regrade tests re-execute those copies."""
-    from labkit.course import environ, run_labs
-    from labkit.summary import write_summary
+    from labkit.course.run import environ, run_labs
+    from labkit.course.summary import write_summary
 
     tmp = tmp_path_factory.mktemp("course")
     labs = sorted((REPO / "labs").glob("*.ipynb")) or _tiny_labs(tmp / "labs")

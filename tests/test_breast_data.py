@@ -3,17 +3,13 @@ and train/val/test splits (patient-level shares no patient; the saved split is r
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from labkit.data import breast
-from labkit.data.breast import (find_breast_layout, load_breast, parse_idc_name, saved_split, split_by_patient,
-                                split_patches)
+from labkit.data.breast import find_breast_layout, load_breast, parse_idc_name, saved_split, split_by_patient, split_patches
 from labkit.data.cache import MARKER, UnreadableImageError
 from labkit.data.synth_breast import patch_name, write_breast_standin
 

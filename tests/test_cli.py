@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import cli
-from labkit.course import find_labs, format_runs, parse_parameters, parse_value
+from labkit.course import cli
+from labkit.course.run import find_labs, format_runs, parse_parameters, parse_value
 
 COMMANDS = {"run": "papermill", "regrade": "nbval", "student": "BEGIN SOLUTION", "summary": "SUMMARY.md",
             "data": "synth", "data synth": "stand-in"}
@@ -79,7 +79,7 @@ def test_run_reports_which_lab_failed_and_where(tmp_path, capsys, monkeypatch):
     labs, res = tmp_path / "labs", tmp_path / "results"
     labs.mkdir()
     _notebook(labs / "01_ok.ipynb",
-              "import os, sys\nprint(sys.executable)\nprint(type(epochs).__name__, epochs, quick, os.environ.get('LABKIT_QUICK'))",
+              "import os, sys\nprint(sys.executable)\nprint(type(epochs).__name__, epochs, quick, os.environ.get('LABKIT_QUICK'))",  # noqa: E501
               "from labkit import results\nrec = results.RunRecord('01_ok', params={'quick': quick}, data={'synthetic': True},\n"
               "    epochs=[{'epoch': 1, 'seconds': 1.5}], final={'test_acc': 0.5})\nresults.save(rec)")
     _notebook(labs / "02_fails.ipynb", "x = 1",
@@ -126,7 +126,7 @@ def test_version(capsys):
 
 
 def test_yaml_parameters_carry_lists_and_dicts_like_papermill(tmp_path):
-    from labkit.course import gather_parameters, parse_yaml_parameters
+    from labkit.course.run import gather_parameters, parse_yaml_parameters
 
     assert parse_yaml_parameters("sweep: [1, 2]\nopts: {lr: 0.001, rule: sqrt}") == \
         {"sweep": [1, 2], "opts": {"lr": 0.001, "rule": "sqrt"}}
@@ -143,7 +143,7 @@ def test_yaml_parameters_carry_lists_and_dicts_like_papermill(tmp_path):
 
 
 def test_run_passes_yaml_and_file_parameters_to_the_labs(tmp_path, monkeypatch, capsys):
-    from labkit import course
+    from labkit.course import run as course
 
     seen = {}
     monkeypatch.setattr(course, "run_labs", lambda labs, **kw: seen.update(kw) or [])
@@ -158,8 +158,8 @@ def test_run_passes_yaml_and_file_parameters_to_the_labs(tmp_path, monkeypatch, 
 
 def test_a_command_needing_the_course_tools_says_how_to_install_them(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "jupytext", None)          # as if labkit[dev] were not installed
-    monkeypatch.delitem(sys.modules, "labkit.labsource", raising=False)
-    monkeypatch.delattr("labkit.labsource", raising=False)    # so `from labkit import labsource` imports again
+    monkeypatch.delitem(sys.modules, "labkit.course.labsource", raising=False)
+    monkeypatch.delattr("labkit.course.labsource", raising=False)    # so `from labkit import labsource` imports again
     assert cli.main(["labs", "check"]) == 2
     err = capsys.readouterr().err
     assert "jupytext is not installed" in err and "pip install -e '.[dev]'" in err

@@ -13,7 +13,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import colab, results
+from labkit import results
+from labkit.course import colab
 
 REPO = Path(__file__).resolve().parents[1]
 LABS = sorted((REPO / "labs").glob("[0-9][0-9]_*.ipynb"))

@@ -1,4 +1,4 @@
-"""labkit.compress and the lab's int8 path: a trained AlzheimerCNN quantized with torchao (linear layers,
+"""labkit.labs.tune_serve.compress and the lab's int8 path: a trained AlzheimerCNN quantized with torchao (linear layers,
 dynamic int8 activations) predicts what the fp32 model predicts on most test images, and its file is smaller."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import compress, train
+from labkit import train
 from labkit.data import batch_transform
 from labkit.data.alzheimer import load_alzheimer
+from labkit.labs.tune_serve import compress
 from labkit.models.cnn import AlzheimerCNN
 
 #: int8 must predict the fp32 model's class on at least this share of the test images. Dynamic int8 on

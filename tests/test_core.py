@@ -1,6 +1,5 @@
 """env, files, timing and results: the helpers every lab uses."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np

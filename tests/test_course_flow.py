@@ -17,8 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.course import environ, format_runs
-from labkit.regrade import format_reports, regrade, sanitize
+from labkit.course.regrade import format_reports, regrade, sanitize
+from labkit.course.run import environ, format_runs
 
 pytestmark = pytest.mark.slow
 
@@ -133,8 +133,8 @@ def test_regrade_passes_on_the_executed_labs_even_with_new_timings_and_nudged_re
     print(table)
     assert all(r.ok for r in reports), table
     assert all(r.checked > 0 for r in reports)
-    for copy in copies:
-        assert re.search(rf"^{re.escape(copy.name)}\s.*\bok$", table, flags=re.M), table
+    for submitted in copies:
+        assert re.search(rf"^{re.escape(submitted.name)}\s.*\bok$", table, flags=re.M), table
 
 
 def test_regrade_fails_on_a_result_moved_outside_the_tolerance_and_names_the_cell(course):
@@ -161,7 +161,7 @@ def test_regrade_fails_on_a_result_moved_outside_the_tolerance_and_names_the_cel
 def test_every_lab_checks_a_trained_result_and_would_catch_it_moved(course):
     """Each lab's headline metric is a checked result; moved beyond the tolerance it fails the
     comparison the regrade applies, and an edited exact output fails too (compared without re-running)."""
-    from labkit.nbval_tolerance import DEFAULT_TOLERANCE, compare_within
+    from labkit.course.nbval_tolerance import DEFAULT_TOLERANCE, compare_within
 
     for run in (r for r in course["runs"] if r.ok):
         nb = nbformat.read(run.output, as_version=4)

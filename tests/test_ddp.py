@@ -1,4 +1,4 @@
-"""labkit.ddp: launching ranks, errors that name the rank, no process left behind, reductions, checkpoints."""
+"""labkit.distributed.ddp: launching ranks, errors that name the rank, no process left behind, reductions, checkpoints."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from labkit import ddp
+from labkit.distributed import ddp
 
 
 def _rank_children() -> list[psutil.Process]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from pathlib import Path
-
-from labkit import distributed, ray_train
+from labkit import distributed
+from labkit.distributed import worker
 from labkit.params import ParameterError, check
 from labkit.train import scale_lr, shard_indices
 
@@ -265,17 +265,17 @@ def test_checkpoint_restores_weights_optimizer_epoch_and_history(tmp_path):
 
     model, opt = tiny_model_and_optimizer(0)
     history = [{"epoch": 1, "loss": 1.2}, {"epoch": 2, "loss": 0.9}]
-    ray_train.save_checkpoint(tmp_path, model, opt, epoch=2, history=history)
+    worker.save_checkpoint(tmp_path, model, opt, epoch=2, history=history)
     fresh, fresh_opt = tiny_model_and_optimizer(1)
     assert not torch.equal(fresh[0].weight, model[0].weight)
-    done, restored = ray_train.restore(Checkpoint.from_directory(str(tmp_path)), fresh, fresh_opt)
+    done, restored = worker.restore(Checkpoint.from_directory(str(tmp_path)), fresh, fresh_opt)
     assert (done, restored) == (2, history)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
-    assert ray_train.restore(None, fresh) == (0, [])
+    assert worker.restore(None, fresh) == (0, [])
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
-        ray_train.restore(tmp_path / "nothing", fresh)
+        worker.restore(tmp_path / "nothing", fresh)
 
 
 def test_the_crash_happens_once_halfway_through_the_epoch_on_the_last_rank(tmp_path, monkeypatch):
@@ -285,24 +285,24 @@ def test_the_crash_happens_once_halfway_through_the_epoch_on_the_last_rank(tmp_p
     def fake_exit(code):
         raise Crashed(code)
 
-    monkeypatch.setattr(ray_train.os, "_exit", fake_exit)
+    monkeypatch.setattr(worker.os, "_exit", fake_exit)
     loader = list(range(10))
-    assert list(ray_train.crash_halfway(loader, 2, 2, rank=0, world_size=2, run_dir=tmp_path)) == loader
-    assert list(ray_train.crash_halfway(loader, 2, 1, rank=1, world_size=2, run_dir=tmp_path)) == loader
-    assert list(ray_train.crash_halfway(loader, None, 2, rank=1, world_size=2, run_dir=tmp_path)) == loader
+    assert list(worker.crash_halfway(loader, 2, 2, rank=0, world_size=2, run_dir=tmp_path)) == loader
+    assert list(worker.crash_halfway(loader, 2, 1, rank=1, world_size=2, run_dir=tmp_path)) == loader
+    assert list(worker.crash_halfway(loader, None, 2, rank=1, world_size=2, run_dir=tmp_path)) == loader
     seen = []
     with pytest.raises(Crashed):
-        for batch in ray_train.crash_halfway(loader, 2, 2, rank=1, world_size=2, run_dir=tmp_path):
+        for batch in worker.crash_halfway(loader, 2, 2, rank=1, world_size=2, run_dir=tmp_path):
             seen.append(batch)
-    assert seen == [0, 1, 2, 3, 4] and (tmp_path / ray_train.CRASH_MARKER).exists()
+    assert seen == [0, 1, 2, 3, 4] and (tmp_path / worker.CRASH_MARKER).exists()
     # the restarted worker trains on
-    assert list(ray_train.crash_halfway(loader, 2, 2, rank=1, world_size=2, run_dir=tmp_path)) == loader
+    assert list(worker.crash_halfway(loader, 2, 2, rank=1, world_size=2, run_dir=tmp_path)) == loader
 
 
 def test_attempts_are_counted_across_restarts(tmp_path):
-    assert ray_train.count_attempts(tmp_path / "run") == 0
-    assert [ray_train.record_attempt(tmp_path / "run") for _ in range(3)] == [1, 2, 3]
-    assert ray_train.count_attempts(tmp_path / "run") == 3
+    assert worker.count_attempts(tmp_path / "run") == 0
+    assert [worker.record_attempt(tmp_path / "run") for _ in range(3)] == [1, 2, 3]
+    assert worker.count_attempts(tmp_path / "run") == 3
 
 
 def run_local_mode(config: dict):
@@ -330,7 +330,7 @@ def test_training_function_resumes_after_the_last_checkpointed_epoch(lab_cfg, tm
     model = AlzheimerCNN(num_classes=4, image_size=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     earlier = {"epoch": 1, "loss": 9.99, "attempt": 1}
-    ray_train.save_checkpoint(tmp_path / "ckpt", model, optimizer, epoch=1, history=[earlier])
+    worker.save_checkpoint(tmp_path / "ckpt", model, optimizer, epoch=1, history=[earlier])
 
     history = run_local_mode({**config, "epochs": 2, "resume_from": str(tmp_path / "ckpt")})
     assert [row["epoch"] for row in history] == [1, 2]
@@ -347,8 +347,8 @@ def test_training_function_resumes_after_the_last_checkpointed_epoch(lab_cfg, tm
 
 
 def test_driver_progress_bars_follow_the_progress_file(tmp_path):
-    writer = ray_train.ProgressFile(tmp_path, epochs=3, done=1, every_s=0.0)
-    bars = ray_train.ProgressBars(tmp_path, epochs=3)
+    writer = worker.ProgressFile(tmp_path, epochs=3, done=1, every_s=0.0)
+    bars = worker.ProgressBars(tmp_path, epochs=3)
     bars.refresh()
     assert bars.epoch_bar.n == 1                                  # resumed after epoch 1
     for _ in writer.batches(range(4), epoch=2, total=4):
@@ -384,7 +384,7 @@ def test_a_local_cluster_gets_a_lean_environment_that_a_user_setting_overrides(m
     import subprocess
     import sys
 
-    from labkit import local_ray
+    from labkit.distributed import local_ray
 
     monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")                 # the user's choice
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-
-from labkit.exercises import lab01 as exercises
 from checks import one_check_line, stub
 
+from labkit.exercises import lab01 as exercises
 
 
 def test_class_weights_right_and_wrong(capsys):

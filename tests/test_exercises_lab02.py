@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-
-from labkit.exercises import lab02 as exercises
 from checks import one_check_line, stub
 
+from labkit.exercises import lab02 as exercises
 
 
 def _good_scale_lr(lr, world_size, rule):

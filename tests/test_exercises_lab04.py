@@ -3,10 +3,9 @@ wrong answers, and reports a stub as "not implemented yet"."""
 from __future__ import annotations
 
 import pytest
-
-from labkit.exercises import lab04 as exercises
 from checks import one_check_line, stub
 
+from labkit.exercises import lab04 as exercises
 
 
 # --------------------------------------------------------------------------- tokens

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from labkit.exercises import lab05 as exercises
 from checks import one_check_line, stub
 
+from labkit.exercises import lab05 as exercises
 
 
 def _fedavg(states, sizes):

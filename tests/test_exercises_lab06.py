@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checks import one_check_line, stub
 
 from labkit.exercises import lab06 as exercises
-from checks import one_check_line, stub
 
 
 def _top_k(probs, k, threshold):

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from checks import one_check_line, stub
 
 from labkit.exercises import lab07 as exercises
-from checks import one_check_line, stub
 
 
 def _top_k(probs, classes, k):

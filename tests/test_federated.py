@@ -1,4 +1,4 @@
-"""labkit.federated and labkit.models.breast: client splits, the client, a failing client, bytes, the CSV."""
+"""labkit.labs.federated and labkit.models.breast: client splits, the client, a failing client, bytes, the CSV."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import federated
 from labkit.exercises.lab05 import reference_fedavg
+from labkit.labs import federated
 from labkit.models.breast import BreastCancerCNN
 
 

@@ -7,9 +7,9 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 
 from labkit.data import imagenet

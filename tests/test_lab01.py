@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import pytest
+import torch
 
 from labkit import results
 
@@ -49,8 +49,8 @@ def _notebook_loop(dev, amp_dtype, channels_last):
     from torch import nn
     from tqdm.auto import tqdm
 
+    from labkit.course.labsource import read_text
     from labkit.data.augment import batch_transform
-    from labkit.labsource import read_text
 
     nb = read_text(REPO / "labs" / "01_baseline.py")
     [source] = [c.source for c in nb.cells if c.cell_type == "code" and "def train_epoch(" in c.source]

@@ -17,7 +17,7 @@ import nbformat
 import pytest
 
 from labkit import results
-from labkit.course import format_runs
+from labkit.course.run import format_runs
 from labkit.distributed import ray_daemon_pids
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Lab 03: the ablation configs, the notebook's %%writefile'd DDP script under torchrun, the sweep's
-precision (bf16 + channels_last), `python -m labkit.imagenet` (checkpoint + resume on 2 CPU ranks) and
+precision (bf16 + channels_last), `python -m labkit.labs.ablations` (checkpoint + resume on 2 CPU ranks) and
 the quick notebook through papermill."""
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import ddp, imagenet, params
-from labkit.course import format_runs
+from labkit import params
+from labkit.course.run import format_runs
+from labkit.distributed import ddp
+from labkit.labs.ablations import command, sweep
 from labkit.params import ParameterError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,50 +38,50 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def test_unknown_ablation_switch_is_named():
     with pytest.raises(ParameterError, match="'dropout'") as info:
-        imagenet.ablation_configs([{"name": "a"}, {"name": "b", "dropout": 0.1}])
+        sweep.ablation_configs([{"name": "a"}, {"name": "b", "dropout": 0.1}])
     assert "drop_path_rate" in str(info.value), "the error should list the known switches"
 
 
 def test_bad_switch_value_and_duplicate_names():
     with pytest.raises(ParameterError, match="'variant'"):
-        imagenet.ablation_configs([{"name": "a", "variant": "wide"}])
+        sweep.ablation_configs([{"name": "a", "variant": "wide"}])
     with pytest.raises(ParameterError, match="unique"):
-        imagenet.ablation_configs([{"name": "a"}, {"name": "a"}])
+        sweep.ablation_configs([{"name": "a"}, {"name": "a"}])
     with pytest.raises(ParameterError, match="ablations"):
-        imagenet.ablation_configs([])
+        sweep.ablation_configs([])
 
 
 def test_world_size_zero_is_refused():
     with pytest.raises(ParameterError, match="world_size"):
-        params.check(LAB, rules=imagenet.LAB_RULES, show=False, world_size=0, ablations=[{"name": "a"}])
+        params.check(LAB, rules=sweep.LAB_RULES, show=False, world_size=0, ablations=[{"name": "a"}])
     with pytest.raises(SystemExit, match="--world-size 0"):
-        imagenet.main(["--world-size", "0"])
+        command.main(["--world-size", "0"])
 
 
 def test_quick_prepare_keeps_fewer_rows_and_repeats_the_baseline():
     rows = [{"name": "base"}, {"name": "b", "ema_decay": 0.999}, {"name": "c", "mixup": 0.0}]
-    cfg = params.check(LAB, rules=imagenet.LAB_RULES, show=False, quick=True, model="resnet50", width=1.0,
+    cfg = params.check(LAB, rules=sweep.LAB_RULES, show=False, quick=True, model="resnet50", width=1.0,
                        epochs=30, image_size=64, batch_size=128, lr=3e-4, progressive_sizes=[16, 40, 64],
                        lr_finder_steps=100, ablations=rows, quick_ablations=["b"], repeats=None, test_size=1000)
-    configs = imagenet.prepare(cfg)
+    configs = sweep.prepare(cfg)
     assert [c.name for c in configs] == ["base#1", "base#2", "b"], "quick: the baseline (2 seeds) + quick_ablations"
     assert [c.seed for c in configs] == [0, 1, 0] and cfg.repeats == 2 and cfg.test_size == 300
     assert all(c.model == "resnet18" and c.width == 0.25 and c.epochs == 6 and c.image_size == 16
                and c.batch_size == 32 and c.lr == 3e-3 and c.pct_start == 0.2 for c in configs)
     assert configs[2].ema_decay == 0.999 and configs[0].progressive_sizes == [16]
-    full = params.check(LAB, rules=imagenet.LAB_RULES, show=False, ablations=rows, quick_ablations=["b"],
+    full = params.check(LAB, rules=sweep.LAB_RULES, show=False, ablations=rows, quick_ablations=["b"],
                         repeats=None, lr=3e-4, batch_size=128)
-    configs = imagenet.prepare(full)
+    configs = sweep.prepare(full)
     assert [c.name for c in configs] == ["base#1", "base#2", "base#3", "b", "c"], "full: every row, 3 seeds"
-    assert configs[0].lr == 3e-4 and imagenet.peak_lr(configs[0], 2) == pytest.approx(3e-4)
+    assert configs[0].lr == 3e-4 and sweep.peak_lr(configs[0], 2) == pytest.approx(3e-4)
     with pytest.raises(ParameterError, match="'nope'"):
-        imagenet.prepare(params.check(LAB, rules=imagenet.LAB_RULES, show=False, quick=True, ablations=rows,
+        sweep.prepare(params.check(LAB, rules=sweep.LAB_RULES, show=False, quick=True, ablations=rows,
                                       quick_ablations=["nope"]))
 
 
 def _parameters() -> dict:
     """The lab's parameters cell, executed."""
-    from labkit import labsource
+    from labkit.course import labsource
 
     nb = labsource.read_text(ROOT / "labs" / f"{LAB}.py")
     cell = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
@@ -105,9 +107,9 @@ def test_every_row_changes_one_switch_of_the_baseline_and_defaults_follow_the_se
         assert sum(r.get(switch, False) for r in rows[1:-1]) == 1, f"{switch} has a row of its own"
     assert p["lr"] == 3e-4 and p["world_size"] * p["batch_size"] == 256, "the seed's 3e-4 at a global batch of 256"
     assert set(p["quick_ablations"]) <= set(names) and p["repeats"] is None
-    full = imagenet.prepare(params.check(LAB, rules=imagenet.LAB_RULES, show=False, ablations=rows,
+    full = sweep.prepare(params.check(LAB, rules=sweep.LAB_RULES, show=False, ablations=rows,
                                          quick_ablations=p["quick_ablations"], repeats=None))
-    assert len({imagenet.row_name(c.name) for c in full}) == len(rows), "the full configuration keeps every row"
+    assert len({sweep.row_name(c.name) for c in full}) == len(rows), "the full configuration keeps every row"
 
 
 def test_table_labels_differences_within_the_baseline_spread():
@@ -115,7 +117,7 @@ def test_table_labels_differences_within_the_baseline_spread():
         return {"name": name, "final": {"top1": top1, "top5": 1.0, "test_top1": top1 - 0.01, "gap": 0.0,
                                         "seconds": 1.0, "images_per_s": 10.0}}
 
-    table = imagenet.ablation_table([run("baseline#1", 0.50), run("baseline#2", 0.56), run("small", 0.57),
+    table = sweep.ablation_table([run("baseline#1", 0.50), run("baseline#2", 0.56), run("small", 0.57),
                                      run("big", 0.70), run("worse", 0.40)])
     t = table.set_index("ablation")
     assert t.loc["baseline", "seeds"] == 2 and t.loc["baseline", "top1"] == pytest.approx(0.53)
@@ -123,7 +125,7 @@ def test_table_labels_differences_within_the_baseline_spread():
     assert t.loc["small", "diff"] == pytest.approx(0.04) and t.loc["small", "verdict"] == "within noise"
     assert t.loc["big", "verdict"] == "beyond noise" and t.loc["worse", "verdict"] == "beyond noise"
     assert t.loc["baseline", "verdict"] == "baseline" and t.loc["big", "test_top1"] == pytest.approx(0.69)
-    single = imagenet.ablation_table([run("baseline", 0.5), run("x", 0.6)]).set_index("ablation")
+    single = sweep.ablation_table([run("baseline", 0.5), run("x", 0.6)]).set_index("ablation")
     assert single.loc["x", "verdict"] == "no spread measured"
 
 
@@ -132,9 +134,9 @@ def test_batchnorm_statistics_are_identical_on_every_rank_after_an_epoch(tiny_da
     from labkit.data.imagenet import load_imagenet
 
     data = load_imagenet("auto", tiny_data, image_size=16, standin_classes=4, progress=False)
-    cfg = imagenet.make_config(name="bn", model="resnet18", width=0.125, image_size=16, epochs=1, batch_size=8,
+    cfg = sweep.make_config(name="bn", model="resnet18", width=0.125, image_size=16, epochs=1, batch_size=8,
                                progressive=False, ema_decay=0.9, amp=False)
-    imagenet.run_ablations([cfg], data, world_size=2, device="cpu", save_dir=tmp_path / "ck",
+    sweep.run_ablations([cfg], data, world_size=2, device="cpu", save_dir=tmp_path / "ck",
                            replica_dir=tmp_path / "replicas", progress=False)
     r0, r1 = (ddp.load_checkpoint(tmp_path / "replicas" / "bn" / f"rank{r}.pt") for r in (0, 1))
     running = [k for k in r0["model"] if "running_" in k]
@@ -143,19 +145,19 @@ def test_batchnorm_statistics_are_identical_on_every_rank_after_an_epoch(tiny_da
         for key, value in r0[part].items():
             assert torch.equal(value, r1[part][key]), f"{part}.{key} differs between rank 0 and rank 1"
     with pytest.raises(ddp.DDPError, match="sync_bn"):
-        imagenet.run_ablations([imagenet.make_config(cfg.__dict__ | {"name": "s", "sync_bn": True})], data,
+        sweep.run_ablations([sweep.make_config(cfg.__dict__ | {"name": "s", "sync_bn": True})], data,
                                world_size=2, device="cpu", save_dir=tmp_path / "ck", progress=False)
 
 
 def test_lr_scaling_is_used_for_the_peak_lr():
-    cfg = imagenet.make_config(lr=1e-3, lr_scaling="linear")
-    assert imagenet.peak_lr(cfg, 4) == pytest.approx(4e-3)
-    assert imagenet.peak_lr(imagenet.make_config(lr=1e-3, lr_scaling="sqrt"), 4) == pytest.approx(2e-3)
+    cfg = sweep.make_config(lr=1e-3, lr_scaling="linear")
+    assert sweep.peak_lr(cfg, 4) == pytest.approx(4e-3)
+    assert sweep.peak_lr(sweep.make_config(lr=1e-3, lr_scaling="sqrt"), 4) == pytest.approx(2e-3)
 
 
 def _script_cell() -> str:
     """The DDP script exactly as the lab's ``%%writefile`` cell writes it."""
-    from labkit import labsource
+    from labkit.course import labsource
 
     nb = labsource.read_text(ROOT / "labs" / f"{LAB}.py")
     cells = [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("%%writefile")]
@@ -194,7 +196,7 @@ def test_sweep_uses_bf16_and_channels_last_on_a_cpu_rank(tiny_data, monkeypatch)
 
     data = load_imagenet("auto", tiny_data, image_size=16, standin_classes=4, progress=False)
     seen = []
-    real = imagenet.train_one_epoch
+    real = sweep.train_one_epoch
 
     def spy(net, loader, *args, **kw):
         x, y = next(iter(loader))
@@ -204,7 +206,7 @@ def test_sweep_uses_bf16_and_channels_last_on_a_cpu_rank(tiny_data, monkeypatch)
                      conv.is_contiguous(memory_format=torch.channels_last)))
         return real(net, loader, *args, **kw)
 
-    monkeypatch.setattr(imagenet, "train_one_epoch", spy)
+    monkeypatch.setattr(sweep, "train_one_epoch", spy)
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ddp.free_port()}", rank=0, world_size=1)
@@ -217,9 +219,9 @@ def test_sweep_uses_bf16_and_channels_last_on_a_cpu_rank(tiny_data, monkeypatch)
 def _precision_runs(data, seen: list, save_dir: Path) -> None:
     for amp, want in (("bf16", (torch.bfloat16, True, True)), (False, (None, False, False))):
         seen.clear()
-        cfg = imagenet.make_config(name=f"p{amp}", model="resnet18", width=0.125, image_size=16, epochs=1,
+        cfg = sweep.make_config(name=f"p{amp}", model="resnet18", width=0.125, image_size=16, epochs=1,
                                    batch_size=16, progressive=False, amp=amp, mixup=0.2, cutmix=1.0)
-        out = imagenet.train_rank(0, 1, torch.device("cpu"), data, [cfg], {"save_dir": str(save_dir)})[0]
+        out = sweep.train_rank(0, 1, torch.device("cpu"), data, [cfg], {"save_dir": str(save_dir)})[0]
         assert seen == [want]
         assert out["final"]["precision"] == ("bf16" if amp else "fp32")
         assert out["final"]["channels_last"] is want[1]
@@ -235,7 +237,7 @@ def interrupted(tiny_data, tmp_path_factory) -> Path:
     """The command as a user runs it, stopped after epoch 1 as if interrupted: its results folder."""
     tmp = tmp_path_factory.mktemp("interrupted")
     env = {**os.environ, "LABKIT_RESULTS": str(tmp / "results")}
-    proc = subprocess.run([sys.executable, "-m", "labkit.imagenet", *RUN, "--data-dir", str(tiny_data),
+    proc = subprocess.run([sys.executable, "-m", "labkit.labs.ablations", *RUN, "--data-dir", str(tiny_data),
                            "--save-dir", str(tmp / "b"), "--stop-after", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,10 +255,10 @@ def test_command_checkpoints_and_resume_continues_like_an_uninterrupted_run(tiny
     assert len(records) == 1 and json.loads(records[0].read_text())["lab"] == LAB
 
     # 2. Resume from it: recipe, data options and world size come from the checkpoint.
-    assert imagenet.main(["--resume", str(interrupted / "b" / "tiny" / "last.pt"), "--device", "cpu",
+    assert command.main(["--resume", str(interrupted / "b" / "tiny" / "last.pt"), "--device", "cpu",
                           "--save-dir", str(tmp_path / "c")]) == 0
     # 3. An uninterrupted run for reference.
-    assert imagenet.main([*RUN, *data, "--save-dir", str(tmp_path / "a")]) == 0
+    assert command.main([*RUN, *data, "--save-dir", str(tmp_path / "a")]) == 0
     resumed, straight = _state(tmp_path / "c" / "tiny" / "last.pt"), _state(tmp_path / "a" / "tiny" / "last.pt")
 
     assert resumed["epoch"] == straight["epoch"] == 2
@@ -279,9 +281,9 @@ def test_command_checkpoints_and_resume_continues_like_an_uninterrupted_run(tiny
 def test_resume_refuses_changed_settings(interrupted, results_tmp):
     checkpoint = str(interrupted / "b" / "tiny" / "last.pt")
     with pytest.raises(SystemExit, match="--epochs 3"):
-        imagenet.main(["--resume", checkpoint, "--epochs", "3"])
+        command.main(["--resume", checkpoint, "--epochs", "3"])
     with pytest.raises(SystemExit, match="world-size"):
-        imagenet.main(["--resume", checkpoint, "--world-size", "1"])
+        command.main(["--resume", checkpoint, "--world-size", "1"])
 
 
 @pytest.mark.slow

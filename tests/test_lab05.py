@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from labkit import results
-from labkit.federated import METRICS
+from labkit.labs.federated import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 LAB = REPO / "labs" / "05_federated.ipynb"

@@ -1,6 +1,6 @@
-"""Lab 07 (bad parameters: ``tests/reliability/test_bad_parameters.py``): the quick course run (executed once for the whole suite by the ``course``
-fixture) writes the trials table, the quantization table and the latency plot to ``results/07_serve/``,
-its re-trained best model beats the majority class, int8 agrees with fp32, and the endpoint answered
+"""Lab 07 (bad parameters: ``tests/reliability/test_bad_parameters.py``): the quick course run (executed once for
+the whole suite by the ``course`` fixture) writes the trials table, the quantization table and the latency plot
+to ``results/07_serve/``, its re-trained best model beats the majority class, int8 agrees with fp32, and the endpoint answered
 bad requests with 4xx while serving on."""
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_quick_run_beats_majority_and_writes_its_tables(course):
 def test_endpoint_answered_bad_requests_with_4xx_and_kept_serving(course):
     text = _output_text(_executed(course))
     for what in ("not an image", "wrong size", "empty body", "not JSON", "huge body"):
-        line = next((l for l in text.splitlines() if l.startswith(what)), None)
+        line = next((row for row in text.splitlines() if row.startswith(what)), None)
         assert line is not None, f"no answer line for {what!r}"
         assert re.search(r"HTTP 4\d\d: \S", line), line
     assert re.search(r"a good one afterwards\s+HTTP 200", text)

@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import labsource
-from labkit.cli import main
+from labkit.course import labsource
+from labkit.course.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 LABS = REPO / "labs"
@@ -99,7 +99,7 @@ def test_no_lab_shows_its_code_only_through_getsource():
 
 
 def test_sync_writes_the_set_up_cell_and_badge_from_the_template_and_check_names_a_drift(labs_copy):
-    from labkit import colab
+    from labkit.course import colab
 
     text = labs_copy / "01_baseline.py"
     edited = text.read_text().replace("results_on_drive = False", "results_on_drive = False  # my edit", 1)
@@ -117,7 +117,7 @@ def test_sync_writes_the_set_up_cell_and_badge_from_the_template_and_check_names
 
 
 def test_sync_splits_an_older_labs_colab_cell_into_set_up_and_imports(tmp_path):
-    from labkit import colab
+    from labkit.course import colab
 
     labs = tmp_path / "labs"
     labs.mkdir()

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import lung_vit, lung_vit_command, params, tracking
+from labkit import params
 from labkit.data.synth_lung import write_lung_standin
+from labkit.labs.lung_vit import command, runner, tracking
 from labkit.params import ParameterError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,22 +30,22 @@ QUICK_MARGIN = 0.05   # balanced accuracy above max(chance 0.11, majority rate) 
                                         (dict(depth=0), ("'depth'",)), (dict(heads="8"), ("'heads'",)),
                                         (dict(mlp_dim=-1), ("'mlp_dim'",)), (dict(image_size=30), ("'image_size'",))])
 def test_bad_model_parameters_are_named(bad, names):
-    values = {**lung_vit.DEFAULTS, **bad}
+    values = {**runner.DEFAULTS, **bad}
     with pytest.raises(ParameterError) as err:
-        lung_vit.check_params(show=False, **values)
+        runner.check_params(show=False, **values)
     for name in names:
         assert name in str(err.value)
 
 
 def test_quick_mode_and_extra_rules():
-    cfg = lung_vit.check_params(show=False, **{**lung_vit.DEFAULTS, "quick": True})
+    cfg = runner.check_params(show=False, **{**runner.DEFAULTS, "quick": True})
     quick = params.QUICK["04_lung_vit"]
     assert (cfg.epochs, cfg.image_size, cfg.max_train, cfg.max_test) == (
         quick["epochs"], quick["image_size"], quick["max_train"], quick["max_test"])
     with pytest.raises(ParameterError, match="no rule"):
-        lung_vit.check_params(show=False, extra=1)
+        runner.check_params(show=False, extra=1)
     from labkit.params import Rule
-    assert lung_vit.check_params(rules={"extra": Rule(int)}, show=False, extra=1).extra == 1
+    assert runner.check_params(rules={"extra": Rule(int)}, show=False, extra=1).extra == 1
 
 
 @pytest.mark.parametrize("cpu_bf16, want", [(True, "bf16-mixed"), (False, "32-true")])
@@ -52,12 +53,12 @@ def test_precision_choice_on_cpu(monkeypatch, cpu_bf16, want):
     from labkit import env
 
     monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: cpu_bf16)
-    assert lung_vit.resolve_precision("auto", use_gpu=False) == want
-    assert lung_vit.use_channels_last(want, use_gpu=False) is cpu_bf16
-    assert lung_vit.resolve_precision("32", use_gpu=False) == "32-true"        # forcing fp32 is respected
-    assert lung_vit.resolve_precision("bf16-mixed", use_gpu=False) == "bf16-mixed"
+    assert runner.resolve_precision("auto", use_gpu=False) == want
+    assert runner.use_channels_last(want, use_gpu=False) is cpu_bf16
+    assert runner.resolve_precision("32", use_gpu=False) == "32-true"        # forcing fp32 is respected
+    assert runner.resolve_precision("bf16-mixed", use_gpu=False) == "bf16-mixed"
     with pytest.raises(ParameterError, match="16-mixed"):
-        lung_vit.resolve_precision("16-mixed", use_gpu=False)
+        runner.resolve_precision("16-mixed", use_gpu=False)
 
 
 @pytest.mark.parametrize("gpu_bf16, want", [(True, "bf16-mixed"), (False, "16-mixed")])
@@ -67,14 +68,14 @@ def test_precision_choice_on_gpus(monkeypatch, gpu_bf16, want):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(env, "cuda_has_native_bf16", lambda: gpu_bf16)
-    assert lung_vit.resolve_precision("auto", use_gpu=True) == want
-    assert lung_vit.use_channels_last(want, use_gpu=True)
+    assert runner.resolve_precision("auto", use_gpu=True) == want
+    assert runner.use_channels_last(want, use_gpu=True)
 
 
 def test_eval_shard_sampler_counts_each_image_once():
     from torch.utils.data import DistributedSampler
 
-    from labkit.lightning_module import EvalShardSampler
+    from labkit.labs.lung_vit.lightning_module import EvalShardSampler
 
     for n, world in ((181, 4), (10, 3), (2, 4), (180, 2)):
         shards = [list(EvalShardSampler(range(n), world, r)) for r in range(world)]
@@ -85,11 +86,11 @@ def test_eval_shard_sampler_counts_each_image_once():
 
 
 def test_command_line_arguments():
-    args = lung_vit_command.parse_args(["--workers", "1", "--no-track", "--data-dir", "/x", "--max-train", "9",
+    args = command.parse_args(["--workers", "1", "--no-track", "--data-dir", "/x", "--max-train", "9",
                                         "--fail-at-epoch", "2"])
     assert args["workers"] == 1 and args["track"] is False and args["data_dir"] == "/x" and args["max_train"] == 9
     assert args["fail_at_epoch"] == 2
-    default = lung_vit_command.parse_args([])
+    default = command.parse_args([])
     assert default["data_dir"] is None and default["fail_at_epoch"] is None  # $DATA_PATH, else data/lung; no crash
 
 
@@ -144,15 +145,15 @@ def _trainer(tmp_path, **kw):
 def test_lightning_module_and_mlflow_epoch_logger(results_tmp, tmp_path, monkeypatch, precision):
     """Single process: the command's LitViT trains (also in bf16 on the CPU, channels_last), logs per-class
     metrics, counts every validation image once in val_loss, and rank 0 logs every epoch to MLflow."""
-    from labkit.lightning_module import MlflowEpochLogger
+    from labkit.labs.lung_vit.lightning_module import MlflowEpochLogger
     from labkit.models.vit import ViT
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    lung_vit.quiet_lightning()
+    runner.quiet_lightning()
     x, y, loader = _tiny_data()
     bf16 = precision.startswith("bf16")
-    module = lung_vit_command.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, **SMALL), ["a", "b", "c"], lr=1e-3,
+    module = command.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, **SMALL), ["a", "b", "c"], lr=1e-3,
                              channels_last=bf16)
     before = [p.detach().clone() for p in module.parameters()]
     uri, run_id = tracking.create_run("04_lung_vit", "lightning")
@@ -182,7 +183,7 @@ def _notebook_class(name: str):
     """Execute the lab's cell that defines ``class <name>`` (labs/04_lung_vit.py) and return the class."""
     import torch.nn.functional as F
 
-    from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
+    from labkit.labs.lung_vit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
 
     text = (ROOT / "labs" / "04_lung_vit.py").read_text()
     start = text.index(f"class {name}(")
@@ -194,14 +195,14 @@ def _notebook_class(name: str):
 
 
 def test_notebook_module_and_command_module_train_alike(tmp_path):
-    """The notebook's LitViT (the lesson) and labkit's copy for `python -m labkit.lung_vit` end two epochs
+    """The notebook's LitViT (the lesson) and labkit's copy for `python -m labkit.labs.lung_vit` end two epochs
     from the same seed with the same weights, so the two cannot drift apart."""
     from labkit.models.vit import ViT
 
-    lung_vit.quiet_lightning()
+    runner.quiet_lightning()
     *_, loader = _tiny_data()
     weights = []
-    for cls in (_notebook_class("LitViT"), lung_vit_command.LitViT):
+    for cls in (_notebook_class("LitViT"), command.LitViT):
         torch.manual_seed(0)
         module = cls(ViT(num_classes=3, image_size=16, in_channels=1, **SMALL), ["a", "b", "c"], lr=1e-3,
                      weight_decay=0.05, warmup_epochs=1)
@@ -232,15 +233,15 @@ def test_resuming_from_an_epoch_end_checkpoint_continues_the_run(tmp_path):
     """What a restarted Ray worker does (`trainer.fit(ckpt_path=...)` with the latest checkpoint): the resumed
     run trains only the missing epochs, keeps the finished epochs' history (EpochHistory's state travels in the
     checkpoint) and ends with the weights and LR of an uninterrupted run."""
-    from labkit.lightning_module import EpochHistory
+    from labkit.labs.lung_vit.lightning_module import EpochHistory
     from labkit.models.vit import ViT
 
-    lung_vit.quiet_lightning()
+    runner.quiet_lightning()
     *_, loader = _tiny_data()
 
     def run(folder, crash_at=None, ckpt_path=None):
         torch.manual_seed(0)
-        module = lung_vit_command.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, dropout=0.0, **SMALL),
+        module = command.LitViT(ViT(num_classes=3, image_size=16, in_channels=1, dropout=0.0, **SMALL),
                                          ["a", "b", "c"], lr=3e-3, warmup_epochs=1)
         history = EpochHistory(4, 20, show=False, attempt=1 if ckpt_path is None else 2)
         trainer = _trainer(tmp_path, max_epochs=4, callbacks=[history, _SaveLikeRay(folder, crash_at)])
@@ -289,7 +290,7 @@ def test_ray_job_submit_keeps_the_three_best_checkpoints(small_lung, tmp_path):
     # token auth (Ray's default for new clusters): the CLI then sends ~/.ray/auth_token to the job server
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "labkit.lung_vit", "--workers", "2", "--epochs", "5", "--image-size", "16",
+    job = [sys.executable, "-m", "labkit.labs.lung_vit", "--workers", "2", "--epochs", "5", "--image-size", "16",
                "--depth", "1", "--heads", "2", "--dim", "32", "--mlp-dim", "64", "--lr", "0.03", "--batch-size", "16",
                "--no-track", "--data-dir", str(small_lung), "--results-dir", str(results_dir), "--no-progress"]
     submission = f"lab04-test-{os.getpid()}"
@@ -310,7 +311,7 @@ def test_ray_job_submit_keeps_the_three_best_checkpoints(small_lung, tmp_path):
         address = f"http://127.0.0.1:{dash}"
         job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--submission-id", submission,
                               "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "labs/ray_runtime_env.yaml"),
-                              "--", *command], env=env, capture_output=True, text=True, timeout=480, cwd=ROOT)
+                              "--", *job], env=env, capture_output=True, text=True, timeout=480, cwd=ROOT)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         status = subprocess.run([str(ray_bin), "job", "status", "--address", address, submission], env=env,
                                 capture_output=True, text=True, timeout=60)
@@ -336,9 +337,9 @@ def test_ray_job_submit_keeps_the_three_best_checkpoints(small_lung, tmp_path):
     # the test metrics in the record are those of the best checkpoint: score it again here
     from ray.train import Checkpoint
 
-    cfg = {**lung_vit.DEFAULTS, **rec["params"], "progress": False}
-    data = lung_vit.load_data(cfg)
-    _, test, _ = lung_vit.score_checkpoint(Checkpoint.from_directory(rec["final"]["best_checkpoint"]), cfg, data)
+    cfg = {**runner.DEFAULTS, **rec["params"], "progress": False}
+    data = runner.load_data(cfg)
+    _, test, _ = runner.score_checkpoint(Checkpoint.from_directory(rec["final"]["best_checkpoint"]), cfg, data)
     assert test["test_balanced_acc"] == pytest.approx(rec["final"]["balanced_acc"])
     assert test["test_loss"] == pytest.approx(rec["final"]["test_loss"], rel=1e-4)
 
@@ -348,7 +349,7 @@ def _notebook_train_func():
     pickles them by value, as it does from the notebook)."""
     import torch.nn.functional as F
 
-    from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
+    from labkit.labs.lung_vit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
 
     text = (ROOT / "labs" / "04_lung_vit.py").read_text()
     namespace = {"__name__": "lab04_notebook_cells", "torch": torch, "F": F, "tempfile": tempfile,
@@ -364,20 +365,20 @@ def test_a_crashed_worker_resumes_and_loses_no_epoch(small_lung, tmp_path, monke
     """The notebook's train_func under FailureConfig: one of 2 workers dies halfway through epoch 2; Ray restarts
     the group once, get_checkpoint() hands Lightning the checkpoint of epoch 1, and the record has every epoch
     (1 on the first attempt, 2-4 on the second), with the top-3 checkpoints (plus the latest) chosen over all of them."""
-    from labkit import ray_train
+    from labkit.distributed import worker
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lkr", dir="/tmp"))
-    cfg = lung_vit.check_params(show=False, **{
-        **lung_vit.DEFAULTS, "workers": 2, "epochs": 4, "image_size": 16, "depth": 1, "heads": 2, "dim": 32,
+    cfg = runner.check_params(show=False, **{
+        **runner.DEFAULTS, "workers": 2, "epochs": 4, "image_size": 16, "depth": 1, "heads": 2, "dim": 32,
         "mlp_dim": 64, "lr": 0.03, "batch_size": 16, "precision": "32", "track": False, "data_dir": str(small_lung),
         "fail_at_epoch": 2})
     cfg["progress"] = False
-    data = lung_vit.load_data(cfg)
-    run = lung_vit_command.train(cfg, data=data, results_dir=tmp_path / "results", run_name="crash",
+    data = runner.load_data(cfg)
+    run = command.train(cfg, data=data, results_dir=tmp_path / "results", run_name="crash",
                                  worker=_notebook_train_func())
-    rec = lung_vit.record(run, cfg, data)
-    assert (run.run_dir / ray_train.CRASH_MARKER).is_file() and rec.final["restarts"] == 1
+    rec = runner.record(run, cfg, data)
+    assert (run.run_dir / worker.CRASH_MARKER).is_file() and rec.final["restarts"] == 1
     assert [(row["epoch"], row["attempt"]) for row in rec.epochs] == [(1, 1), (2, 2), (3, 2), (4, 2)]
     epochs = {row["epoch"]: row["val_loss"] for row in rec.epochs}
     kept = {row["epoch"]: row["val_loss"] for row in rec.final["kept"]}
@@ -412,7 +413,7 @@ def _stop_processes(*marks: str) -> None:
 def test_quick_notebook_runs_and_tracks(course):
     """The lab in quick mode through papermill (the ``course`` fixture's run): record, plots and an MLflow
     run with the parameters, per-epoch metrics and the best checkpoint, all inside results/."""
-    from labkit.course import format_runs
+    from labkit.course.run import format_runs
 
     run = next(r for r in course["runs"] if r.lab == "04_lung_vit")
     assert run.ok, format_runs([run])

@@ -1,8 +1,8 @@
 """Plots are written as real PNG files, atomically, and the tables hold the right numbers."""
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 

@@ -1,11 +1,12 @@
-"""labkit.recipe: MixUp/CutMix label mixing, EMA with warm-up, progressive resizing, augmentation (channels_last too)."""
+"""labkit.labs.ablations.recipe: MixUp/CutMix label mixing, EMA with warm-up, progressive resizing, augmentation
+(channels_last too)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from labkit import recipe
+from labkit.labs.ablations import recipe
 from labkit.train import scale_lr
 
 

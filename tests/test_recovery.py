@@ -1,4 +1,4 @@
-"""labkit.recovery without Ray: the run folders a resume may continue, the story of a run's attempts, the
+"""labkit.distributed.recovery without Ray: the run folders a resume may continue, the story of a run's attempts, the
 messages when a node leaves or the cell is interrupted. (The real thing — a two-node cluster that loses a node,
 an interrupted notebook re-run with fewer workers — is tests/reliability/test_two_node_cluster.py.)"""
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit import recovery
-from labkit.local_ray import is_loopback
+from labkit.distributed import recovery
+from labkit.distributed.local_ray import is_loopback
 from labkit.params import ParameterError
 
 

@@ -8,9 +8,9 @@ import nbformat
 import pytest
 from nbval.plugin import get_sanitize_patterns
 
-from labkit import cli
-from labkit.course import run_lab
-from labkit.regrade import SANITIZE_FILE, format_reports, notebook_cells, regrade, sanitize, short_diff
+from labkit.course import cli
+from labkit.course.regrade import SANITIZE_FILE, format_reports, notebook_cells, regrade, sanitize, short_diff
+from labkit.course.run import run_lab
 
 PATTERNS = get_sanitize_patterns(SANITIZE_FILE.read_text())
 
@@ -85,11 +85,11 @@ def _tiny_notebook(path: Path) -> Path:
     nb.cells = [
         nbformat.v4.new_markdown_cell("# A tiny lab"),
         code("quick = False\nepochs = 3\nseed = 0", metadata={"tags": ["parameters"]}),
-        code('import random, time\nimport labkit.params\ncfg = labkit.params.check("tiny", epochs=epochs, seed=seed, quick=quick)',
+        code('import random, time\nimport labkit.params\ncfg = labkit.params.check("tiny", epochs=epochs, seed=seed, quick=quick)',  # noqa: E501
              metadata={"tags": ["nbval-check-output"]}),
         code("t0 = time.perf_counter()\nprint(f'trained {cfg.epochs} epochs in {time.perf_counter() - t0 + 3:.4f}s')"),
         code("random.seed(cfg.seed)\nacc = sum(random.random() for _ in range(50)) / 50\n"
-             "print(f'test_acc {acc:.2f}')\nprint(f'{time.perf_counter() - t0 + 1:.2f}s, {1234.5 / (time.perf_counter() - t0 + 1):.1f} img/s')",
+             "print(f'test_acc {acc:.2f}')\nprint(f'{time.perf_counter() - t0 + 1:.2f}s, {1234.5 / (time.perf_counter() - t0 + 1):.1f} img/s')",  # noqa: E501
              metadata={"tags": ["nbval-check-output"]}),
     ]
     nbformat.write(nb, path)
@@ -153,7 +153,7 @@ def test_regrade_reports_missing_and_broken_files(tmp_path):
 
 
 def test_compare_within_tolerance_number_by_number():
-    from labkit.nbval_tolerance import compare_within
+    from labkit.course.nbval_tolerance import compare_within
 
     assert compare_within("acc 0.63\nbalanced_acc 0.41\n", "acc 0.66\nbalanced_acc 0.38\n", 0.05) is None
     assert "differs by 0.07 > tolerance 0.05" in compare_within("acc 0.63", "acc 0.70", 0.05)
@@ -174,7 +174,7 @@ def test_regrade_compares_trained_results_within_the_tolerance(tmp_path, capsys)
     run = run_lab(tmp_path / "tiny.ipynb", executed, {"quick": True})
     assert run.ok, run.failure
     metric_cell, echo_cell = 5, 3
-    acc = float(re.search(r"test_acc (\d\.\d\d)", nbformat.read(executed, as_version=4).cells[metric_cell].outputs[0]["text"]).group(1))
+    acc = float(re.search(r"test_acc (\d\.\d\d)", nbformat.read(executed, as_version=4).cells[metric_cell].outputs[0]["text"]).group(1))  # noqa: E501
     inside = _edit_output(executed, tmp_path / "inside.ipynb", metric_cell, r"test_acc \d\.\d\d", f"test_acc {acc + 0.04:.2f}")
     outside = _edit_output(executed, tmp_path / "outside.ipynb", metric_cell, r"test_acc \d\.\d\d", f"test_acc {acc + 0.09:.2f}")
     echo = _edit_output(executed, tmp_path / "echo.ipynb", echo_cell, r"epochs(\s+)2", r"epochs\g<1>4")

@@ -1,23 +1,22 @@
-"""A Ray Serve endpoint built like Lab 07's (labkit.serving for decoding and validation, @serve.batch),
+"""A Ray Serve endpoint built like Lab 07's (labkit.labs.tune_serve.serving for decoding and validation, @serve.batch),
 on 127.0.0.1 with a tiny model: a real test image gets the model's own answer as JSON; bad requests get a
-4xx with a message and the endpoint keeps serving; it shuts down cleanly. Plus labkit.serving's pure parts."""
+4xx with a message and the endpoint keeps serving; it shuts down cleanly. Plus labkit.labs.tune_serve.serving's pure parts."""
 from __future__ import annotations
-
-import sys
 
 import asyncio
 import json
+import sys
 import urllib.request
 
 import numpy as np
 import pytest
-from ray import cloudpickle
 import torch
+from ray import cloudpickle
 
-from labkit import serving
 from labkit.data import batch_transform
 from labkit.data.alzheimer import load_alzheimer
 from labkit.exercises.lab07 import reference_top_k
+from labkit.labs.tune_serve import serving
 from labkit.models.cnn import AlzheimerCNN
 
 SIZE = 32

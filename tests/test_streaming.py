@@ -1,4 +1,4 @@
-"""labkit.streaming (Lab 06): files → rows, the decode + augment batch function with a corrupt file in the
+"""labkit.labs.streaming (Lab 06): files → rows, the decode + augment batch function with a corrupt file in the
 stream, once-per-epoch shard coverage under Ray Data, inference output schema and the size estimate."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from labkit import streaming
 from labkit.data.alzheimer import CLASSES
 from labkit.data.cache import UnreadableImageError
+from labkit.labs import streaming
 
 #: The estimate must land within this share of the bytes Parquet writes (the issue's acceptance bound).
 SIZE_TOLERANCE = 0.10

@@ -10,9 +10,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from labkit import cli
-from labkit.course import CurrentEnvKernelManager
-from labkit.student import STUB, SolutionMarkerError, strip_solutions, write_student_versions
+from labkit.course import cli
+from labkit.course.run import CurrentEnvKernelManager
+from labkit.course.student import STUB, SolutionMarkerError, strip_solutions, write_student_versions
 
 # Each exercise: (solution cell, check cell). The solution lines are unique strings we look for.
 EXERCISES = [
@@ -42,7 +42,7 @@ SOLUTION_LINES = ['return {"none": lr', "padded += padded", "inverse = [1.0 / c"
 def _lab(path: Path) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cells = [nbformat.v4.new_markdown_cell("# Exercises"), nbformat.v4.new_code_cell("from labkit.exercises import lab01, lab02, lab05")]
+    cells = [nbformat.v4.new_markdown_cell("# Exercises"), nbformat.v4.new_code_cell("from labkit.exercises import lab01, lab02, lab05")]  # noqa: E501
     for solution, check in EXERCISES:
         cells.append(nbformat.v4.new_code_cell(solution))
         cells.append(nbformat.v4.new_code_cell(check, metadata={"tags": ["nbval-check-output"]}))
@@ -162,13 +162,13 @@ def test_student_copy_runs_up_to_the_first_exercise_check_and_stops_there(lab, t
 
 def test_committed_student_copies_are_up_to_date():
     """student/ is committed: it must be what `make student` writes from labs/ now."""
-    from labkit.student import stale_copies
+    from labkit.course.student import stale_copies
 
     assert stale_copies(REPO / "labs", REPO / "student") == []
 
 
 def test_a_stale_student_copy_is_named_with_what_to_do(tmp_path):
-    from labkit.student import stale_copies
+    from labkit.course.student import stale_copies
 
     labs = tmp_path / "labs"
     labs.mkdir()
@@ -186,7 +186,7 @@ def test_a_stale_student_copy_is_named_with_what_to_do(tmp_path):
 
 
 def test_student_badges_open_the_student_copy(tmp_path):
-    from labkit import colab
+    from labkit.course import colab
 
     labs = tmp_path / "labs"
     labs.mkdir()

@@ -5,9 +5,10 @@ import re
 
 import pytest
 
-from labkit import cli, results
+from labkit import results
+from labkit.course import cli
+from labkit.course.summary import final_metric, seconds_per_epoch, summary_frame, write_summary
 from labkit.results import RunRecord
-from labkit.summary import final_metric, seconds_per_epoch, summary_frame, write_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +49,7 @@ def test_summary_table_and_plot(tmp_path, capsys):
     assert "This folder holds" in readme and "labkit summary" in readme and "summary.png" in readme
     rows = [line for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| lab ")]
     assert len(rows) == 3
-    assert re.search(r"\| 01_baseline \| cpu \(2 cores\) \| 1 \| quick \| 3\.0s \| 0\.812 \(test_acc\) \| 0\.600 \| 0\.550 \| 0\.500 \| yes \| 2025-11-23 09:30 UTC \|", readme)
+    assert re.search(r"\| 01_baseline \| cpu \(2 cores\) \| 1 \| quick \| 3\.0s \| 0\.812 \(test_acc\) \| 0\.600 \| 0\.550 \| 0\.500 \| yes \| 2025-11-23 09:30 UTC \|", readme)  # noqa: E501
     assert re.search(r"\| 02_ray \| NVIDIA H100 \| 2 \| full \| 2m 00s \| 0\.625 \(val_acc\) \| — \| — \| — \| no \|", readme)
     assert re.search(r"\| 04_lung_vit \| .* \| — \| — \|", readme)
     assert "synthetic data = yes" in readme and "metrics.json" in readme

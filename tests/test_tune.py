@@ -8,9 +8,8 @@ of the trainable appends the step it starts from to a file named after its confi
 """
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 import tempfile
 from pathlib import Path
 

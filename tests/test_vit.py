@@ -112,7 +112,7 @@ def test_sequence_stats():
 def test_no_weight_decay_by_parameter_kind():
     """Biases, normalisation weights, the position embedding and the [CLS] token get no weight decay;
     chosen by kind, so `to_tokens.weight` (an ordinary weight whose name holds "token") decays."""
-    from labkit.lightning_module import decay_groups, no_decay_names
+    from labkit.labs.lung_vit.lightning_module import decay_groups, no_decay_names
 
     model = ViT(num_classes=4, image_size=16, dim=32, depth=1, heads=4, mlp_dim=64, stem_channels=16)
     assert no_decay_names(model) == sorted([

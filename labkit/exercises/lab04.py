@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.exercises import call_student, ok
+from labkit.models.vit import Block
 
 
 # --------------------------------------------------------------------------- 1. tokens and attention cost
@@ -87,8 +88,6 @@ def check_prenorm_block(fn: Callable[[torch.Tensor, nn.Module], torch.Tensor]) -
     """Check ``fn(x, block) -> y``: the pre-LayerNorm residual block written with the parts of a
     block (``norm1``, ``attn``, ``norm2``, ``mlp``), against the same block recomputed from its
     weights with ``torch.nn.functional``."""
-    from labkit.models.vit import Block
-
     torch.manual_seed(0)
     block = Block(dim=16, heads=4, mlp_dim=32).eval()
     with torch.no_grad():   # non-trivial norms: a missing or swapped LayerNorm changes the answer

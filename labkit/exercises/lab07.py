@@ -58,7 +58,8 @@ def check_top_k(fn: Callable[[Any, Sequence[str], int], dict]) -> None:
             raise AssertionError(f'for {what}: "top_k" should list {len(want["top_k"])} entries{hint}; got {n}.')
         names = [e.get("class") if isinstance(e, dict) else None for e in entries]
         if names != [e["class"] for e in want["top_k"]]:
-            ascending = names == [e["class"] for e in reference_top_k([-float(p) for p in np.asarray(probs)], classes, k)["top_k"]]
+            lowest = reference_top_k([-float(p) for p in np.asarray(probs)], classes, k)["top_k"]
+            ascending = names == [e["class"] for e in lowest]
             hint = "most likely first: sort in descending order" if ascending else (
                 "sort by probability, highest first; on a tie keep the lower class index first "
                 "(a stable sort of the indices)")

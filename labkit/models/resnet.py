@@ -31,6 +31,8 @@ from torch import nn
 from torchvision.models.resnet import conv1x1, conv3x3
 from torchvision.ops import StochasticDepth
 
+from labkit.models.summary import count_parameters
+
 VARIANTS = ("basic", "preact", "convhead")
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
 
@@ -217,7 +219,6 @@ class ResNet(nn.Module):
 
     def describe(self) -> dict:
         """The constructor settings plus the parameter count, for the run record."""
-        from labkit.models.summary import count_parameters
         return {"name": f"resnet{self.settings['depth']}", **self.settings,
                 "parameters": count_parameters(self)}
 

@@ -164,7 +164,7 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that are embeddings, not weights of a layer: AdamW leaves them undecayed (timm's
-        convention; see ``labkit.lightning_module.no_decay_names``)."""
+        convention; see ``labkit.labs.lung_vit.lightning_module.no_decay_names``)."""
         return {"pos_embed", "cls_token"}
 
     def position_embedding(self, h: int, w: int) -> torch.Tensor:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from labkit import local_ray
-from labkit.ddp import free_port
+from labkit.distributed import local_ray
+from labkit.distributed.ddp import free_port
 
 START = Path(__file__).with_name("loopback_ray_start.py")
 MARK, NODE = "LABKIT_TEST_CLUSTER", "LABKIT_TEST_NODE"
@@ -73,7 +73,7 @@ class LoopbackCluster:
         for proc in psutil.process_iter():
             try:
                 env = proc.environ()
-                if env.get(MARK) == self.tag and (name is None or env.get(NODE) == name) and proc.status() != psutil.STATUS_ZOMBIE:
+                if env.get(MARK) == self.tag and (name is None or env.get(NODE) == name) and proc.status() != psutil.STATUS_ZOMBIE:  # noqa: E501
                     found.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue

@@ -7,9 +7,9 @@ import stat
 import zipfile
 from pathlib import Path
 
+import badfiles
 import pytest
 
-import badfiles
 from labkit.data import images
 from labkit.data.images import UnsafeArchiveError, extract_zip_once
 

@@ -9,11 +9,11 @@ import signal
 import warnings
 from pathlib import Path
 
+import badfiles
 import numpy as np
 import pytest
-
-import badfiles
 from badfiles import LAYOUTS, count, decoded
+
 from labkit.data import cache
 from labkit.data.cache import UnreadableImageError
 

@@ -48,7 +48,7 @@ def test_the_hostile_file_really_runs_code_without_weights_only(hostile, tmp_pat
 
 
 def test_lightning_load_weights_refuses_code(hostile, tmp_path):
-    from labkit.lightning_module import load_weights
+    from labkit.labs.lung_vit.lightning_module import load_weights
 
     write, marker = hostile
     path = write(tmp_path / "ray" / "checkpoint.ckpt")
@@ -60,7 +60,7 @@ def test_lightning_load_weights_refuses_code(hostile, tmp_path):
 
 def test_lightning_load_weights_still_loads_a_lightning_checkpoint(tmp_path):
     """What Lightning 2.6 writes (checked on a real Trainer checkpoint: no global outside torch's allowlist)."""
-    from labkit.lightning_module import load_weights
+    from labkit.labs.lung_vit.lightning_module import load_weights
 
     module = nn.Linear(3, 2)
     ckpt = {"epoch": 2, "global_step": 10, "pytorch-lightning_version": "2.6.6", "state_dict": module.state_dict(),
@@ -76,18 +76,18 @@ def test_lightning_load_weights_still_loads_a_lightning_checkpoint(tmp_path):
 
 
 def test_ray_train_restore_refuses_code(hostile, tmp_path):
-    from labkit import ray_train
+    from labkit.distributed import worker
 
     write, marker = hostile
-    path = write(tmp_path / "ckpt" / ray_train.CHECKPOINT_FILE,
+    path = write(tmp_path / "ckpt" / worker.CHECKPOINT_FILE,
                  lambda evil: {"model": {}, "optimizer": {}, "epoch": 1, "history": [evil]})
     with pytest.raises(ValueError, match=re.escape(str(path))) as err:
-        ray_train.restore(tmp_path / "ckpt", nn.Linear(2, 1))
+        worker.restore(tmp_path / "ckpt", nn.Linear(2, 1))
     assert "could run code" in str(err.value) and not marker.exists()
 
 
 def test_ddp_load_checkpoint_refuses_code(hostile, tmp_path):
-    from labkit import ddp
+    from labkit.distributed import ddp
 
     write, marker = hostile
     path = write(tmp_path / "last.pt")
@@ -98,6 +98,7 @@ def test_ddp_load_checkpoint_refuses_code(hostile, tmp_path):
 
 def test_a_poisoned_image_cache_is_ignored_and_rebuilt(hostile, tmp_path):
     import badfiles
+
     from labkit.data import cache
 
     write, marker = hostile

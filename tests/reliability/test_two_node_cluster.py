@@ -28,7 +28,8 @@ from loopback_cluster import LoopbackCluster
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from labkit import recovery, results
+from labkit import results
+from labkit.distributed import recovery
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

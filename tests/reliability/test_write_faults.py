@@ -12,10 +12,10 @@ import time
 import warnings
 from pathlib import Path
 
+import badfiles
 import pytest
 import torch
 
-import badfiles
 from labkit import files, results
 from labkit.data import cache
 

@@ -41,9 +41,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX",
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from labkit import local_ray, ray_train, recovery  # noqa: E402
+from labkit.data.alzheimer import load_alzheimer
+from labkit.distributed import local_ray, recovery, worker  # noqa: E402
 from labkit.env import resolve_path  # noqa: E402
-from labkit.params import ParameterError  # noqa: E402
+from labkit.errors import ParameterError  # noqa: E402
+from labkit.params import Rule  # noqa: E402
 from labkit.results import lab_dir  # noqa: E402
 
 LAB = "02_ray"
@@ -63,6 +65,19 @@ def _pickle_torch_classes_by_reference() -> None:
 
 _pickle_torch_classes_by_reference()
 DEFAULT_PORTS = {"ray": 10001, "gcs": 6379}  # Ray Client (ray://host) and the cluster's GCS (host)
+
+
+#: Rules of the parameters the distributed labs share (Ray workers, DDP ranks, a cluster address, resume),
+#: passed to :func:`labkit.params.check` as ``rules=``.
+RULES: dict[str, Rule] = {
+    "workers": Rule(int, 1, 4096, help="Ray Train workers (processes), one model replica each"),
+    "world_size": Rule(int, 1, 4096, help="DDP processes, one model replica each"),
+    "lr_scaling": Rule(str, choices=("none", "linear", "sqrt"),
+                       help="how the learning rate grows with the number of workers"),
+    "address": Rule(str, optional=True, help="a running Ray cluster ('ray://host:10001' or 'host:6379')"),
+    "fail_at_epoch": Rule(int, 1, 10_000, optional=True, help="kill one worker once at this epoch"),
+    "resume": Rule(str, optional=True, help="'last' (the newest unfinished run) or a run folder name: continue it"),
+}
 
 
 # --------------------------------------------------------------------------- sizing the run
@@ -200,11 +215,35 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
             "to start a local cluster on this machine.") from None
 
 
+
+def check_cluster(cfg: dict) -> ScalingPlan | None:
+    """What only the machine can tell, checked in a lab's parameter cell before anything starts.
+
+    With a Ray ``address`` (or ``$RAY_ADDRESS``): that a cluster answers there (a 5-second probe instead of
+    Ray's minutes of retries); returns ``None`` (the plan is made once connected). Without one: that
+    ``workers`` fit this machine; returns the :class:`ScalingPlan` for it (``None`` when the lab has no
+    ``workers``). Raises :class:`ParameterError` naming ``address`` or ``workers``.
+    """
+    lab = cfg.get("lab", "this lab")
+    address = resolve_address(cfg.get("address"))
+    try:
+        if address is not None:
+            check_address(address)
+            return None
+        if "workers" in cfg:
+            return plan_scaling(cfg["workers"], cfg.get("device", "auto"), **machine_resources())
+        return None
+    except (ConnectionError, ParameterError) as exc:
+        name, value = ("address", cfg.get("address") or address) if address is not None else ("workers", cfg["workers"])
+        raise ParameterError(f"{lab}: parameter {name!r} = {value!r}: {exc}") from None
+
 #: Level of Ray Train's own console logs in the labs. ERROR, not WARNING: on a busy 2-core machine
 #: Train V2's controller logs a harmless "Failed to send resource request … safe to ignore" warning
 #: with a full traceback into the notebook. Real failures still raise in the driver, and every
 #: level still goes to Ray's log files (``/tmp/ray/session_latest/logs/train``).
 TRAIN_LOG_LEVEL = "ERROR"
+
+
 def ray_daemon_pids(under: str | os.PathLike | None = None) -> set[int]:
     """PIDs of Ray's cluster daemons (``raylet``, ``gcs_server``) on this machine; with ``under``,
     only those of clusters whose files live there (``$RAY_TMPDIR``). After :func:`ray_cluster`
@@ -330,11 +369,11 @@ class RayRun:
         history = list(result.return_value or [])
         recovery.mark_finished(run_dir, history[-1]["epoch"] if history else 0)
         return cls(history=history, plan=plan, run_dir=Path(run_dir), fit_seconds=fit_seconds,
-                   cluster=dict(cluster or {}), result=result, restarts=max(ray_train.count_attempts(run_dir) - 1, 0))
+                   cluster=dict(cluster or {}), result=result, restarts=max(worker.count_attempts(run_dir) - 1, 0))
 
     def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load the final weights (from :attr:`checkpoint`) into ``model`` and return it."""
-        ray_train.restore(self.checkpoint, model)
+        worker.restore(self.checkpoint, model)
         return model
 
     def summary(self) -> dict:
@@ -362,8 +401,6 @@ def new_run_dir(storage: str | os.PathLike | None = None, lab: str = LAB) -> Pat
 def prepare_data(cfg: dict):
     """Load (and, the first time, write and cache) the dataset on the driver, before any worker
     starts, so that the workers only read the cache instead of racing to write it."""
-    from labkit.data.alzheimer import load_alzheimer
-
     return load_alzheimer(data=cfg.get("data") or "auto", data_dir=cfg.get("data_dir", "data/alzheimer"),
                           image_size=cfg["image_size"], max_train=cfg.get("max_train"),
                           max_test=cfg.get("max_test"), seed=cfg.get("seed", 0), progress=False)

@@ -16,7 +16,7 @@ file. The tracking URI itself is never stored either (it may hold credentials); 
 :func:`describe_uri` instead.
 
 A run is created by the driver (:func:`create_run`); inside distributed training only rank 0
-logs into it (see ``labkit.lightning_module.MlflowEpochLogger``); the driver adds the test
+logs into it (see ``labkit.labs.lung_vit.lightning_module.MlflowEpochLogger``); the driver adds the test
 metrics and the best checkpoint at the end.
 """
 from __future__ import annotations

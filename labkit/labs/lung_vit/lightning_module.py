@@ -201,7 +201,7 @@ class MlflowEpochLogger(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
-        from labkit import tracking
+        from labkit.labs.lung_vit import tracking
 
         if self.params:
             tracking.log_params(self.uri, self.run_id, self.params)
@@ -212,7 +212,7 @@ class MlflowEpochLogger(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or trainer.sanity_checking:
             return
-        from labkit import tracking
+        from labkit.labs.lung_vit import tracking
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         tracking.log_metrics(self.uri, self.run_id, metrics, step=trainer.current_epoch + 1)
@@ -259,18 +259,18 @@ class EpochHistory(pl.Callback):
 
 class CrashAtEpoch(pl.Callback):
     """The fault-tolerance demo: the last rank kills its process halfway through epoch ``fail_at_epoch``
-    (counted from 1), once per run — :func:`labkit.ray_train.should_crash` and ``crash``, as in Lab 02."""
+    (counted from 1), once per run — :func:`labkit.distributed.worker.should_crash` and ``crash``, as in Lab 02."""
 
     def __init__(self, fail_at_epoch: int | None, run_dir: str | os.PathLike) -> None:
         self.fail_at_epoch, self.run_dir = fail_at_epoch, run_dir
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        from labkit import ray_train
+        from labkit.distributed import worker
 
         epoch = trainer.current_epoch + 1
-        if batch_idx == int(trainer.num_training_batches) // 2 and ray_train.should_crash(
+        if batch_idx == int(trainer.num_training_batches) // 2 and worker.should_crash(
                 self.fail_at_epoch, epoch, trainer.global_rank, trainer.world_size, self.run_dir):
-            ray_train.crash(epoch, trainer.global_rank, self.run_dir)
+            worker.crash(epoch, trainer.global_rank, self.run_dir)
 
 
 def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
@@ -278,14 +278,14 @@ def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
     return value), with ``fail_at_epoch`` the one-time crash, with tracking the MLflow logger. Rank 0
     counts the starts of the worker group in ``run_dir`` (Lab 02's ``attempts.log``). Add
     ``RayTrainReportCallback()`` after them."""
-    from labkit import ray_train
+    from labkit.distributed import worker
 
     run_dir = config.get("run_dir")
-    attempt = ray_train.record_attempt(run_dir) if run_dir and rank == 0 else 1
+    attempt = worker.record_attempt(run_dir) if run_dir and rank == 0 else 1
     history = EpochHistory(config["epochs"], n_train, show=rank == 0 and config.get("progress", True),
                            attempt=attempt)
     if attempt > 1 and history.show:
-        ray_train.say(f"attempt {attempt}: the workers restarted; Lightning resumes from the latest checkpoint")
+        worker.say(f"attempt {attempt}: the workers restarted; Lightning resumes from the latest checkpoint")
     callbacks = [history]
     if config.get("fail_at_epoch") and run_dir:
         callbacks.append(CrashAtEpoch(config["fail_at_epoch"], run_dir))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from labkit.data import alzheimer, imagenet, lung
 from labkit.data.augment import BatchAugment
 from labkit.data.cache import UnreadableImageError, decode_image, notice_box
 from labkit.data.images import scan_class_folders, stratified_subset
@@ -82,11 +83,9 @@ class FileListing:
 
 
 def _alzheimer(data: str, root: Path, progress: bool) -> tuple[Path, Path, bool, dict[str, str]]:
-    from labkit.data.alzheimer import locate_alzheimer, synthetic_notice
-
-    _, root, split_root, synthetic = locate_alzheimer(data, root, progress)
+    _, root, split_root, synthetic = alzheimer.locate_alzheimer(data, root, progress)
     if synthetic and progress:
-        print(synthetic_notice(root))
+        print(alzheimer.synthetic_notice(root))
     return root, split_root, synthetic, {"train": "train", "val": "test"}
 
 
@@ -104,27 +103,22 @@ def list_image_files(layout: str = "alzheimer", data: str = "auto", data_dir: st
         raise ValueError(f"data layout {layout!r}: use one of {sorted(LAYOUTS)}.")
     root = resolve_path(data_dir or LAYOUTS[layout])
     if layout == "alzheimer":
-        from labkit.data.alzheimer import CLASSES
-
         root, split_root, synthetic, names = _alzheimer(data, root, progress)
-        classes, mode = sorted(CLASSES), "L"
+        classes, mode = sorted(alzheimer.CLASSES), "L"
         listed = {s: scan_class_folders(root, split_root / folder, classes) for s, folder in names.items()}
     elif layout == "lung":
-        from labkit.data.lung import CLASSES, NOTICE_LINES, find_lung
-
-        root, synthetic = find_lung(data, root, seed=seed, progress=progress)
+        root, synthetic = lung.find_lung(data, root, seed=seed, progress=progress)
         if synthetic and progress:
-            print(notice_box([line.format(root=root) for line in NOTICE_LINES]))
-        classes, mode = list(CLASSES), "L"
+            print(notice_box([line.format(root=root) for line in lung.NOTICE_LINES]))
+        classes, mode = list(lung.CLASSES), "L"
         listed = {s: scan_class_folders(root, root / s, classes) for s in ("train", "val")}
     else:
-        from labkit.data.imagenet import find_or_write_imagenet, list_ilsvrc, list_plain, list_tiny_imagenet, standin_notice
-
-        found, folder, synthetic = find_or_write_imagenet(data, root, "auto", 10, progress)
-        listing = {"ilsvrc": lambda: list_ilsvrc(folder, root), "tiny-imagenet": lambda: list_tiny_imagenet(folder),
-                   "plain": lambda: list_plain(folder)}[found]()
+        found, folder, synthetic = imagenet.find_or_write_imagenet(data, root, "auto", 10, progress)
+        listing = {"ilsvrc": lambda: imagenet.list_ilsvrc(folder, root),
+                   "tiny-imagenet": lambda: imagenet.list_tiny_imagenet(folder),
+                   "plain": lambda: imagenet.list_plain(folder)}[found]()
         if synthetic and progress:
-            print(standin_notice(folder, len(listing.keys)))
+            print(imagenet.standin_notice(folder, len(listing.keys)))
         root, classes, mode = folder, list(listing.names), "RGB"
         listed = {s: (listing.files[s], listing.labels[s]) for s in ("train", "val")}
     splits = {}

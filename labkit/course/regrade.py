@@ -4,9 +4,9 @@ Students submit executed notebooks. :func:`regrade` re-runs each one in a fresh 
 current environment (``pytest --nbval-lax --nbval-current-env``) and compares the outputs of the
 cells tagged ``nbval-check-output`` (configuration echo, class counts, parameter counts, exercise
 checks, rounded final metrics) with what the submission shows, after the substitutions in
-``labkit/nbval_sanitize.cfg`` (timings, dates, run ids, addresses, paths, progress bars).
+``labkit/course/nbval_sanitize.cfg`` (timings, dates, run ids, addresses, paths, progress bars).
 What is the same on every machine is compared exactly; cells tagged ``labkit-result`` (each lab's
-trained headline metrics) number by number within a tolerance (:mod:`labkit.nbval_tolerance`,
+trained headline metrics) number by number within a tolerance (:mod:`labkit.course.nbval_tolerance`,
 default 0.05), because a notebook trained on a GPU in mixed precision does not end with exactly
 the CPU's numbers. A result typed in by hand that moved further still fails; a different training
 time does not. The report says where each notebook was executed and where it was re-run.
@@ -30,8 +30,8 @@ from typing import Sequence
 
 import nbformat
 
-from labkit.env import describe_machine, machine, pick_device, project_root
-from labkit.nbval_tolerance import DEFAULT_TOLERANCE, ENV_MIME, RESULT_TAG
+from labkit.course.nbval_tolerance import DEFAULT_TOLERANCE, RESULT_TAG
+from labkit.env import ENV_MIME, describe_machine, machine, pick_device, project_root
 from labkit.results import results_root
 
 #: The sanitize file shipped with labkit (nbval's ``--nbval-sanitize-with``).
@@ -228,7 +228,7 @@ def regrade_notebook(path: str | os.PathLike, *, lax: bool = True, quick: bool =
         junit = tmp / "report.xml"
         scratch = _scratch_results(tmp / "results")
         cmd = [sys.executable, "-m", "pytest", "--nbval-lax" if lax else "--nbval", "--nbval-current-env",
-               "--nbval-sanitize-with", str(SANITIZE_FILE), "-p", "no:cacheprovider", "-p", "labkit.nbval_tolerance",
+               "--nbval-sanitize-with", str(SANITIZE_FILE), "-p", "no:cacheprovider", "-p", "labkit.course.nbval_tolerance",
                "--noconftest",
                "-c", str(tmp / "pytest.ini"), "--rootdir", str(tmp), "--color=no", "-vv",
                "--junitxml", str(junit), str(path)]

@@ -105,7 +105,7 @@ def problems(nb: nbformat.NotebookNode, notebook: str, folder: str = "labs") -> 
     if index is None:
         found.append(f"no set-up cell (a code cell starting with {MARKER!r})")
     elif nb.cells[index].source.strip("\n") != SETUP_CELL.strip("\n"):
-        found.append("its set-up cell differs from labkit/colab.py's SETUP_CELL")
+        found.append("its set-up cell differs from labkit/course/colab.py's SETUP_CELL")
     wanted = badge(notebook, folder)
     badges = [m.group(0) for c in nb.cells if c.cell_type == "markdown" for m in _BADGE_RE.finditer(c.source)]
     if not badges:

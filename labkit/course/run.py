@@ -169,7 +169,8 @@ def find_labs(names: Sequence[str] | None = None, labs_dir: str | os.PathLike = 
     labs = available_labs(labs_dir)
     if not names:
         if not labs:
-            raise FileNotFoundError(f"no lab notebooks (*.ipynb) in {resolve_path(labs_dir)}; pass --labs-dir or a notebook path.")
+            raise FileNotFoundError(f"no lab notebooks (*.ipynb) in {resolve_path(labs_dir)}; "
+                                    "pass --labs-dir or a notebook path.")
         return labs
     found: list[Path] = []
     for name in names:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from labkit.ddp import free_port  # noqa: F401  (re-exported: the port the Serve endpoint binds on 127.0.0.1)
+from labkit.distributed.local_ray import free_port  # noqa: F401  (re-exported: the port the Serve endpoint binds on 127.0.0.1)
 
 #: Largest request body the endpoint accepts (bytes): a 128 px grayscale PNG is a few kB, a batch of
 #: 64 of them well under 1 MB. Bodies over the limit get HTTP 413.

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     regrade = sub.add_parser("regrade", formatter_class=fmt, help="re-execute notebooks with nbval and compare outputs",
                              description=_wrap("Re-execute each submitted notebook in a fresh kernel of this environment "
                                                "with nbval (pytest --nbval-lax) and compare the outputs of the cells tagged "
-                                               "nbval-check-output with the submitted ones, after labkit/nbval_sanitize.cfg "
+                                               "nbval-check-output with the submitted ones, after "
+                                               "labkit/course/nbval_sanitize.cfg "
                                                "has replaced timings, dates, run ids, addresses, paths and progress bars. "
                                                "Prints a table (notebook, cells, checked, passed, failed) and, for each "
                                                "failure, the cell and a short diff. Exit status 1 when any notebook fails. "
@@ -109,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     summary = sub.add_parser("summary", formatter_class=fmt, help="write results/SUMMARY.md and results/summary.png",
                              description=_wrap("Read every run record under the results folder and write SUMMARY.md (what the "
                                                "folder holds and one table: lab, device, workers, mode, time/epoch, final "
-                                               "metric, balanced accuracy, macro-F1, majority rate, synthetic data, date) and summary.png (time per epoch and final "
-                                               "metric per lab)."))
+                                               "metric, balanced accuracy, macro-F1, majority rate, synthetic data, date) and "
+                                               "summary.png (time per epoch and final metric per lab)."))
     summary.add_argument("--results", metavar="DIR", default=None,
                          help="results folder (default: $LABKIT_RESULTS or <course>/results)")
 
@@ -132,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                           description=_wrap("Each labs/NN_*.ipynb is paired with a jupytext percent-format labs/NN_*.py "
                                             "holding every cell, its markdown and its tags. `labkit labs sync` writes "
                                             "whichever side is older (or missing) from the other, and each lab's set-up "
-                                            "cell and Colab badge from labkit/colab.py; `labkit labs check` names every lab "
+                                            "cell and Colab badge from labkit/course/colab.py; "
+                                            "`labkit labs check` names every lab "
                                             "whose two sides differ, or whose set-up cell or badge differs, and exits 1."))
     labs_sub = labs.add_subparsers(dest="labs_command", metavar="ACTION")
     sync = labs_sub.add_parser("sync", help="write the older side of each pair from the newer one")
@@ -146,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_labs(args: argparse.Namespace) -> int:
-    from labkit import labsource
+    from labkit.course import labsource
     from labkit.env import resolve_path
 
     folder = resolve_path(args.labs_dir)
@@ -163,7 +165,7 @@ def _cmd_labs(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from labkit.course import format_runs, gather_parameters, run_labs
+    from labkit.course.run import format_runs, gather_parameters, run_labs
 
     params = gather_parameters(args.parameters_file, args.yaml, args.parameter)
     runs = run_labs(args.labs or None, quick=args.quick, parameters=params, results_dir=args.results,
@@ -171,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print()
     print(format_runs(runs))
     if not args.no_summary:
-        from labkit.summary import write_summary
+        from labkit.course.summary import write_summary
 
         readme, png = write_summary(args.results)
         print(f"summary: {readme} and {png}")
@@ -179,9 +181,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_regrade(args: argparse.Namespace) -> int:
-    from labkit.regrade import format_reports, regrade
-
-    from labkit.nbval_tolerance import DEFAULT_TOLERANCE
+    from labkit.course.nbval_tolerance import DEFAULT_TOLERANCE
+    from labkit.course.regrade import format_reports, regrade
 
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     reports = regrade(args.paths, lax=not args.full, quick=args.quick, cell_timeout=args.cell_timeout,
@@ -191,7 +192,7 @@ def _cmd_regrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_student(args: argparse.Namespace) -> int:
-    from labkit.student import write_student_versions
+    from labkit.course.student import write_student_versions
 
     written = write_student_versions(args.labs_dir, args.out_dir)
     for path, spans in written.items():
@@ -201,7 +202,7 @@ def _cmd_student(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from labkit.summary import summary_frame, write_summary
+    from labkit.course.summary import summary_frame, write_summary
 
     readme, png = write_summary(args.results)
     runs = len(summary_frame(args.results)[0])

@@ -8,7 +8,7 @@ re-run on the instructor's CPU. Cells tagged ``labkit-result`` (a lab's headline
 must match exactly, each number within ``tolerance`` (absolute). A typed-in result that moved further
 than that still fails.
 
-``labkit regrade`` loads this module into nbval's pytest run (``-p labkit.nbval_tolerance``) and
+``labkit regrade`` loads this module into nbval's pytest run (``-p labkit.course.nbval_tolerance``) and
 passes the tolerance in ``$LABKIT_REGRADE_TOLERANCE``. It also keeps the machine description that
 :func:`labkit.params.check` displays (MIME type :data:`ENV_MIME`) out of every comparison.
 """
@@ -19,13 +19,13 @@ import os
 import re
 from typing import Any
 
+from labkit.env import ENV_MIME
+
 #: The tag of cells whose numbers are compared within the tolerance.
 RESULT_TAG = "labkit-result"
 #: Default absolute tolerance: metrics are printed in [0, 1] with 2 decimals; 0.05 absorbs the
 #: spread between devices and precisions at a fixed seed, not a different result.
 DEFAULT_TOLERANCE = 0.05
-#: The MIME type of the run environment a lab displays (where it was executed).
-ENV_MIME = "application/vnd.labkit.env+json"
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 

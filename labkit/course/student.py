@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nbformat
 
-from labkit import colab
+from labkit.course import colab
 from labkit.files import atomic_path
 
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)#+\s*BEGIN SOLUTION\b")

@@ -24,12 +24,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 from torch import nn
 from torchvision.transforms import v2
 
+from labkit import env
 from labkit.files import atomic_path
+from labkit.models.breast import BreastCancerCNN
 
 SPLITS = ("iid", "dirichlet", "hospital")
 METRICS = ("loss", "acc", "balanced_acc", "precision", "recall", "f1", "roc_auc")
@@ -167,9 +168,6 @@ class FedClient:
 
     def __init__(self, cid: int, image_size: int, *, amp: Any = "auto", batch_size: int = 32, seed: int = 0,
                  threads: int | None = 1, fail_at_round: int | None = None) -> None:
-        from labkit import env
-        from labkit.models.breast import BreastCancerCNN
-
         if threads:
             torch.set_num_threads(threads)
         self.cid, self.batch_size, self.seed, self.fail_at_round = cid, batch_size, seed, fail_at_round
@@ -273,5 +271,6 @@ def append_csv(path: str | os.PathLike, row: Mapping[str, Any]) -> Path:
     return path
 
 
-__all__ = ["FedClient", "METRICS", "SPLITS", "append_csv", "augmentation", "collect_updates", "ddp_allreduce_bytes", "evaluate_binary",
+__all__ = ["FedClient", "METRICS", "SPLITS", "append_csv", "augmentation", "collect_updates", "ddp_allreduce_bytes",
+           "evaluate_binary",
            "remote_clients", "split_clients", "state_bytes", "to_input", "train_epochs"]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, MutableMapping
@@ -83,3 +84,10 @@ def lean_env(environ: MutableMapping[str, str] = os.environ) -> None:
     paths = environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(stubs) not in paths:
         environ["PYTHONPATH"] = os.pathsep.join([str(stubs), *filter(None, paths)])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it when binding port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

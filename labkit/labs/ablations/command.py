@@ -1,6 +1,6 @@
-"""``python -m labkit.imagenet``: Lab 03's sweep runner as a command — one config on DDP ranks, a checkpoint
-every epoch, ``--resume``, and a run record. The training itself is :mod:`labkit.imagenet`; this module is its
-command line (switches from :class:`labkit.recipe.AblationConfig`, data and launch options, resume rules).
+"""``python -m labkit.labs.ablations``: Lab 03's sweep runner as a command — one config on DDP ranks, a checkpoint
+every epoch, ``--resume``, and a run record. The training itself is :mod:`labkit.labs.ablations.sweep`; this module is its
+command line (switches from :class:`labkit.labs.ablations.recipe.AblationConfig`, data and launch options, resume rules).
 """
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import argparse
 import dataclasses
 from dataclasses import asdict
 
-from labkit import ddp
+from labkit.data.imagenet import load_imagenet
+from labkit.distributed import ddp
 from labkit.env import environment
-from labkit.imagenet import LAB, QUICK_RECIPE, run_ablation
-from labkit.imagenet import __doc__ as IMAGENET_DOC
+from labkit.labs.ablations.recipe import AblationConfig, make_config, peak_lr
+from labkit.labs.ablations.sweep import LAB, QUICK_RECIPE, run_ablation
+from labkit.labs.ablations.sweep import __doc__ as IMAGENET_DOC
 from labkit.params import QUICK, ParameterError
-from labkit.recipe import AblationConfig, make_config, peak_lr
+from labkit.results import RunRecord, save
 
 
 # --------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments; recipe switches default to None (= the config default, or the checkpoint's)."""
-    p = argparse.ArgumentParser(prog="python -m labkit.imagenet", epilog=IMAGENET_DOC.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m labkit.labs.ablations", epilog=IMAGENET_DOC.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Seed 002's ImageNet/Tiny-ImageNet recipe on DDP ranks (gloo on CPU, "
                                             "nccl on GPUs). Writes a checkpoint every epoch and a run record.")
@@ -111,14 +113,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[AblationConfig, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m labkit.imagenet``: train one config on DDP ranks, save checkpoints and a run record."""
+    """``python -m labkit.labs.ablations``: train one config on DDP ranks, save checkpoints and a run record."""
     args = build_parser().parse_args(argv)
     try:
         cfg, run = config_from_args(args)
     except ParameterError as exc:
         raise SystemExit(str(exc)) from None
-    from labkit.data.imagenet import load_imagenet
-    from labkit.results import RunRecord, save
 
     data = load_imagenet(run["data"], run["data_dir"], layout=run["layout"], image_size=cfg.image_size,
                          subset=run["subset"], subset_size=run["subset_size"], max_train=run["max_train"],
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_ablation(cfg, data, world_size=ws, device=args.device, save_dir=args.save_dir, resume=args.resume,
                           stop_after=args.stop_after, batch_progress=True, timeout_s=args.timeout, run_args=run)
     record = RunRecord(lab=LAB, params={**asdict(cfg), **run, "resume": args.resume,
-                                        "command": "python -m labkit.imagenet"},
+                                        "command": "python -m labkit.labs.ablations"},
                        env=environment(args.device, ws), data=data.describe(), epochs=result["history"],
                        final=result["final"])
     record.add_artifact(result["checkpoint"])

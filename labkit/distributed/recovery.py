@@ -3,8 +3,8 @@
 Lab 02's training cell uses three pieces:
 
 - :func:`check_resume` (at the parameter check) and :func:`run_dir_for` pick the run folder: a new one, or
-  (``resume="last"`` / a folder name) the folder of an unfinished run, which Ray Train V2 continues from its last checkpoint because the run's name and storage
-  path are the same;
+  (``resume="last"`` / a folder name) the folder of an unfinished run, which Ray Train V2 continues from its
+  last checkpoint because the run's name and storage path are the same;
 - :class:`RunWatch` (driver side, during ``trainer.fit()``) prints when a node leaves or joins the cluster and
   what Ray Train does next, and turns an interrupt into a ``KeyboardInterrupt`` that says how to continue;
 - :func:`story` (after ``fit()``) tells the run attempt by attempt: which epochs, how many workers, on
@@ -225,7 +225,8 @@ def story(history: Sequence[dict], attempts: int | None = None, left: dict[str, 
     for attempt, rows in groups:
         epochs = [r["epoch"] for r in rows]
         nodes = rows[0].get("nodes") or []
-        where = f" on {len(set(nodes))} node{'s' if len(set(nodes)) != 1 else ''} ({', '.join(sorted(set(nodes)))})" if nodes else ""
+        names = sorted(set(nodes))
+        where = f" on {len(names)} node{'s' if len(names) != 1 else ''} ({', '.join(names)})" if nodes else ""
         start = f"resumed from the checkpoint of epoch {previous}, trained" if previous else "trained"
         lines.append(f"attempt {attempt}: {start} {_span(epochs)} with {_workers(rows[0].get('world_size'))}{where}")
         previous = epochs[-1]

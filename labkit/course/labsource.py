@@ -10,7 +10,7 @@ The notebooks stay committed, without outputs, so Colab badges, papermill and nb
 ``labkit labs sync`` (or ``make labs``) brings each pair together: the side edited last wins,
 unless ``prefer`` says which; ``labkit labs check`` (and the test suite) names any lab whose two
 sides differ. Cell ids of unchanged cells are kept, so a one-line edit is a one-cell diff.
-The sync also writes each lab's set-up cell and Colab badge from the template in ``labkit.colab``;
+The sync also writes each lab's set-up cell and Colab badge from the template in ``labkit.course.colab``;
 the check names a lab whose set-up cell or badge differs from it.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Sequence
 import jupytext
 import nbformat
 
-from labkit import colab
+from labkit.course import colab
 from labkit.files import atomic_path
 
 TEXT_FORMAT = "py:percent"
@@ -90,7 +90,7 @@ def differences(labs_dir: str | os.PathLike = "labs") -> list[str]:
 
 
 def template_problem(ipynb: Path, text: Path) -> str | None:
-    """Why a lab's set-up cell or Colab badge (on either side) differs from ``labkit.colab``'s template;
+    """Why a lab's set-up cell or Colab badge (on either side) differs from ``labkit.course.colab``'s template;
     ``None`` when both sides agree with it."""
     found: list[str] = []
     for path, read in ((text, read_text), (ipynb, read_notebook)):
@@ -174,8 +174,8 @@ def sync(labs_dir: str | os.PathLike = "labs", prefer: str | None = None,
             continue
         if source == "ipynb" or templated:
             write_text(nb, text)
-            written.append(f"{text} ← {ipynb.name}" if not templated else f"{text} ← labkit.colab template")
+            written.append(f"{text} ← {ipynb.name}" if not templated else f"{text} ← labkit.course.colab template")
         if source == "py" or templated:
             write_notebook(nb, ipynb)
-            written.append(f"{ipynb} ← {text.name}" if not templated else f"{ipynb} ← labkit.colab template")
+            written.append(f"{ipynb} ← {text.name}" if not templated else f"{ipynb} ← labkit.course.colab template")
     return written

@@ -22,7 +22,6 @@ import multiprocessing.util
 import os
 import queue as queue_mod
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from labkit.distributed.local_ray import free_port
 from labkit.env import pick_device
 from labkit.files import atomic_path
 
@@ -53,13 +53,6 @@ class DDPError(RuntimeError):
         super().__init__(f"DDP rank {rank} of {world_size} failed: {last}\n\n"
                          f"--- traceback of rank {rank} ---\n{remote_traceback}")
         self.rank, self.world_size, self.remote_traceback = rank, world_size, remote_traceback
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it when binding port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def choose_backend(device: str | torch.device, world_size: int, backend: str = "auto") -> tuple[str, str]:

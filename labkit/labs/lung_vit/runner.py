@@ -3,10 +3,10 @@ scoring the best checkpoint and the run record.
 
 The lesson — the LightningModule's steps, the Ray Train function and the ``TorchTrainer`` driver
 — is written in ``labs/04_lung_vit.ipynb``. The same training as a command for a cluster lives in
-:mod:`labkit.lung_vit_command`, and runs as this module::
+:mod:`labkit.labs.lung_vit.command`, and runs as this module::
 
-    python -m labkit.lung_vit --workers 2 --epochs 12 --image-size 128
-    ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- python -m labkit.lung_vit --quick
+    python -m labkit.labs.lung_vit --workers 2 --epochs 12 --image-size 128
+    ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- python -m labkit.labs.lung_vit --quick
 """
 from __future__ import annotations
 
@@ -20,10 +20,17 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 
-from labkit.lightning_module import CHECKPOINT_NAME, ClassifierBase
-from labkit.data.lung import data_root
+from labkit import metrics as lk_metrics
+from labkit.data.augment import batch_transform
+from labkit.data.lung import data_root, load_lung
+from labkit.distributed.worker import count_attempts, quiet_ray_worker_logs
+from labkit.env import amp_dtype, environment, pick_device, seed_everything
+from labkit.env import use_channels_last as wanted
+from labkit.files import atomic_path
+from labkit.labs.lung_vit import tracking
+from labkit.labs.lung_vit.lightning_module import CHECKPOINT_NAME, ClassifierBase, load_weights
+from labkit.models.vit import ViT
 from labkit.params import Config, ParameterError, Rule, check, folder_test
-from labkit.ray_train import quiet_ray_worker_logs
 from labkit.results import RunRecord, lab_dir
 
 LAB = "04_lung_vit"
@@ -50,7 +57,12 @@ RULES: dict[str, Rule] = {
     "dropout": Rule(float, 0, 0.9, help="dropout in the MLPs and after the position embedding"),
     "weight_decay": Rule(float, 0, 1, help="AdamW weight decay"),
     "image_size": Rule(int, 16, 1024, test=_div4, help="images are resized to image_size × image_size"),
-    "data_dir": Rule(str, optional=True, test=folder_test, help="the lung set's root (train/ val/ test/); None: $DATA_PATH, else data/lung"),
+    "data_dir": Rule(str, optional=True, test=folder_test,
+                     help="the lung set's root (train/ val/ test/); None: $DATA_PATH, else data/lung"),
+    "precision": Rule(str, choices=("auto", "32", "bf16-mixed", "16-mixed"),
+                      help="Lightning precision; 'auto' = bf16-mixed where the GPU or CPU runs bf16 natively, "
+                           "16-mixed on other GPUs, else 32"),
+    "track": Rule(bool, help="log the run to MLflow"),
 }
 
 
@@ -70,17 +82,13 @@ def check_params(lab: str = LAB, rules: dict[str, Rule] | None = None, show: boo
 
 def build_model(cfg: dict, num_classes: int = 9):
     """The lab's ViT for ``cfg`` (image_size, depth, heads, dim, mlp_dim, dropout)."""
-    from labkit.models.vit import ViT
-
     return ViT(num_classes=num_classes, image_size=cfg["image_size"], dim=cfg["dim"], depth=cfg["depth"],
                heads=cfg["heads"], mlp_dim=cfg["mlp_dim"], dropout=cfg.get("dropout", 0.1))
 
 
 def module_kwargs(cfg: dict) -> dict:
-    """What a :class:`~labkit.lightning_module.ClassifierBase` needs besides model and classes:
+    """What a :class:`~labkit.labs.lung_vit.lightning_module.ClassifierBase` needs besides model and classes:
     LR, weight decay, warm-up, on-device augmentation, and ``channels_last`` for the precision."""
-    from labkit.data.augment import batch_transform
-
     return dict(lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.05), warmup_epochs=1 if cfg["epochs"] > 3 else 0,
                 transform_train=batch_transform(train=True), transform_eval=batch_transform(train=False),
                 channels_last=bool(cfg.get("channels_last", False)))
@@ -92,8 +100,6 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     ``"auto"`` follows :func:`labkit.env.amp_dtype`: ``"bf16-mixed"`` where bf16 runs natively (recent
     GPUs; CPUs with AVX512-BF16/AMX), ``"16-mixed"`` on other GPUs, else ``"32-true"``. ``"32"`` forces fp32.
     """
-    from labkit.env import amp_dtype
-
     if precision == "auto":
         dtype = amp_dtype("auto", torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
         return {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(dtype, "32-true")
@@ -106,16 +112,12 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
 def use_channels_last(precision: str, use_gpu: bool) -> bool:
     """``channels_last`` for the stem's convolutions: on GPUs, and on CPUs running bf16
     (:func:`labkit.env.use_channels_last`)."""
-    from labkit.env import use_channels_last as wanted
-
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
     return wanted(torch.device("cuda" if use_gpu else "cpu"), dtype)
 
 
 def load_data(cfg: dict, progress: bool = False):
     """The lung set for ``cfg`` (the stand-in is written the first time; later loads hit the cache)."""
-    from labkit.data.lung import load_lung
-
     return load_lung(data=cfg.get("data") or "auto", data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
                      max_train=cfg.get("max_train"), max_test=cfg.get("max_test"), seed=cfg.get("seed", 0),
                      progress=progress)
@@ -137,8 +139,6 @@ def worker_setup(config: dict) -> tuple[int, int]:
     """A worker's first lines: quiet logs, its share of CPU threads, the common seed (identical
     initial weights on every worker). Returns ``(rank, world_size)``."""
     import ray.train
-
-    from labkit.env import seed_everything
 
     quiet_lightning()
     if not config["use_gpu"] and config.get("threads"):
@@ -177,15 +177,14 @@ def worker_config(cfg: dict, plan, uri: str | None = None, mlflow_run_id: str | 
     """The ``train_loop_config`` every worker receives: the lab's parameters with absolute paths, the
     cores per worker, the resolved precision and ``channels_last``, where to log in MLflow, and the
     run's folder (``run_dir``: the attempt log and the ``fail_at_epoch`` marker live there)."""
-    from labkit import tracking
-
     keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "depth", "heads", "dim", "mlp_dim",
             "dropout", "data", "max_train", "max_test", "seed", "fail_at_epoch")
     precision = resolve_precision(cfg.get("precision", "auto"), plan.use_gpu)
     config = {k: cfg.get(k, DEFAULTS.get(k)) for k in keys}
     config.update(data_dir=str(data_root(cfg.get("data_dir")).resolve()), use_gpu=plan.use_gpu,
                   precision=precision, channels_last=use_channels_last(precision, plan.use_gpu),
-                  threads=plan.cpus_per_worker, run_dir=str(run_dir) if run_dir else None, progress=cfg.get("progress", True), mlflow_run_id=mlflow_run_id,
+                  threads=plan.cpus_per_worker, run_dir=str(run_dir) if run_dir else None, progress=cfg.get("progress", True),
+                  mlflow_run_id=mlflow_run_id,
                   tracking_uri=uri if uri and tracking.is_local(uri) else None,   # a server's URI stays in the env
                   params={**{k: cfg.get(k) for k in (*keys, "workers")}, "backend": plan.backend,
                           "precision": precision})
@@ -196,7 +195,6 @@ def start_tracking(cfg: dict, data, run_name: str, results_dir=None) -> tuple[st
     """With ``cfg.track``, create the run's MLflow run (``(uri, run_id)``); else ``(None, None)``."""
     if not cfg.get("track"):
         return None, None
-    from labkit import tracking
 
     return tracking.create_run(LAB, run_name, results_dir=results_dir,
                                tags={"model": "vit-conv-stem", "synthetic": str(data.synthetic)})
@@ -211,8 +209,6 @@ def collect(result, cfg: dict, data, plan, *, run_name: str, run_dir: Path, fit_
             uri: str | None = None, mlflow_run_id: str | None = None, cluster: dict | None = None) -> LungRun:
     """After ``trainer.fit()``: the history, the kept checkpoints, the best one scored on the test set
     (accuracy, balanced accuracy, macro-F1 beside the majority rate), MLflow's run completed."""
-    from labkit import tracking
-
     value = result.return_value or {}
     history = pd.DataFrame(value.get("history", []))
     best = result.get_best_checkpoint(metric="val_loss", mode="min")
@@ -239,10 +235,6 @@ def score_checkpoint(checkpoint, cfg: dict, data):
     """Load a Ray checkpoint (``checkpoint.ckpt`` written by ``RayTrainReportCallback``) into a fresh
     module and test it on this machine, in fp32; returns ``(module, metrics, outputs)``. ``metrics``
     holds Lightning's ``test_*`` values and :func:`labkit.metrics.summarize` of the predictions."""
-    from labkit import metrics as lk_metrics
-    from labkit.env import pick_device
-    from labkit.lightning_module import load_weights
-
     quiet_lightning()
     device = pick_device(cfg.get("device", "auto"))
     module = ClassifierBase(build_model(cfg, len(data.classes)), data.classes,
@@ -264,8 +256,6 @@ def score_checkpoint(checkpoint, cfg: dict, data):
 
 def save_best(run: LungRun, path: str | os.PathLike, cfg: dict, classes) -> Path:
     """A slim copy of the best checkpoint (model weights + what rebuilds the model), written atomically."""
-    from labkit.files import atomic_path
-
     config = {k: cfg[k] for k in ("image_size", "depth", "heads", "dim", "mlp_dim", "dropout")}
     with atomic_path(path) as tmp:
         torch.save({"model": run.module.model.state_dict(), "model_config": config, "classes": list(classes),
@@ -276,10 +266,6 @@ def save_best(run: LungRun, path: str | os.PathLike, cfg: dict, classes) -> Path
 def record(run: LungRun, cfg: dict, data) -> RunRecord:
     """A :class:`~labkit.results.RunRecord` of ``run`` (params without the cluster address); ``final``
     carries acc, balanced_acc, macro_f1, majority_rate and chance of the best checkpoint on the test set."""
-    from labkit import tracking
-    from labkit.env import environment
-    from labkit.ray_train import count_attempts
-
     params = {k: v for k, v in cfg.items() if k not in ("address", "progress")}
     params["address"] = "set" if cfg.get("address") or os.environ.get("RAY_ADDRESS") else None
     env = {**environment(cfg.get("device", "auto"), run.plan.workers), "backend": run.plan.backend,
@@ -298,8 +284,3 @@ def record(run: LungRun, cfg: dict, data) -> RunRecord:
     rec.add_artifact(run.run_dir)
     return rec
 
-
-if __name__ == "__main__":  # `python -m labkit.lung_vit`: the command (labkit.lung_vit_command)
-    from labkit import lung_vit_command
-
-    lung_vit_command.main()

@@ -1,12 +1,12 @@
 """Lab 04's training as a command, for long runs on a cluster (seed 004's way)::
 
-    python -m labkit.lung_vit --workers 2 --epochs 12 --image-size 128
-    ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- python -m labkit.lung_vit --quick
+    python -m labkit.labs.lung_vit --workers 2 --epochs 12 --image-size 128
+    ray job submit --working-dir . --runtime-env labs/ray_runtime_env.yaml -- python -m labkit.labs.lung_vit --quick
 
 The lesson — the LightningModule's steps, the Ray Train function and the ``TorchTrainer`` driver —
 is written in ``labs/04_lung_vit.ipynb``. This module carries a compact copy of those three pieces
-(:class:`LitViT`, :func:`train_func`, :func:`train`) on the same plumbing (:mod:`labkit.lung_vit`,
-:class:`labkit.lightning_module.ClassifierBase`); the tests check that both copies train alike.
+(:class:`LitViT`, :func:`train_func`, :func:`train`) on the same plumbing (:mod:`labkit.labs.lung_vit.runner`,
+:class:`labkit.labs.lung_vit.lightning_module.ClassifierBase`); the tests check that both copies train alike.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from labkit import distributed, lung_vit
-from labkit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
+from labkit import distributed, results
+from labkit.labs.lung_vit import lightning_module, runner, tracking
+from labkit.labs.lung_vit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
 
 
 class LitViT(ClassifierBase):
@@ -57,11 +58,9 @@ def train_func(config: dict) -> dict | None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
     from torch.utils.data import DistributedSampler
 
-    from labkit import lightning_module
-
-    rank, world = lung_vit.worker_setup(config)
-    data = lung_vit.load_data(config)
-    module = LitViT(lung_vit.build_model(config, len(data.classes)), data.classes, **lung_vit.module_kwargs(config))
+    rank, world = runner.worker_setup(config)
+    data = runner.load_data(config)
+    module = LitViT(runner.build_model(config, len(data.classes)), data.classes, **runner.module_kwargs(config))
     callbacks, history = lightning_module.worker_callbacks(config, rank, len(data["train"]))
     trainer = pl.Trainer(
         max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
@@ -79,27 +78,25 @@ def train_func(config: dict) -> dict | None:
 
 
 def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None, run_name: str | None = None,
-          quiet: bool = True, worker=None) -> lung_vit.LungRun:
+          quiet: bool = True, worker=None) -> runner.LungRun:
     """The command's driver (the notebook writes its own): Ray, a ``TorchTrainer`` keeping the
-    :data:`~labkit.lung_vit.KEEP` best checkpoints by ``val_loss`` and restarting crashed workers
-    (``FailureConfig``), then :func:`labkit.lung_vit.collect`. ``worker`` replaces :func:`train_func`
+    :data:`~labkit.labs.lung_vit.runner.KEEP` best checkpoints by ``val_loss`` and restarting crashed workers
+    (``FailureConfig``), then :func:`labkit.labs.lung_vit.runner.collect`. ``worker`` replaces :func:`train_func`
     (the tests pass the notebook's). The MLflow run is marked FAILED when training fails; Ray is
     shut down whatever happens."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from labkit import tracking
-
-    cfg = {**lung_vit.DEFAULTS, **cfg}
+    cfg = {**runner.DEFAULTS, **cfg}
     address = distributed.resolve_address(cfg.get("address"))
     plan = distributed.plan_scaling(cfg["workers"], cfg["device"], **distributed.machine_resources()) \
         if address is None else None
     if plan is not None:
-        lung_vit.resolve_precision(cfg["precision"], plan.use_gpu)
-    data = data if data is not None else lung_vit.load_data(cfg, progress=True)
+        runner.resolve_precision(cfg["precision"], plan.use_gpu)
+    data = data if data is not None else runner.load_data(cfg, progress=True)
     run_name = run_name or distributed.default_run_name()
-    run_dir = lung_vit.run_dir_for(run_name, results_dir)
-    uri, mlflow_run_id = lung_vit.start_tracking(cfg, data, run_name, results_dir)
+    run_dir = runner.run_dir_for(run_name, results_dir)
+    uri, mlflow_run_id = runner.start_tracking(cfg, data, run_name, results_dir)
     try:
         with distributed.ray_cluster(address, quiet=quiet) as cluster:
             if plan is None:
@@ -108,20 +105,20 @@ def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None,
             if plan.notice:
                 print(plan.notice)
             trainer = TorchTrainer(
-                worker or train_func, train_loop_config=lung_vit.worker_config(cfg, plan, uri, mlflow_run_id, run_dir),
+                worker or train_func, train_loop_config=runner.worker_config(cfg, plan, uri, mlflow_run_id, run_dir),
                 torch_config=TorchConfig(backend=plan.backend, timeout_s=300),
                 scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                              resources_per_worker=plan.resources()),
                 run_config=RunConfig(
                     name=run_name, storage_path=str(run_dir.parent),
-                    failure_config=FailureConfig(max_failures=lung_vit.MAX_FAILURES),
-                    checkpoint_config=CheckpointConfig(num_to_keep=lung_vit.KEEP, checkpoint_score_attribute="val_loss",
+                    failure_config=FailureConfig(max_failures=runner.MAX_FAILURES),
+                    checkpoint_config=CheckpointConfig(num_to_keep=runner.KEEP, checkpoint_score_attribute="val_loss",
                                                        checkpoint_score_order="min"),
                     logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
             tick = time.perf_counter()
             result = trainer.fit()
             fit_seconds = time.perf_counter() - tick
-        return lung_vit.collect(result, cfg, data, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
+        return runner.collect(result, cfg, data, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
                                 uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)
     except BaseException:
         if mlflow_run_id:
@@ -130,13 +127,13 @@ def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None,
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    """The command's options: one per parameter of :data:`labkit.lung_vit.DEFAULTS`, plus data caps,
+    """The command's options: one per parameter of :data:`labkit.labs.lung_vit.runner.DEFAULTS`, plus data caps,
     the results folder and ``--no-progress``."""
-    p = argparse.ArgumentParser(prog="python -m labkit.lung_vit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m labkit.labs.lung_vit", description=__doc__.split("\n\n")[0])
     optional = {"address": (str, "a running Ray cluster (default: $RAY_ADDRESS or local)"),
                 "data_dir": (str, "dataset root (default: $DATA_PATH, else data/lung)"),
                 "fail_at_epoch": (int, "kill one worker once at this epoch (fault-tolerance demo)")}
-    for name, value in lung_vit.DEFAULTS.items():
+    for name, value in runner.DEFAULTS.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
@@ -154,25 +151,18 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> Path:
     """Run the lab from the command line; prints the test metrics and the record's path."""
-    from labkit import results
-
     args = parse_args(argv)
     results_dir, progress = args.pop("results_dir"), not args.pop("no_progress")
     caps = {k: args.pop(k) for k in ("max_train", "max_test")}
-    cfg = lung_vit.check_params(show=True, **args)
+    cfg = runner.check_params(show=True, **args)
     cfg.update({k: v if cfg.get(k) is None else min(v or cfg[k], cfg[k]) for k, v in caps.items()})
     cfg["progress"] = progress
-    data = lung_vit.load_data(cfg, progress=progress)
+    data = runner.load_data(cfg, progress=progress)
     run = train(cfg, data=data, results_dir=results_dir)
-    rec = lung_vit.record(run, cfg, data)
+    rec = runner.record(run, cfg, data)
     path = results.save(rec, results_dir)
     print(f"test_acc {run.test.get('test_acc', float('nan')):.3f}  best epoch {run.best['epoch']} "
           f"(val_loss {run.best['val_loss']:.3f})  kept {len(run.kept)} checkpoints")
     print(f"record: {path}")
     return path
 
-
-if __name__ == "__main__":  # imported by name, so Ray pickles train_func as labkit.lung_vit_command.train_func
-    from labkit import lung_vit_command
-
-    lung_vit_command.main()

@@ -1,20 +1,19 @@
 """Lab 03's training: seed 002's ImageNet recipe on DDP ranks, as a Python API and as a command.
 
-    python -m labkit.imagenet --world-size 2 --quick                      # a 1-minute CPU run
-    python -m labkit.imagenet --world-size 4 --data-dir /data/ILSVRC --model resnet50 \\
+    python -m labkit.labs.ablations --world-size 2 --quick                # a 1-minute CPU run
+    python -m labkit.labs.ablations --world-size 4 --data-dir /data/ILSVRC --model resnet50 \\
         --epochs 90 --batch-size 256 --lr 3e-4 --drop-path-rate 0.2 --use-blurpool
-    python -m labkit.imagenet --resume results/03_ablations/checkpoints/run/last.pt
+    python -m labkit.labs.ablations --resume results/03_ablations/checkpoints/run/last.pt
 
 The notebook teaches DDP with its own ``torchrun`` script and each recipe piece in its own cell;
 for the sweep it calls :func:`run_ablations` with a list of configs: one process group runs them
 all (spawn and rendezvous are paid once). Each rank runs :func:`labkit.train.train_one_epoch`
-unchanged, with the recipe's parts (:mod:`labkit.recipe`) plugged into its hooks, in the precision
+unchanged, with the recipe's parts (:mod:`labkit.labs.ablations.recipe`) plugged into its hooks, in the precision
 ``labkit.env`` picks (bf16 + ``channels_last`` on GPUs and CPUs that run bf16 natively).
 """
 from __future__ import annotations
 
 import re
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +24,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from labkit import ddp, metrics, recipe
-from labkit import env
+from labkit import env, metrics
+from labkit.distributed import RULES as DISTRIBUTED_RULES
+from labkit.distributed import ddp
 from labkit.env import seed_everything
-from labkit.params import ParameterError, Rule
-from labkit.recipe import MODELS, SWITCH_RULES, AblationConfig, make_config, peak_lr, schedule
+from labkit.errors import ParameterError
+from labkit.labs.ablations import recipe
+from labkit.labs.ablations.recipe import MODELS, SWITCH_RULES, AblationConfig, make_config, peak_lr, schedule
+from labkit.models.resnet import resnet
+from labkit.params import Rule
+from labkit.results import lab_dir
 from labkit.train import evaluate, shard_indices, train_one_epoch
 
 LAB = "03_imagenet_ddp_ablations"
@@ -65,6 +69,7 @@ def ablation_configs(ablations: list[dict], repeats: int = 1, **base) -> list[Ab
 
 #: Rules for the notebook's own parameters: ``labkit.params.check(LAB, rules=LAB_RULES, ...)``.
 LAB_RULES: dict[str, Rule] = {
+    "world_size": DISTRIBUTED_RULES["world_size"], "lr_scaling": DISTRIBUTED_RULES["lr_scaling"],
     "model": SWITCH_RULES["model"], "width": SWITCH_RULES["width"],
     "progressive_sizes": SWITCH_RULES["progressive_sizes"],
     "layout": Rule(str, choices=("auto", "ilsvrc", "tiny-imagenet", "plain")),
@@ -150,8 +155,6 @@ def _keep_format(mix, channels_last: bool):
 def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: AblationConfig,
                   options: dict) -> dict:
     """Train and validate one config on this rank; rank 0 returns the history and final metrics."""
-    from labkit.models.resnet import resnet
-
     started = time.perf_counter()
     seed_everything(cfg.seed)
     num_classes = len(data.classes)
@@ -277,13 +280,14 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
              "epochs": last["epoch"], "peak_lr": lr, "global_batch": cfg.batch_size * world_size,
              "precision": env.precision_name(amp_dtype), "channels_last": channels_last,
              "parameters": sum(p.numel() for p in model.parameters())}
-    return {"name": cfg.name, "row": row_name(cfg.name), "seed": cfg.seed, "config": asdict(cfg), "history": history, "final": final,
+    return {"name": cfg.name, "row": row_name(cfg.name), "seed": cfg.seed, "config": asdict(cfg), "history": history,
+            "final": final,
             "checkpoint": str(ckpt_path), "world_size": world_size}
 
 
 def train_rank(rank: int, world_size: int, device: torch.device, data, configs: list[AblationConfig],
                options: dict) -> list[dict]:
-    """The function every rank runs (:func:`labkit.ddp.launch` target): the configs one after another."""
+    """The function every rank runs (:func:`labkit.distributed.ddp.launch` target): the configs one after another."""
     return [_train_config(rank, world_size, device, data, cfg, options) for cfg in configs]
 
 
@@ -324,8 +328,6 @@ def run_ablations(configs: list[AblationConfig | dict], data, *, world_size: int
     stored in the checkpoints, so that ``--resume`` finds the same data. ``replica_dir``: every rank
     saves its final weights and buffers there (``<run>/rank<N>.pt``), to compare the replicas.
     """
-    from labkit.results import lab_dir
-
     configs = [c if isinstance(c, AblationConfig) else make_config(c) for c in configs]
     if resume and len(configs) != 1:
         raise ValueError("run_ablations: resume continues one run; pass exactly one config with resume=.")
@@ -391,15 +393,3 @@ def ablation_table(results: list[dict]):
             t["verdict"] = "within noise" if abs(t["diff"]) < base["top1_spread"] else "beyond noise"
     return pd.DataFrame(table)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m labkit.imagenet`` (see :mod:`labkit.imagenet_command`)."""
-    from labkit.imagenet_command import main as command
-
-    return command(argv)
-
-
-if __name__ == "__main__":
-    from labkit.imagenet import main as _main  # the importable module, so spawned ranks find train_rank
-
-    sys.exit(_main())

@@ -1,4 +1,4 @@
-"""The reusable parts of the seed-002 recipe that Lab 03's ablation sweep (:mod:`labkit.imagenet`) needs.
+"""The reusable parts of the seed-002 recipe that Lab 03's ablation sweep (:mod:`labkit.labs.ablations.sweep`) needs.
 
 Lab 03 teaches each piece in its own notebook cell first (built from torchvision / torch directly);
 what the sweep runner reuses lives here:
@@ -10,7 +10,7 @@ what the sweep runner reuses lives here:
 - progressive resizing (64→128→224): :func:`progressive_sizes`, :func:`progressive_schedule`;
 - every switch of one run: :class:`AblationConfig`, :func:`make_config`, :func:`schedule`, :func:`peak_lr`.
 
-AdamW, OneCycleLR and label smoothing are plain ``torch`` calls in :mod:`labkit.imagenet`; the LR
+AdamW, OneCycleLR and label smoothing are plain ``torch`` calls in :mod:`labkit.labs.ablations.sweep`; the LR
 range test is written in the notebook.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
-from labkit.params import RULES, ParameterError, Rule
-
+from labkit.distributed import RULES as DISTRIBUTED_RULES
+from labkit.errors import ParameterError
+from labkit.params import RULES, Rule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -232,7 +233,7 @@ class AblationConfig:
     seed: int = _switch(0, "random seed")
 
 
-#: Rules for the switches that labkit.params.RULES does not already know.
+#: Rules for the switches that labkit.params.RULES and labkit.distributed.RULES do not already know.
 SWITCH_RULES: dict[str, Rule] = {
     "name": Rule(str, help="a label for the run"),
     "model": Rule(str, choices=tuple(MODELS)),
@@ -269,7 +270,7 @@ def make_config(switches: dict | None = None, **more) -> AblationConfig:
         if key not in SWITCHES:
             raise ParameterError(f"unknown switch {key!r} (in {values.get('name', 'a config')!r}); "
                                  f"known switches: {', '.join(SWITCHES)}.")
-        rule = SWITCH_RULES.get(key) or RULES.get(key)
+        rule = SWITCH_RULES.get(key) or RULES.get(key) or DISTRIBUTED_RULES.get(key)
         why = rule.error(value) if rule else None
         if why:
             raise ParameterError(f"config {values.get('name', '?')!r}: switch {key!r} = {value!r} {why}; "

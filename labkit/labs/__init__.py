@@ -1,0 +1,1 @@
+"""What one lab alone uses: a package per lab where it has several modules."""
