@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # CI re-executes only the quickest labs under nbval (the budget); this regrades every lab.
 regrade: $(STAMP)
-	LABKIT_REGRADE_ALL=1 $(BIN)/python -m pytest tests/test_course_flow.py
+	LABKIT_REGRADE_ALL=1 $(BIN)/python -m pytest tests/course/test_course_flow.py
 
 setup: $(STAMP)
 

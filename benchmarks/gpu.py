@@ -21,7 +21,7 @@ Prints one table. Rows, each after a warm-up, timed with the GPU synchronised:
 - the input pipeline alone: ``BatchAugment`` on the device (index + gather + normalise), images/s.
 
 Without CUDA it refuses with exit code 2 (``--device cpu`` runs the same code on the CPU; with ``--smoke``
-the sizes are tiny, so ``tests/test_benchmarks.py`` can check the table in a few seconds).
+the sizes are tiny, so ``tests/library/test_benchmarks.py`` can check the table in a few seconds).
 """
 from __future__ import annotations
 

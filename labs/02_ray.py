@@ -119,33 +119,35 @@ sweep = None                  # e.g. [1, 2]: one run per worker count, then a sp
 
 # %% [markdown]
 # ## 2. Check the parameters
-# `labkit.params.check` validates every parameter (a typo fails here, naming the culprit) and applies quick mode.
+# `labkit.params.check` validates every parameter (a typo fails here, naming the culprit) and applies quick mode;
+# the rules of the distributed knobs (`workers`, `address`, `resume`, …) come from `labkit.distributed.RULES`.
+# `distributed.check_cluster` then asks what only the machine can answer: do `workers` fit here (or does a
+# cluster answer at `address`)? Its answer is the plan the next cell prints.
 
 # %% tags=["nbval-check-output"]
 def _worker_counts(value):
     ok = isinstance(value, list) and value and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value)
     return None if ok else "must be a list of worker counts >= 1, e.g. [1, 2]"
 
-cfg = params.check("02_ray", rules={"sweep": params.Rule(list, optional=True, test=_worker_counts)},
+cfg = params.check("02_ray", rules={**distributed.RULES, "sweep": params.Rule(list, optional=True, test=_worker_counts)},
                    workers=workers, epochs=epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
                    image_size=image_size, device=device, amp=amp, data=data, data_dir=data_dir, quick=quick, seed=seed,
                    address=address, fail_at_epoch=fail_at_epoch, resume=resume, sweep=sweep)
+plan = distributed.check_cluster(cfg)                             # None when joining the cluster at `address`
 env.seed_everything(cfg.seed)
 out_dir = results.lab_dir("02_ray")
 recovery.check_resume(cfg.resume, out_dir / "ray")                # a run to continue? (fails here if none)
 
 # %% [markdown]
 # Next, Ray's resources: each worker is a process that needs at least one CPU core, and NCCL (the GPU
-# communication library) needs **one GPU per worker**. `plan_scaling` decides CPU/gloo or GPU/NCCL and refuses a
-# request that cannot run *before* Ray starts — asking for 64 workers on 2 cores fails now, instead of Ray waiting
+# communication library) needs **one GPU per worker**. The check above made the plan with `distributed.plan_scaling`,
+# which decides CPU/gloo or GPU/NCCL and refuses a request that cannot run *before* Ray starts — asking for 64 workers on 2 cores fails now, instead of Ray waiting
 # forever for cores that do not exist. With fewer GPUs than workers (`workers=2` on Colab's one GPU) the workers
 # *share* the GPU — half of it each — and all-reduce with gloo, and the plan prints why; `workers=1` uses NCCL.
 # (With `address` set, the plan is made from the cluster's resources instead.)
 
 # %%
-plan = None
-if distributed.resolve_address(cfg.address) is None:
-    plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.machine_resources())
+if plan is not None:
     print("plan:", plan.describe())
     if plan.notice:
         print(plan.notice)

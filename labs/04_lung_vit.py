@@ -126,7 +126,7 @@ dropout = 0.1
 precision = "auto"            # "auto", "32", "bf16-mixed", "16-mixed"
 track = True                  # MLflow
 data = "auto"                 # "auto": the real data when present, else a synthetic stand-in
-data_dir = "data/lung"
+data_dir = None                # None: $DATA_PATH if set, else data/lung
 device = "auto"
 seed = 0
 quick = False
@@ -138,7 +138,8 @@ fail_at_epoch = None          # e.g. 2: one worker crashes once at epoch 2; Ray 
 # ## 2. Check the parameters
 # `lung_vit.check_params` is `labkit.params.check` with this lab's rules (`lung_vit.RULES` for `depth`, `heads`,
 # `dim`, `mlp_dim`, …, passed through its `rules=` argument) plus the one check that involves two parameters:
-# `dim` divisible by `heads`. A bad value fails here, naming the parameter.
+# `dim` divisible by `heads`. A bad value fails here, naming the parameter. `distributed.check_cluster` then checks
+# that `workers` fit this machine (or that a cluster answers at `address`) and returns Ray's plan.
 
 # %% tags=["nbval-check-output"]
 cfg = runner.check_params(
@@ -147,20 +148,19 @@ cfg = runner.check_params(
     depth=depth, heads=heads, dim=dim, mlp_dim=mlp_dim, dropout=dropout, precision=precision, track=track, data=data,
     data_dir=data_dir, device=device, seed=seed, quick=quick, address=address, cnn_epochs=cnn_epochs,
     fail_at_epoch=fail_at_epoch)
+plan = distributed.check_cluster(cfg)                   # None when joining the cluster at `address`
 env.seed_everything(cfg.seed)
 out_dir = results.lab_dir("04_lung_vit")
 
 # %% [markdown]
 # Ray's plan for this machine: how many workers, CPU (gloo) or one GPU each (NCCL), and the precision each
-# worker will use. An impossible request (more workers than cores) fails here, before Ray starts.
+# worker will use. An impossible request (more workers than cores) already failed at the check, before Ray starts.
 # With `bf16-mixed`, Lightning runs the forward pass under `torch.autocast` in bf16 (the stem's convolutions — stored
 # `channels_last` — and the transformer's matrix products); weights, optimizer state, the loss and every metric stay
 # in fp32. On this course's 2-core CPU (AVX512-BF16) that is about twice as fast as fp32.
 
 # %%
-plan = None
-if distributed.resolve_address(cfg.address) is None:
-    plan = distributed.plan_scaling(cfg.workers, cfg.device, **distributed.machine_resources())
+if plan is not None:
     precision = runner.resolve_precision(cfg.precision, plan.use_gpu)
     print("plan:", plan.describe(), "| precision:", precision,
           "| channels_last:", runner.use_channels_last(precision, plan.use_gpu))

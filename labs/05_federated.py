@@ -111,7 +111,8 @@ amp = "auto"                  # precision: "auto" (bf16 where the CPU runs it na
 
 # %% [markdown]
 # ## 2. Check the parameters
-# Lab 05's own parameters get their rules here (`rules=`); the shared ones come from `labkit.params`.
+# Lab 05's own parameters get their rules here (`rules=`); the shared ones come from `labkit.params` and, for the
+# Ray `address`, `labkit.distributed.RULES` (`check_cluster` sees that a cluster answers there).
 
 # %% tags=["nbval-check-output"]
 LAB_RULES = {
@@ -122,10 +123,11 @@ LAB_RULES = {
     "alpha": Rule(float, 0, 1e4, open_low=True, help="Dirichlet concentration for split='dirichlet'"),
     "fail_client_at_round": Rule(int, 1, 1000, optional=True, help="the last client fails in this round"),
 }
-cfg = params.check("05_federated", rules=LAB_RULES, clients=clients, rounds=rounds, local_epochs=local_epochs,
+cfg = params.check("05_federated", rules={**distributed.RULES, **LAB_RULES}, clients=clients, rounds=rounds, local_epochs=local_epochs,
                    split=split, alpha=alpha, image_size=image_size, batch_size=batch_size, lr=lr, data=data,
                    data_dir=data_dir, quick=quick, seed=seed, address=address,
                    fail_client_at_round=fail_client_at_round, amp=amp)
+distributed.check_cluster(cfg)
 env.seed_everything(cfg.seed)
 dev = torch.device("cpu")            # the clients are CPU actors; so is the server's evaluation
 dtype = env.amp_dtype(cfg.amp, dev)

@@ -128,10 +128,11 @@ LAB_RULES = {
     "data": Rule(str, choices=tuple(streaming.LAYOUTS), help="the dataset layout the pipeline reads"),
     "data_dir": Rule(str, optional=True, test=params.folder_test, help="the dataset folder (None: the layout's folder under data/)"),
 }
-cfg = params.check("06_streaming_data", rules=LAB_RULES, workers=workers, preprocess_concurrency=preprocess_concurrency,
+cfg = params.check("06_streaming_data", rules={**distributed.RULES, **LAB_RULES}, workers=workers, preprocess_concurrency=preprocess_concurrency,
                    prefetch_batches=prefetch_batches, batch_size=batch_size, object_store_mb=object_store_mb,
                    epochs=epochs, lr=lr, image_size=image_size, top_k=top_k, confidence_threshold=confidence_threshold,
                    data=data, data_dir=data_dir, device=device, amp=amp, quick=quick, seed=seed, address=address)
+distributed.check_cluster(cfg)               # workers fit this machine, or a cluster answers at `address`
 env.seed_everything(cfg.seed)
 out_dir = results.lab_dir("06_streaming_data")
 N_BATCHES = 8 if cfg.quick else 30        # batches per throughput measurement (section 6)

@@ -90,6 +90,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from labkit import distributed, env, metrics, params, plotting, results, train
+from labkit.labs import tune_serve
 from labkit.labs.tune_serve import compress, serving
 from labkit.data import batch_transform
 from labkit.data.alzheimer import load_alzheimer
@@ -124,12 +125,15 @@ address = None                # a running Ray cluster, e.g. "ray://head:10001"; 
 
 # %% [markdown]
 # ## 2. Check the parameters
+# The rules of this lab's own knobs (the sweep, the endpoint, int8) live in `labkit.labs.tune_serve.RULES`, the
+# Ray `address` in `labkit.distributed.RULES`; `check_cluster` sees that a cluster answers at `address`.
 
 # %% tags=["nbval-check-output"]
-cfg = params.check("07_tune_serve", num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
+cfg = params.check("07_tune_serve", rules={**distributed.RULES, **tune_serve.RULES}, num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
                    replicas=replicas, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                    load_requests=load_requests, quantize=quantize, image_size=image_size, device=device, data=data,
                    data_dir=data_dir, quick=quick, seed=seed, address=address)
+distributed.check_cluster(cfg)
 if cfg.grace_period > cfg.max_epochs:
     raise ParameterError(f"07_tune_serve: parameter 'grace_period' = {cfg.grace_period} is larger than max_epochs = "
                          f"{cfg.max_epochs}; ASHA needs grace_period <= max_epochs.")

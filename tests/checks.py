@@ -1,4 +1,4 @@
-"""Helpers the exercise-check tests share (``tests/test_exercises_labNN.py``)."""
+"""Helpers the exercise-check tests share (``tests/labs/test_labNN_exercises.py``)."""
 from __future__ import annotations
 
 

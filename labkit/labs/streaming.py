@@ -37,7 +37,7 @@ LAYOUTS = {"alzheimer": "data/alzheimer", "lung": "data/lung", "tiny-imagenet": 
 #: Bytes of each column type in Parquet's PLAIN encoding (what :func:`write_parquet` writes).
 PLAIN_BYTES = {"int64": 8, "int32": 4, "int16": 4, "float32": 4, "float64": 8, "bool": 1 / 8}
 #: Parquet's fixed costs without compression, dictionary or statistics (pyarrow, measured once and
-#: checked by tests/test_streaming.py): per file (magic, footer, schema) and per column (column chunk
+#: checked by tests/labs/test_streaming.py): per file (magic, footer, schema) and per column (column chunk
 #: metadata, page header, the column's name in the schema and metadata).
 PARQUET_FILE_BYTES = 100
 PARQUET_COLUMN_BYTES = 90

@@ -9,38 +9,22 @@ Two layers, so that the whole matrix stays fast:
 """
 from __future__ import annotations
 
-import ast
 import os
 from pathlib import Path
 
-import jupytext
 import pytest
-from IPython.core.inputtransformer2 import TransformerManager
+from labcells import LABS, REPO, lab_cells, run_check_cell
 
 from labkit.params import ParameterError
 
-REPO = Path(__file__).resolve().parents[2]
-LABS = sorted((REPO / "labs").glob("[0-9][0-9]_*.py"))
 #: First integer parameter of each lab that counts something (the type and range cases use it).
 COUNTS = ("epochs", "rounds", "num_samples", "world_size")
-
-
-def _cells(lab: Path) -> tuple[list[str], str, dict]:
-    """The code before the check cell, the check cell, and the ``parameters`` cell's defaults."""
-    code = [c for c in jupytext.read(lab).cells if c.cell_type == "code"]
-    index = next(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
-    to_python = TransformerManager().transform_cell
-    defaults = {}
-    for node in ast.parse(code[index].source).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            defaults[node.targets[0].id] = ast.literal_eval(node.value)
-    return [to_python(c.source) for c in code[:index + 1]], to_python(code[index + 1].source), defaults
 
 
 def _cases() -> list[tuple[Path, str, object]]:
     cases = []
     for lab in LABS:
-        defaults = _cells(lab)[2]
+        defaults = lab_cells(lab)[2]
         count = next(name for name in COUNTS if name in defaults)
         cases += [(lab, count, "two"), (lab, count, -1)]
         if "device" in defaults:
@@ -63,13 +47,8 @@ CASES = _cases()
 def test_bad_parameter_fails_at_the_check_naming_it(lab, name, value, results_tmp, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(REPO)
-    before, check, _ = _cells(lab)
-    namespace: dict = {"__name__": "__main__", "display": print}
-    for source in before:
-        exec(compile(source, str(lab), "exec"), namespace)
-    namespace[name] = value
     with pytest.raises(ParameterError) as err:
-        exec(compile(check, str(lab), "exec"), namespace)
+        run_check_cell(lab, **{name: value})
     message = str(err.value)
     assert f"'{name}'" in message and repr(value) in message, message
     assert "allowed" in message or "use" in message.lower() or "start one" in message.lower(), message
@@ -81,7 +60,7 @@ def _papermill(lab: Path, folder: Path) -> tuple[Path, str]:
     import subprocess
     import sys
 
-    name = next(n for n in COUNTS if n in _cells(lab.with_suffix(".py"))[2])
+    name = next(n for n in COUNTS if n in lab_cells(lab.with_suffix(".py"))[2])
     folder.mkdir(parents=True)
     env = {**os.environ, "LABKIT_RESULTS": str(folder / "results")}
     for var in ("LABKIT_QUICK", "RAY_ADDRESS"):

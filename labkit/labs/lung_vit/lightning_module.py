@@ -30,6 +30,9 @@ from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
+from labkit.distributed import worker
+from labkit.env import environment
+from labkit.labs.lung_vit import tracking
 from labkit.train import to_float
 
 #: The Lightning checkpoint file inside each Ray checkpoint (``RayTrainReportCallback.CHECKPOINT_NAME``).
@@ -201,8 +204,6 @@ class MlflowEpochLogger(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
-        from labkit.labs.lung_vit import tracking
-
         if self.params:
             tracking.log_params(self.uri, self.run_id, self.params)
         info = {**self.device_info, "world_size": trainer.world_size, "precision": str(trainer.precision),
@@ -212,8 +213,6 @@ class MlflowEpochLogger(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or trainer.sanity_checking:
             return
-        from labkit.labs.lung_vit import tracking
-
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         tracking.log_metrics(self.uri, self.run_id, metrics, step=trainer.current_epoch + 1)
 
@@ -265,7 +264,6 @@ class CrashAtEpoch(pl.Callback):
         self.fail_at_epoch, self.run_dir = fail_at_epoch, run_dir
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        from labkit.distributed import worker
 
         epoch = trainer.current_epoch + 1
         if batch_idx == int(trainer.num_training_batches) // 2 and worker.should_crash(
@@ -278,7 +276,6 @@ def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
     return value), with ``fail_at_epoch`` the one-time crash, with tracking the MLflow logger. Rank 0
     counts the starts of the worker group in ``run_dir`` (Lab 02's ``attempts.log``). Add
     ``RayTrainReportCallback()`` after them."""
-    from labkit.distributed import worker
 
     run_dir = config.get("run_dir")
     attempt = worker.record_attempt(run_dir) if run_dir and rank == 0 else 1
@@ -290,7 +287,6 @@ def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
     if config.get("fail_at_epoch") and run_dir:
         callbacks.append(CrashAtEpoch(config["fail_at_epoch"], run_dir))
     if config.get("mlflow_run_id"):
-        from labkit.env import environment
 
         uri = config.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         callbacks.append(MlflowEpochLogger(uri, config["mlflow_run_id"], params=config["params"],

@@ -20,12 +20,13 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 
+from labkit import env
 from labkit import metrics as lk_metrics
 from labkit.data.augment import batch_transform
 from labkit.data.lung import data_root, load_lung
+from labkit.distributed import RULES as DISTRIBUTED_RULES
 from labkit.distributed.worker import count_attempts, quiet_ray_worker_logs
 from labkit.env import amp_dtype, environment, pick_device, seed_everything
-from labkit.env import use_channels_last as wanted
 from labkit.files import atomic_path
 from labkit.labs.lung_vit import tracking
 from labkit.labs.lung_vit.lightning_module import CHECKPOINT_NAME, ClassifierBase, load_weights
@@ -67,9 +68,9 @@ RULES: dict[str, Rule] = {
 
 
 def check_params(lab: str = LAB, rules: dict[str, Rule] | None = None, show: bool = True, **values: Any) -> Config:
-    """:func:`labkit.params.check` with :data:`RULES` (and ``rules``), plus the check that involves two
-    parameters (``dim`` divisible by ``heads``): a :class:`ParameterError` names the culprits."""
-    cfg = check(lab, rules={**RULES, **(rules or {})}, show=False, **values)
+    """:func:`labkit.params.check` with :data:`RULES` and ``labkit.distributed.RULES`` (and ``rules``), plus the
+    check that involves two parameters (``dim`` divisible by ``heads``): a :class:`ParameterError` names the culprits."""
+    cfg = check(lab, rules={**DISTRIBUTED_RULES, **RULES, **(rules or {})}, show=False, **values)
     if "dim" in cfg and "heads" in cfg and cfg.dim % cfg.heads:
         ok = [h for h in range(1, min(cfg.dim, 64) + 1) if cfg.dim % h == 0][-4:]
         raise ParameterError(f"{lab}: parameter 'dim' = {cfg.dim} is not divisible by 'heads' = {cfg.heads} (each "
@@ -113,7 +114,7 @@ def use_channels_last(precision: str, use_gpu: bool) -> bool:
     """``channels_last`` for the stem's convolutions: on GPUs, and on CPUs running bf16
     (:func:`labkit.env.use_channels_last`)."""
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
-    return wanted(torch.device("cuda" if use_gpu else "cpu"), dtype)
+    return env.use_channels_last(torch.device("cuda" if use_gpu else "cpu"), dtype)
 
 
 def load_data(cfg: dict, progress: bool = False):

@@ -11,7 +11,7 @@ import pytest
 from labkit import results
 from labkit.labs.federated import METRICS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "labs" / "05_federated.ipynb"
 pytestmark = pytest.mark.slow
 #: balanced accuracy must beat chance (0.5, what any constant answer scores, e.g. always "no IDC") by this

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 #: accuracy, whatever it answers.
 ACC_MARGIN = 0.05
 BALANCED_MARGIN = 0.05
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "labs" / "02_ray.ipynb"
 
 

@@ -9,7 +9,7 @@ import torch
 
 from labkit import results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "labs" / "01_baseline.ipynb"
 pytestmark = pytest.mark.slow
 #: balanced accuracy must beat chance (1/4, what any constant answer scores) by this much. Quick runs on

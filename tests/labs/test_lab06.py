@@ -11,7 +11,7 @@ import pytest
 
 from labkit import results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "labs" / "06_streaming_data.ipynb"
 pytestmark = pytest.mark.slow
 #: Balanced accuracy must beat chance (1/K: what any constant answer scores) by this much. Quick runs on the

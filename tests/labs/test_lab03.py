@@ -19,7 +19,7 @@ from labkit.distributed import ddp
 from labkit.labs.ablations import command, sweep
 from labkit.params import ParameterError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAB = "03_imagenet_ddp_ablations"
 # A tiny run: 4 stand-in classes, 16 px, ResNet-18 at width 1/8, EMA on (its state must resume too).
 RUN = ["--world-size", "2", "--device", "cpu", "--model", "resnet18", "--width", "0.125", "--image-size", "16",

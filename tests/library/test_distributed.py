@@ -20,7 +20,7 @@ from labkit.distributed import worker
 from labkit.params import ParameterError, check
 from labkit.train import scale_lr, shard_indices
 
-LAB = Path(__file__).resolve().parents[1] / "labs" / "02_ray.py"
+LAB = Path(__file__).resolve().parents[2] / "labs" / "02_ray.py"
 
 
 def notebook_namespace(*names: str) -> dict:

@@ -16,7 +16,7 @@ import pytest
 from labkit import results
 from labkit.course import colab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABS = sorted((REPO / "labs").glob("[0-9][0-9]_*.ipynb"))
 
 

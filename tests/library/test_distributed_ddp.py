@@ -134,7 +134,7 @@ def test_rank_killed_by_a_signal_is_named():
 
 
 def test_broadcast_buffers_is_a_no_op_without_a_process_group():
-    """Outside DDP nothing to align (the 2-rank check of the buffers is in tests/test_lab03.py)."""
+    """Outside DDP nothing to align (the 2-rank check of the buffers is in tests/labs/test_lab03.py)."""
     bn = torch.nn.BatchNorm1d(3)
     bn.running_mean.fill_(2.0)
     assert ddp.broadcast_buffers(bn) == 0 and torch.all(bn.running_mean == 2.0)

@@ -13,7 +13,7 @@ import pytest
 
 from labkit import results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "labs" / "07_tune_serve.ipynb"
 pytestmark = pytest.mark.slow
 #: test balanced accuracy must beat chance (0.25, what any constant answer scores, e.g. always the majority

@@ -22,7 +22,7 @@ from labkit.course.run import environ, format_runs
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECK = "nbval-check-output"
 
 

@@ -12,7 +12,7 @@ import pytest
 from labkit.course import labsource
 from labkit.course.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABS = REPO / "labs"
 
 

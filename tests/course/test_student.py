@@ -132,7 +132,7 @@ def test_each_check_fails_on_the_stub_and_passes_on_the_solution(tmp_path):
                 assert "not implemented yet" in errors[0].evalue or "Exercise: complete this cell" in errors[0].evalue
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAB_NOTEBOOKS = sorted((REPO / "labs").glob("[0-9][0-9]_*.ipynb"))
 
 

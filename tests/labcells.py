@@ -1,0 +1,37 @@
+"""A lab's cells as the tests read them: the code up to its ``parameters`` cell, its check cell (the next
+one), and the parameters' defaults, from the lab's jupytext source ``labs/NN_name.py``."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import jupytext
+from IPython.core.inputtransformer2 import TransformerManager
+
+REPO = Path(__file__).resolve().parents[1]
+LABS = sorted((REPO / "labs").glob("[0-9][0-9]_*.py"))
+
+
+def lab_cells(lab: Path) -> tuple[list[str], str, dict]:
+    """The code before the check cell (as Python, IPython's syntax turned into calls), the check cell, and
+    the ``parameters`` cell's defaults."""
+    code = [c for c in jupytext.read(lab).cells if c.cell_type == "code"]
+    index = next(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
+    to_python = TransformerManager().transform_cell
+    defaults = {}
+    for node in ast.parse(code[index].source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    return [to_python(c.source) for c in code[:index + 1]], to_python(code[index + 1].source), defaults
+
+
+def run_check_cell(lab: Path, **override) -> dict:
+    """Run the lab's cells up to and including its check cell, as papermill would with ``-p`` overrides;
+    returns the notebook's namespace."""
+    before, check, _ = lab_cells(lab)
+    namespace: dict = {"__name__": "__main__", "display": print}
+    for source in before:
+        exec(compile(source, str(lab), "exec"), namespace)
+    namespace.update(override)
+    exec(compile(check, str(lab), "exec"), namespace)
+    return namespace
