@@ -1,6 +1,6 @@
 # The README's two commands:
 #   make course   set up .venv, run every lab in quick mode, write results/ (results/SUMMARY.md, summary.png)
-#   make test     set up .venv, run the test suite (what CI runs: .ci/run)
+#   make test     set up .venv, run the linter (ruff) and the test suite (what CI runs: .ci/run)
 # Other targets: make regrade (the course, then every executed lab regraded with nbval), make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
 # labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make lock (rewrite constraints.txt), make clean.
 
@@ -19,6 +19,7 @@ course: $(STAMP)
 	$(BIN)/labkit run --quick
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # CI re-executes only the quickest labs under nbval (the budget); this regrades every lab.

@@ -401,7 +401,9 @@ for epoch in range(args.epochs):
             json.dump({"world_size": world_size, "precision": env.precision_name(dtype),
                        "steps_per_epoch": len(train_loader), "history": history}, f, indent=1)
 
-# 7. Leave the process group.
+# 7. Leave the process group together: a rank that tears down its connections while rank 0 is still writing the
+#    checkpoint can abort at exit ("terminate called without an active exception"), failing a finished run.
+dist.barrier()
 dist.destroy_process_group()
 
 # %% [markdown]
