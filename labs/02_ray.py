@@ -343,11 +343,11 @@ exercises.check_global_mean(my_global_mean)
 # - `ray.train.torch.prepare_data_loader` adds a `DistributedSampler` (each worker gets its own slice), and
 #   `sampler.set_epoch(epoch)` gives a new shuffle each epoch;
 # - `ray.train.report(metrics, checkpoint=...)` after each epoch: metrics from every rank, the checkpoint (model,
-#   optimizer, epoch, history; `ray_train.save_checkpoint`) from rank 0 only. In Ray 2.5x+ "Train V2",
+#   optimizer, epoch, history; `worker.save_checkpoint`) from rank 0 only. In Ray 2.5x+ "Train V2",
 #   `Result.metrics` and `metrics_dataframe` only keep metrics reported **together with a checkpoint** — so we
 #   checkpoint every epoch;
 # - `ray.train.get_checkpoint()` returns the last checkpoint when Ray restarts the workers after a crash: the
-#   loop continues with the next epoch (`ray_train.restore` loads it).
+#   loop continues with the next epoch (`worker.restore` loads it).
 #
 # labkit does the plumbing around it: counting attempts, the crash for `fail_at_epoch`, timing the gradient
 # all-reduce (`AllReduceTimer`) and relaying progress to this notebook. Ray ships this function, defined right

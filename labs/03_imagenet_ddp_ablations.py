@@ -167,7 +167,7 @@ quick_ablations = ["+mixup/cutmix", "+EMA"]   # quick mode: the baseline and the
 # %% [markdown]
 # ## 2. Check the parameters
 # `labkit.params.check` validates every parameter (`-p world_size 0` stops here, naming `world_size`) and
-# applies quick mode; `imagenet.prepare` turns the `ablations` list into one validated config per run (an
+# applies quick mode; `sweep.prepare` turns the `ablations` list into one validated config per run (an
 # unknown switch stops here, naming it; the baseline becomes `repeats` runs, `baseline#1`, `baseline#2`, …).
 # The echo shows what will run.
 

@@ -136,7 +136,7 @@ fail_at_epoch = None          # e.g. 2: one worker crashes once at epoch 2; Ray 
 
 # %% [markdown]
 # ## 2. Check the parameters
-# `lung_vit.check_params` is `labkit.params.check` with this lab's rules (`lung_vit.RULES` for `depth`, `heads`,
+# `runner.check_params` is `labkit.params.check` with this lab's rules (`runner.RULES` for `depth`, `heads`,
 # `dim`, `mlp_dim`, …, passed through its `rules=` argument) plus the one check that involves two parameters:
 # `dim` divisible by `heads`. A bad value fails here, naming the parameter. `distributed.check_cluster` then checks
 # that `workers` fit this machine (or that a cluster answers at `address`) and returns Ray's plan.

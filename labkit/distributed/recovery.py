@@ -213,7 +213,7 @@ def _workers(n: Any) -> str:
 def story(history: Sequence[dict], attempts: int | None = None, left: dict[str, dict] | None = None) -> str:
     """The run in words, attempt by attempt, from the per-epoch ``history`` (rows with ``epoch``, ``attempt``,
     ``world_size`` and ``nodes``, the node of each rank). ``attempts`` is the number of worker-group starts
-    (``ray_train.count_attempts``: also those that stopped before finishing an epoch); ``left`` the nodes
+    (``worker.count_attempts``: also those that stopped before finishing an epoch); ``left`` the nodes
     :class:`RunWatch` saw leave. Ends by saying whether every epoch was trained exactly once."""
     groups: list[tuple[int, list[dict]]] = []
     for row in history:
