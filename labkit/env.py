@@ -61,12 +61,18 @@ def seed_everything(seed: int) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), where bf16 autocast
-    is faster than fp32; on other CPUs bf16 is emulated and slower, so ``"auto"`` stays in fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """True when this CPU computes bf16 natively — AVX512-BF16 or AMX (Cooper Lake, Sapphire Rapids and newer,
+    AMD Zen 4+) — where bf16 autocast is faster than fp32. Elsewhere bf16 is emulated and slower, so ``"auto"``
+    stays in fp32. (oneDNN's own ``_is_mkldnn_bf16_supported()`` is true on *any* AVX-512 CPU — Skylake,
+    Cascade Lake, Ice Lake, the usual cloud and Colab CPUs — which only emulate bf16: not the test to use.)"""
+    for flag in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, flag, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
 
 
 def cuda_has_native_bf16() -> bool:

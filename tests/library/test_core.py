@@ -21,6 +21,22 @@ def test_pick_device_auto_and_explicit():
         env.pick_device("tpu")
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, mkldnn_bf16, want", [
+    (False, False, True, None),             # Skylake / Cascade Lake / Ice Lake: AVX-512, bf16 only emulated
+    (True, False, True, torch.bfloat16),    # Cooper Lake, Zen 4: AVX512-BF16
+    (False, True, True, torch.bfloat16),    # Sapphire Rapids and newer: AMX
+    (True, True, True, torch.bfloat16),
+    (False, False, False, None),            # AVX2-only
+])
+def test_amp_auto_on_cpu_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, avx512_bf16, amx, mkldnn_bf16, want):
+    """oneDNN's bf16 flag is true on every AVX-512 CPU; only AVX512-BF16 or AMX make bf16 faster than fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn_bf16, raising=False)
+    assert env.amp_dtype("auto", torch.device("cpu")) is want
+    assert env.use_channels_last(torch.device("cpu"), env.amp_dtype("auto", torch.device("cpu"))) is (want is not None)
+
+
 def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: True)
