@@ -109,7 +109,7 @@ def test_the_cell_is_short_and_the_url_is_written_once():
     assert 15 <= len(colab.SETUP_CELL.splitlines()) <= 25
     assert colab.SETUP_CELL.startswith(colab.MARKER)
     sources = [p for p in (REPO / "labkit").rglob("*.py") if colab.REPO_URL.removeprefix("https://") in p.read_text()]
-    assert sources == [REPO / "labkit" / "colab.py"]
+    assert sources == [REPO / "labkit" / "course" / "colab.py"]
 
 
 @pytest.mark.parametrize("lab", LABS, ids=lambda p: p.stem)
