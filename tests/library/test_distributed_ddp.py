@@ -92,6 +92,9 @@ def test_failing_rank_reaches_caller_and_stops_all():
     assert "Traceback" in err.remote_traceback
     _assert_no_ranks_left()
     with socket.socket() as sock:          # the rendezvous port is free again (no rank holds it)
+        # SO_REUSEADDR, as a new rendezvous server sets it: a port left in TIME_WAIT by the closed connections
+        # is free (this kernel refuses a plain bind then); one that a live rank still listens on is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", ddp.last_port[0]))
 
 

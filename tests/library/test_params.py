@@ -36,8 +36,8 @@ def test_every_bad_parameter_is_reported_at_once():
 
 def test_unknown_parameter_needs_a_rule():
     with pytest.raises(ParameterError, match="no rule for parameter 'depth'"):
-        params.check("04_lung_vit", show=False, depth=6)
-    cfg = params.check("04_lung_vit", show=False, rules={"depth": Rule(int, 1, 48)}, depth=6)
+        params.check("x", show=False, depth=6)
+    cfg = params.check("x", show=False, rules={"depth": Rule(int, 1, 48)}, depth=6)
     assert cfg.depth == 6
 
 
