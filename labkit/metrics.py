@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 
@@ -66,12 +67,12 @@ def accuracy_noise(acc_a: float, n_a: int, acc_b: float, n_b: int, z: float = 2.
     return float(z * np.sqrt(acc_a * (1 - acc_a) / n_a + acc_b * (1 - acc_b) / n_b))
 
 
-def paired_noise(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds: int = 1000,
-                 seed: int = 0) -> float:
-    """Half the width of the 95 % bootstrap interval of ``metric(pred_a) − metric(pred_b)`` when both models
-    were scored on the *same* test images: resample the images (with replacement) ``rounds`` times and
-    recompute the difference. Pairing removes the luck both models share, so this is tighter than
-    :func:`accuracy_noise` — but it is still only test-sample noise, not seed-to-seed spread."""
+def paired_interval(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` (95 %) bootstrap interval of ``metric(pred_a) − metric(pred_b)`` when both models were scored
+    on the *same* test images: resample the images (with replacement) ``rounds`` times and recompute the
+    difference. Pairing removes the luck both models share, so this is tighter than :func:`accuracy_noise` —
+    but it is still only test-sample noise, not seed-to-seed spread. Judge it with :func:`interval_verdict`."""
     y, a, b = _as_array(y_true, "y_true"), _as_array(pred_a, "pred_a"), _as_array(pred_b, "pred_b")
     if not y.shape == a.shape == b.shape:
         raise ValueError(f"y_true, pred_a and pred_b have {y.size}, {a.size} and {b.size} entries: one per test image.")
@@ -80,12 +81,48 @@ def paired_noise(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds:
     for _ in range(rounds):
         idx = rng.integers(0, y.size, y.size)
         diffs.append(metric(y[idx], a[idx]) - metric(y[idx], b[idx]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def paired_noise(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds: int = 1000,
+                 seed: int = 0) -> float:
+    """Half the width of :func:`paired_interval` (for a table column); the verdict asks whether 0 lies outside
+    the interval itself (:func:`interval_verdict`), which need not be symmetric around the difference."""
+    lo, hi = paired_interval(y_true, pred_a, pred_b, metric, rounds, seed)
     return float((hi - lo) / 2)
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+    """Is row ``a`` different from row ``b`` beyond seed noise, when run ``i`` of both used the same seed?
+
+    The paired differences ``d_i = a_i − b_i`` remove what a seed does to both runs; their mean is judged
+    against its two-sided ``level`` bound, Student's t at ``n − 1`` degrees of freedom times the standard
+    error: ``bound = t · s_d / √n``. Under no real difference the verdict says "beyond noise" at the rate
+    ``1 − level`` (5 %) — the rate a test of this module simulates. Returns ``n``, ``diff`` (mean),
+    ``bound``, ``low``/``high`` and ``verdict``; with one seed there is no spread to judge against
+    (``bound`` NaN, verdict "no spread measured").
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"a and b need one value per seed, the same seeds in both: got {x.size} and {y.size} values.")
+    d = x - y
+    n, mean = int(d.size), float(d.mean())
+    if n < 2:
+        return {"n": n, "diff": mean, "bound": float("nan"), "low": float("nan"), "high": float("nan"),
+                "verdict": "no spread measured"}
+    bound = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    return {"n": n, "diff": mean, "bound": bound, "low": mean - bound, "high": mean + bound,
+            "verdict": interval_verdict(mean - bound, mean + bound)}
+
+
+def interval_verdict(low: float, high: float) -> str:
+    """The one rule every comparison in the course uses: ``"beyond noise"`` when 0 lies outside the interval
+    ``[low, high]`` of a difference, else ``"within noise"`` (so no difference at all is never "beyond")."""
+    return "within noise" if low <= 0.0 <= high else "beyond noise"
+
+
 def verdict(difference: float, noise: float) -> str:
-    """``"within noise"`` when ``|difference| <= noise`` (so no difference at all is never "beyond"), else
-    ``"beyond noise"`` — the label every comparison in the course puts beside a difference (Lab 03's ablation
-    table uses the same rule with the seed spread)."""
-    return "within noise" if abs(difference) <= noise else "beyond noise"
+    """:func:`interval_verdict` for a symmetric interval ``difference ± noise`` (``|difference| <= noise`` is
+    "within noise")."""
+    return interval_verdict(difference - noise, difference + noise)

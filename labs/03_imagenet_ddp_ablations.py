@@ -30,7 +30,7 @@
 #   (`torchvision.transforms.v2`), stochastic depth, progressive resizing, OneCycleLR + AdamW, an EMA of the
 #   weights (`torch.optim.swa_utils`), an LR range test;
 # - run an **ablation study** as a measurement: one change per row, the baseline repeated with other seeds so
-#   every difference is read against the seed-to-seed spread, the winner chosen on validation and reported on a
+#   every difference is read seed by seed against its own 95 % noise bound, the winner chosen on validation and reported on a
 #   held-out test split;
 # - understand why the source project's EMA with decay 0.9999 gave 0.5 % accuracy.
 #
@@ -111,8 +111,8 @@ from labkit.models.summary import count_parameters
 # scaled to other global batches by `lr_scaling`; progressive resizing in the seed's 64 : 128 : 224 ratios
 # with its per-phase batch sizes (halved each phase) and epoch shares (30 / 20 / 40).
 #
-# `repeats` trains the baseline with that many seeds (`seed`, `seed + 1`, …): their spread is the yardstick for
-# every other row. `test_size` training images are held out as a **test split** that no choice looks at.
+# `repeats` trains **every row** with that many seeds, the same ones (`seed`, `seed + 1`, …): run *k* of a row and
+# run *k* of the baseline share a seed, so their difference is free of what that seed does to both (section 8). `test_size` training images are held out as a **test split** that no choice looks at.
 # `memory_budget` (bytes) caps the decoded images kept in RAM; a larger split is memory-mapped from disk.
 #
 # `quick=True` (or `LABKIT_QUICK=1`) shrinks the work so that each row still *learns*: only the baseline and
@@ -129,7 +129,7 @@ progressive_sizes = None       # None: the seed's 64:128:224 ratios of image_siz
 batch_size = 128               # per rank, in the first progressive phase (halved in each later phase)
 lr = 3e-4                      # OneCycleLR peak at a global batch of 256 (the seed's), scaled by lr_scaling
 lr_scaling = "sqrt"            # none | linear | sqrt: how the lr grows with the global batch / 256
-repeats = None                 # seeds for the baseline row (None: 2 in quick mode, 3 otherwise)
+repeats = None                 # seeds for every row, the same for all (None: 2 in quick mode, 3 otherwise)
 test_size = 1000               # training images held out as the test split (reported once, never chosen on)
 memory_budget = None           # bytes of decoded images in RAM (None: half the available memory), else memory-mapped
 amp = "auto"                   # mixed precision: "auto" (bf16 where the GPU/CPU runs it natively), "bf16", "fp16", False
@@ -168,7 +168,7 @@ quick_ablations = ["+mixup/cutmix", "+EMA"]   # quick mode: the baseline and the
 # ## 2. Check the parameters
 # `labkit.params.check` validates every parameter (`-p world_size 0` stops here, naming `world_size`) and
 # applies quick mode; `sweep.prepare` turns the `ablations` list into one validated config per run (an
-# unknown switch stops here, naming it; the baseline becomes `repeats` runs, `baseline#1`, `baseline#2`, …).
+# unknown switch stops here, naming it; every row becomes `repeats` runs, `baseline#1`, `baseline#2`, …).
 # The echo shows what will run.
 
 # %% tags=["nbval-check-output"]
@@ -761,20 +761,24 @@ runs = sweep.run_ablations(configs, data_set, world_size=cfg.world_size, device=
                               save_dir=out_dir / "checkpoints")
 
 # %% [markdown]
-# ## 8. Results — differences against the seed-to-seed spread
-# One row per ablation: validation top-1 (for the baseline the **mean over its seeds**, with `top1_spread` =
-# highest − lowest), top-5, test top-1, the train–val gap, seconds and images/s. `diff` is the row's top-1 minus
-# the baseline's; **`verdict` says "within noise" when that difference is smaller than the baseline's spread**
-# — a different seed alone moved the baseline that much, so the row has not shown an effect.
+# ## 8. Results — paired differences against their own noise
+# One row per ablation: validation top-1 (the **mean over its seeds**, with `top1_spread` = highest − lowest),
+# top-5, the train–val gap, seconds and images/s. Every row ran with the baseline's seeds, so `diff` is the mean of
+# the **paired** differences (row − baseline, seed by seed) and `bound` its two-sided 95 % bound: Student's *t* at
+# `seeds − 1` degrees of freedom times the standard error of those differences
+# (`labkit.metrics.paired_difference`). **`verdict` says "beyond noise" only when 0 lies outside `diff ± bound`**:
+# with no real effect that happens in 5 % of rows — the rate the rule promises (a test simulates it). Test
+# metrics are left out of this table on purpose: rows are compared and chosen on validation only.
 
 # %%
 table = sweep.ablation_table(runs)
 write_text(out_dir / "ablations.csv", table.to_csv(index=False))
-print(table.round(3).to_string(index=False))
+shown = ["ablation", "seeds", "top1", "top1_spread", "top5", "gap", "diff", "bound", "verdict", "seconds", "images_per_s"]
+print(table[shown].round(3).to_string(index=False))
 
 # %% tags=["nbval-check-output", "labkit-result"]
 base_row = table.iloc[0]
-print(f"{len(table)} rows, baseline over {int(base_row['seeds'])} seeds; chance {1 / num_classes:.2f}")
+print(f"{len(table)} rows, each over the same {int(base_row['seeds'])} seeds; chance {1 / num_classes:.2f}")
 print(f"baseline top-1 {base_row['top1']:.2f} ± {base_row['top1_spread'] / 2:.2f} (mean ± half the spread)")
 print("well above chance:", bool(base_row["top1"] > 2 / num_classes))
 
@@ -800,12 +804,13 @@ for ax, (col, title) in zip(axes, (("loss", "training loss (mixed targets)"),
 plotting.save_figure(fig, out_dir / "learning_curves.png");
 
 # %% [markdown]
-# **How many repeats does a claim need?** The spread of `n` seeds estimates the noise of *one* run; a
-# difference `d` between two rows is believable when it is well outside that noise. With a per-run standard
-# deviation `σ`, the difference of two means of `n` runs each has standard deviation `σ·√(2/n)`; to call
-# `d` real at roughly 95 % you need `d > 2·σ·√(2/n)`, i.e. `n > 8·σ²/d²`. For an effect as large as the noise
-# (`d = σ`) that is 8 runs per row; for `d = 2σ`, 2 runs. Two seeds (quick mode) only catch large effects, and
-# their range is itself a rough estimate — "beyond noise" with 2 seeds is a hint, not a finding.
+# **How many repeats does a claim need?** Pairing by seed removes what a seed does to both runs; what is left
+# is the spread `σ_d` of the per-seed differences. Their mean has standard error `σ_d/√n`, and the bound is
+# `t(n−1)·σ_d/√n` — with `t(1) = 12.7` for 2 seeds, `t(2) = 4.3` for 3, `t(7) = 2.4` for 8. To *see* an effect `d`
+# (verdict "beyond noise" in about 80 % of studies, at the 5 % false-alarm rate) you need roughly
+# `n ≈ (1.96 + 0.84)²·σ_d²/d² ≈ 8·σ_d²/d²` seeds, a few more for small `n` (the *t* quantile is larger than 1.96).
+# For an effect as large as the noise (`d = σ_d`) that is about 10 seeds per row; for `d = 2σ_d`, about 4.
+# Quick mode's 2 seeds only ever call huge effects — and it will say "within noise" for most rows, honestly.
 #
 # The source project ran every configuration **once**. Its ablation differences of a point or two on Tiny
 # ImageNet are of the size a different seed, data order or augmentation draw produces by itself, so its
@@ -827,17 +832,16 @@ print(f"test balanced accuracy {best['test_balanced_acc']:.3f}, macro-F1 {best['
 # ## 9. Against the source project
 # What seed 002 reported on the **real** Tiny ImageNet (200 classes, ResNet-50, many epochs on a GPU) beside
 # this run, each compared like with like: a row that changes one thing against the baseline, read against the
-# baseline's spread. **Stand-in numbers are not Tiny ImageNet numbers**; the point of the quick run is the
+# paired 95 % bound. **Stand-in numbers are not Tiny ImageNet numbers**; the point of the quick run is the
 # mechanics, the full run on the real data is where the seed's claims can be checked.
 
 # %%
 rows_by_name = table.set_index("ablation")
-spread = base_row["top1_spread"]
 def vs_base(name, key="top1"):
     if name not in rows_by_name.index:
         return "not run"
     r = rows_by_name.loc[name]
-    return f"{r[key] - base_row[key]:+.3f} ({r['verdict']}, spread {spread:.3f})" if key == "top1" else \
+    return f"{r['diff']:+.3f} ± {r['bound']:.3f} ({r['verdict']})" if key == "top1" else \
         f"{base_row[key]:+.3f} -> {r[key]:+.3f}"
 seed_vs_this = pd.DataFrame([
     {"claim": "all techniques: top-1", "seed 002": "≈ 0.67",
@@ -852,7 +856,7 @@ seed_vs_this = pd.DataFrame([
      "this run": "EMA 0.999 + warm-up: " + vs_base("+EMA")},
 ])
 print(f"data: {data_set.name}, synthetic stand-in: {data_set.synthetic}, {num_classes} classes "
-      f"(chance {1 / num_classes:.3f}), {cfg.epochs} epochs, baseline over {cfg.repeats} seeds")
+      f"(chance {1 / num_classes:.3f}), {cfg.epochs} epochs, every row over the same {cfg.repeats} seeds")
 print(seed_vs_this.to_string(index=False))
 if data_set.synthetic:
     print("These are stand-in numbers: they are NOT Tiny ImageNet results and can neither confirm nor refute the seed's.")
@@ -892,7 +896,9 @@ record = results.RunRecord(
            "baseline_top1_mean": float(base_row["top1"]), "baseline_top1_spread": float(base_row["top1_spread"]),
            "rows": {r["ablation"]: {"top1_mean": r["top1"], "top1_spread": r["top1_spread"], "seeds": int(r["seeds"]),
                                     "test_top1_mean": r["test_top1"], "test_balanced_acc_mean": r["test_balanced_acc"],
-                                    "test_macro_f1_mean": r["test_macro_f1"], "diff": r["diff"], "verdict": r["verdict"]}
+                                    "test_macro_f1_mean": r["test_macro_f1"], "diff": r["diff"], "bound": r["bound"],
+                                    "paired_seeds": int(r["paired_seeds"]), "verdict": r["verdict"],
+                                    "seed_values": sorted({x["seed"] for x in runs if x["row"] == r["ablation"]})}
                     for r in table.to_dict("records")},
            "chance": 1 / num_classes,
            "seconds": sum(r["final"]["seconds"] for r in runs),
@@ -914,8 +920,9 @@ print("saved", results.save(record))
 # - Each recipe piece is a few lines of `torch`/`torchvision`: MixUp/CutMix make soft targets, stochastic depth
 #   drops residual branches (and rescales the survivors), OneCycle is stepped per batch, an EMA averages over
 #   `1 / (1 − decay)` steps — match the decay to the run, and warm it up.
-# - An ablation is a measurement: change one thing per row, repeat the baseline with other seeds, and call a
-#   difference an effect only when it is larger than that spread (small effects need many repeats: `n > 8σ²/d²`).
+# - An ablation is a measurement: change one thing per row, run every row with the same seeds, and call a
+#   difference an effect only when 0 lies outside its paired 95 % bound (small effects need many seeds:
+#   `n ≈ 8·σ_d²/d²`).
 #   Choose on validation, report on a test split nothing was chosen on. The seed's single runs cannot separate
 #   effects of a point or two; its ≈ 67 % with everything on came from long GPU runs on the real data.
 # - BatchNorm statistics are buffers that DDP does not average: broadcast rank 0's (or use SyncBatchNorm) before

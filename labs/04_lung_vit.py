@@ -564,11 +564,13 @@ if cnn_row and np.array_equal(np.asarray(cnn_test["y_true"]), np.asarray(y_true)
     # Both models scored the same test images, so resample those images (a paired bootstrap) to see how far the
     # balanced-accuracy difference could move by the luck of the test sample alone.
     diff = vit_row["balanced_acc"] - cnn_row["balanced_acc"]
-    noise = metrics.paired_noise(y_true, y_pred, cnn_test["y_pred"])
+    low, high = metrics.paired_interval(y_true, y_pred, cnn_test["y_pred"])   # its 95 % interval
     agree = float((np.asarray(y_pred) == np.asarray(cnn_test["y_pred"])).mean())
-    vs_cnn = {"balanced_acc_diff": diff, "noise": noise, "verdict": metrics.verdict(diff, noise), "agreement": agree}
-    print(f"balanced accuracy, ViT − CNN: {diff:+.3f}; test-sample noise ±{noise:.3f} (paired bootstrap, "
-          f"{len(y_true)} images) → {vs_cnn['verdict']}; the two models give the same answer on {agree:.0%} of them")
+    vs_cnn = {"balanced_acc_diff": diff, "low": low, "high": high, "noise": (high - low) / 2,
+              "verdict": metrics.interval_verdict(low, high), "agreement": agree}
+    print(f"balanced accuracy, ViT − CNN: {diff:+.3f}; 95 % test-sample interval [{low:+.3f}, {high:+.3f}] (paired "
+          f"bootstrap, {len(y_true)} images) → {vs_cnn['verdict']} (beyond only when 0 lies outside it); the two "
+          f"models give the same answer on {agree:.0%} of them")
 plotting.plot_comparison(comparison, out_dir / "vit_vs_cnn.png", metrics=["acc", "balanced_acc", "macro_f1"],
                          title="ViT vs Lab 01's CNN, same data");
 

@@ -97,7 +97,7 @@ clients = 3
 rounds = 10
 local_epochs = 1
 split = "hospital"            # "iid" | "dirichlet" | "hospital"
-alpha = 0.5                   # Dirichlet concentration (split="dirichlet")
+alpha = 0.5                   # Dirichlet concentration, used when split is dirichlet
 image_size = 128
 batch_size = 32
 lr = 1e-3

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,21 +59,23 @@ def test_world_size_zero_is_refused():
         command.main(["--world-size", "0"])
 
 
-def test_quick_prepare_keeps_fewer_rows_and_repeats_the_baseline():
+def test_quick_prepare_keeps_fewer_rows_and_runs_every_row_with_the_baseline_s_seeds():
     rows = [{"name": "base"}, {"name": "b", "ema_decay": 0.999}, {"name": "c", "mixup": 0.0}]
     cfg = params.check(LAB, rules=sweep.LAB_RULES, show=False, quick=True, model="resnet50", width=1.0,
                        epochs=30, image_size=64, batch_size=128, lr=3e-4, progressive_sizes=[16, 40, 64],
                        lr_finder_steps=100, ablations=rows, quick_ablations=["b"], repeats=None, test_size=1000)
     configs = sweep.prepare(cfg)
-    assert [c.name for c in configs] == ["base#1", "base#2", "b"], "quick: the baseline (2 seeds) + quick_ablations"
-    assert [c.seed for c in configs] == [0, 1, 0] and cfg.repeats == 2 and cfg.test_size == 300
+    assert [c.name for c in configs] == ["base#1", "base#2", "b#1", "b#2"], "quick: the baseline + quick_ablations"
+    assert [c.seed for c in configs] == [0, 1, 0, 1] and cfg.repeats == 2 and cfg.test_size == 300
     assert all(c.model == "resnet18" and c.width == 0.25 and c.epochs == 6 and c.image_size == 16
                and c.batch_size == 32 and c.lr == 3e-3 and c.pct_start == 0.2 for c in configs)
     assert configs[2].ema_decay == 0.999 and configs[0].progressive_sizes == [16]
     full = params.check(LAB, rules=sweep.LAB_RULES, show=False, ablations=rows, quick_ablations=["b"],
                         repeats=None, lr=3e-4, batch_size=128)
     configs = sweep.prepare(full)
-    assert [c.name for c in configs] == ["base#1", "base#2", "base#3", "b", "c"], "full: every row, 3 seeds"
+    assert [c.name for c in configs] == [f"{r}#{k}" for r in ("base", "b", "c") for k in (1, 2, 3)], \
+        "full: every row, the same 3 seeds"
+    assert [c.seed for c in configs] == [0, 1, 2] * 3
     assert configs[0].lr == 3e-4 and sweep.peak_lr(configs[0], 2) == pytest.approx(3e-4)
     with pytest.raises(ParameterError, match="'nope'"):
         sweep.prepare(params.check(LAB, rules=sweep.LAB_RULES, show=False, quick=True, ablations=rows,
@@ -112,21 +115,59 @@ def test_every_row_changes_one_switch_of_the_baseline_and_defaults_follow_the_se
     assert len({sweep.row_name(c.name) for c in full}) == len(rows), "the full configuration keeps every row"
 
 
-def test_table_labels_differences_within_the_baseline_spread():
-    def run(name, top1):
-        return {"name": name, "final": {"top1": top1, "top5": 1.0, "test_top1": top1 - 0.01, "gap": 0.0,
-                                        "seconds": 1.0, "images_per_s": 10.0}}
+def test_table_pairs_rows_by_seed_and_judges_each_against_its_bound():
+    def run(name, seed, top1):
+        return {"name": f"{name}#{seed + 1}", "seed": seed,
+                "final": {"top1": top1, "top5": 1.0, "test_top1": top1 - 0.01, "gap": 0.0, "seconds": 1.0,
+                          "images_per_s": 10.0}}
 
-    table = sweep.ablation_table([run("baseline#1", 0.50), run("baseline#2", 0.56), run("small", 0.57),
-                                     run("big", 0.70), run("worse", 0.40)])
-    t = table.set_index("ablation")
-    assert t.loc["baseline", "seeds"] == 2 and t.loc["baseline", "top1"] == pytest.approx(0.53)
-    assert t.loc["baseline", "top1_spread"] == pytest.approx(0.06)
-    assert t.loc["small", "diff"] == pytest.approx(0.04) and t.loc["small", "verdict"] == "within noise"
-    assert t.loc["big", "verdict"] == "beyond noise" and t.loc["worse", "verdict"] == "beyond noise"
-    assert t.loc["baseline", "verdict"] == "baseline" and t.loc["big", "test_top1"] == pytest.approx(0.69)
-    single = sweep.ablation_table([run("baseline", 0.5), run("x", 0.6)]).set_index("ablation")
+    base = [0.50, 0.56, 0.47]                 # seed effects: seed 1 is a lucky seed for every row
+    runs = [run("baseline", k, v) for k, v in enumerate(base)]
+    runs += [run("same", k, v + d) for k, (v, d) in enumerate(zip(base, (0.01, -0.01, 0.0)))]
+    runs += [run("better", k, v + d) for k, (v, d) in enumerate(zip(base, (0.05, 0.06, 0.055)))]
+    runs += [run("worse", k, v - d) for k, (v, d) in enumerate(zip(base, (0.04, 0.05, 0.045)))]
+    t = sweep.ablation_table(runs).set_index("ablation")
+    assert t.loc["baseline", "seeds"] == 3 and t.loc["baseline", "top1"] == pytest.approx(0.51)
+    assert t.loc["baseline", "top1_spread"] == pytest.approx(0.09) and t.loc["baseline", "verdict"] == "baseline"
+    # "better" moves by 0.055 — less than the baseline's seed range (0.09), which the old rule needed — yet
+    # seed by seed it is always ~0.055 better: beyond noise once paired. "same" is within its bound.
+    assert t.loc["better", "diff"] == pytest.approx(0.055) and t.loc["better", "verdict"] == "beyond noise"
+    assert t.loc["worse", "verdict"] == "beyond noise" and t.loc["worse", "diff"] < 0
+    assert t.loc["same", "verdict"] == "within noise" and t.loc["same", "bound"] > abs(t.loc["same", "diff"])
+    assert (t["paired_seeds"] == 3).all() and t.loc["better", "test_top1"] == pytest.approx(0.555)
+    single = sweep.ablation_table([run("baseline", 0, 0.5), run("x", 0, 0.6)]).set_index("ablation")
     assert single.loc["x", "verdict"] == "no spread measured"
+    with pytest.raises(ValueError, match="shares no seed"):
+        sweep.ablation_table([run("baseline", 0, 0.5), run("x", 5, 0.6)])
+
+
+def _simulated_rate(seeds: int, effect: float, studies: int = 1500) -> float:
+    """How often the lab's table says "beyond noise" for a row whose true difference to the baseline is
+    ``effect``: every run k of both rows shares seed k's effect (σ 0.03) plus its own noise (σ 0.01)."""
+    rng = np.random.default_rng(seeds)
+    flagged = 0
+    for _ in range(studies):
+        seed_effect = rng.normal(0.40, 0.03, seeds)
+        runs = [{"name": f"{row}#{k + 1}", "seed": k, "row": row,
+                 "final": {"top1": float(seed_effect[k] + shift + rng.normal(0, 0.01))}}
+                for row, shift in (("baseline", 0.0), ("row", effect)) for k in range(seeds)]
+        flagged += sweep.ablation_table(runs).iloc[1]["verdict"] == "beyond noise"
+    return flagged / studies
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_with_no_real_effect_the_table_says_beyond_noise_at_most_5_percent_of_the_time(seeds):
+    """Null rows (seed noise only), judged exactly as the lab judges them: the paired t rule's false "beyond
+    noise" rate is 5 % by construction; allowed: 5 % plus two Monte-Carlo standard errors of the simulation."""
+    studies = 1500
+    rate = _simulated_rate(seeds, effect=0.0, studies=studies)
+    assert rate <= 0.05 + 2 * (0.05 * 0.95 / studies) ** 0.5, f"false 'beyond noise' rate {rate:.3f} at {seeds} seeds"
+
+
+def test_a_real_effect_is_seen_with_enough_seeds():
+    """The rule can also say yes: an effect three times the run-to-run noise of a paired difference
+    (0.01·√2 ≈ 0.014) is called "beyond noise" in most studies of 5 seeds."""
+    assert _simulated_rate(5, effect=0.045, studies=300) > 0.8
 
 
 def test_batchnorm_statistics_are_identical_on_every_rank_after_an_epoch(tiny_data, tmp_path):
@@ -308,7 +349,10 @@ def test_quick_notebook_runs_and_writes_record_table_plots(course):
     assert final["repeats"] == 2 and final["rows"]["baseline"]["seeds"] == 2
     for name, row in final["rows"].items():
         assert {"top1_mean", "top1_spread", "seeds", "verdict", "test_top1_mean", "test_balanced_acc_mean",
-                "test_macro_f1_mean"} <= set(row), name
+                "test_macro_f1_mean", "diff", "bound"} <= set(row), name
+        assert row["seed_values"] == final["rows"]["baseline"]["seed_values"] == [0, 1], f"{name}: the baseline's seeds"
+        if name != "baseline":    # a paired difference and its bound, judged by the one rule
+            assert row["verdict"] == ("beyond noise" if abs(row["diff"]) > row["bound"] else "within noise"), row
     # The honest metrics of every record: balanced accuracy and macro-F1 beside the majority rate.
     assert {"acc", "balanced_acc", "macro_f1", "majority_rate"} <= set(final)
     assert final["balanced_acc"] > final["majority_rate"], final

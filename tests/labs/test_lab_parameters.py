@@ -39,3 +39,12 @@ def test_lab04_command_defaults_are_its_notebook_s():
     notebook = lab_cells(next(p for p in LABS if p.stem == "04_lung_vit"))[2]
     differ = {k: (v, notebook.get(k, "missing")) for k, v in runner.DEFAULTS.items() if notebook.get(k, "missing") != v}
     assert not differ, f"runner.DEFAULTS (command) vs Lab 04's parameters cell: {differ}"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=[p.stem[:2] for p in LABS])
+def test_papermill_lists_every_parameter(lab):
+    """What `papermill LAB --help-notebook` shows: every parameter (a comment papermill cannot parse hides one)."""
+    import papermill
+
+    listed = papermill.inspect_notebook(str(lab.with_suffix(".ipynb")))
+    assert set(listed) == set(lab_cells(lab)[2]), f"{lab.name}: papermill misses {set(lab_cells(lab)[2]) - set(listed)}"

@@ -182,3 +182,36 @@ def test_noise_of_a_difference_and_its_verdict():
     assert metrics.paired_noise(y, good, good, rounds=50) == 0.0
     with pytest.raises(ValueError, match="one per test image"):
         metrics.paired_noise(y, good[:10], close)
+
+
+def test_the_verdict_asks_whether_zero_lies_outside_the_interval():
+    from labkit import metrics
+
+    assert metrics.interval_verdict(-0.01, 0.05) == "within noise"
+    assert metrics.interval_verdict(0.001, 0.05) == "beyond noise" and metrics.interval_verdict(-0.2, -0.1) == "beyond noise"
+    assert metrics.interval_verdict(0.0, 0.0) == "within noise"          # no difference is never "beyond"
+    # a skewed bootstrap interval: the difference is 0.02 and the half-width 0.03, but the interval [0.005, 0.065]
+    # leaves 0 out — a symmetric ±half-width rule would have said "within noise"
+    assert metrics.verdict(0.02, 0.03) == "within noise" and metrics.interval_verdict(0.005, 0.065) == "beyond noise"
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    strong = np.where(rng.random(400) < 0.95, y, 1 - y)
+    weak = np.where(rng.random(400) < 0.6, y, 1 - y)
+    low, high = metrics.paired_interval(y, strong, weak, rounds=300)
+    assert 0 < low < high and metrics.interval_verdict(low, high) == "beyond noise"
+
+
+def test_paired_difference_uses_student_t_at_n_minus_1_degrees_of_freedom():
+    from scipy import stats
+
+    from labkit import metrics
+
+    judged = metrics.paired_difference([0.6, 0.7, 0.8], [0.5, 0.5, 0.5])     # differences 0.1, 0.2, 0.3
+    bound = stats.t.ppf(0.975, 2) * 0.1 / 3 ** 0.5                            # t(2) = 4.30, s_d = 0.1
+    assert judged["n"] == 3 and judged["diff"] == pytest.approx(0.2) and judged["bound"] == pytest.approx(bound)
+    assert judged["verdict"] == "within noise"                               # 0.2 < 0.248: 3 seeds are not enough
+    steady = metrics.paired_difference([0.62, 0.71, 0.55], [0.60, 0.69, 0.53])  # +0.02 on every seed
+    assert steady["bound"] == pytest.approx(0.0, abs=1e-12) and steady["verdict"] == "beyond noise"
+    assert metrics.paired_difference([0.5], [0.4])["verdict"] == "no spread measured"
+    with pytest.raises(ValueError, match="same seeds"):
+        metrics.paired_difference([0.5, 0.6], [0.4])

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -42,8 +43,9 @@ LAB = "03_imagenet_ddp_ablations"
 def ablation_configs(ablations: list[dict], repeats: int = 1, **base) -> list[AblationConfig]:
     """Configs for the notebook's ``ablations`` list: each dict (``name`` + switches) over ``base``.
 
-    The first row (the baseline) becomes ``repeats`` runs with seeds ``seed, seed + 1, …``, named
-    ``<name>#1``, ``<name>#2``, … when ``repeats > 1``.
+    Every row becomes ``repeats`` runs with the same seeds ``seed, seed + 1, …``, named ``<name>#1``,
+    ``<name>#2``, … when ``repeats > 1``: run ``k`` of a row and run ``k`` of the baseline (the first row) share
+    a seed, so their difference is free of what that seed does to both (:func:`ablation_table` pairs them).
     """
     if not isinstance(ablations, (list, tuple)) or not ablations:
         raise ParameterError(f"{LAB}: ablations must be a non-empty list of dicts, got {ablations!r}.")
@@ -55,7 +57,7 @@ def ablation_configs(ablations: list[dict], repeats: int = 1, **base) -> list[Ab
             raise ParameterError(f"{LAB}: ablations[{i}] = {item!r} must be a dict with a 'name' and switches.")
         if REPEAT in item["name"]:
             raise ParameterError(f"{LAB}: ablation name {item['name']!r} may not contain {REPEAT!r} (it marks repeats).")
-        if i == 0 and repeats > 1:
+        if repeats > 1:
             seed = {**base, **item}.get("seed", 0)
             configs += [make_config({**base, **item, "name": f"{item['name']}{REPEAT}{k + 1}", "seed": seed + k})
                         for k in range(repeats)]
@@ -77,7 +79,8 @@ LAB_RULES: dict[str, Rule] = {
     "lr_finder_steps": Rule(int, 0, 10_000, help="batches of the LR range test (0 = skip it)"),
     "ablations": Rule(list, help="named configs: [{'name': ..., '<switch>': value, ...}, ...]"),
     "quick_ablations": Rule(list, help="names of the rows quick mode keeps (the first row is the baseline)"),
-    "repeats": Rule(int, 1, 100, optional=True, help="seeds the baseline row is trained with (None: 2 quick, 3 full)"),
+    "repeats": Rule(int, 1, 100, optional=True, help="seeds every row is trained with, the same for all rows "
+                                                     "(None: 2 quick, 3 full)"),
     "test_size": Rule(int, 0, 10_000_000, help="training images held out as the test split (0: none)"),
     "memory_budget": Rule((int, float), 0, 2**50, optional=True,
                           help="bytes of decoded images kept in RAM; above it a memory-mapped cache on disk "
@@ -94,9 +97,9 @@ REPEAT = "#"
 def prepare(cfg: dict) -> list[AblationConfig]:
     """The lab's ablation configs from its checked parameters (``cfg`` from ``labkit.params.check``).
 
-    The first row of ``ablations`` is the baseline: it runs ``repeats`` times, with seeds ``seed``,
-    ``seed + 1``, … (runs named ``baseline#1``, ``baseline#2``, …), so the table can show how much a
-    result moves with the seed alone. Quick mode keeps only the rows named in ``quick_ablations``
+    The first row of ``ablations`` is the baseline. Every row runs ``repeats`` times, with the same seeds
+    ``seed``, ``seed + 1``, … (runs named ``baseline#1``, ``baseline#2``, …), so the table can judge each
+    row's difference to the baseline seed by seed. Quick mode keeps only the rows named in ``quick_ablations``
     and shrinks the network (ResNet-18, width ≤ 0.25, batch ≤ 32) and the recipe
     (:data:`QUICK_RECIPE`) so that each row learns in seconds on a CPU; ``cfg`` is updated in place
     so the echo shows what runs.
@@ -350,46 +353,48 @@ def run_ablation(config: AblationConfig | dict, data, **kw) -> dict:
     return run_ablations([config], data, **kw)[0]
 
 
-def ablation_table(results: list[dict]):
-    """One row per ablation (repeats of a row averaged), as a pandas DataFrame.
+def ablation_table(results: list[dict], level: float = 0.95):
+    """One row per ablation (its seeds averaged), as a pandas DataFrame.
 
     Columns: ``seeds`` (runs), ``top1`` (mean validation top-1), ``top1_spread`` (max − min over the
     seeds; NaN for a single run), ``top5``, ``test_top1``, ``test_balanced_acc``, ``test_macro_f1`` (means on the
-    held-out split), ``gap``, ``seconds``, ``images_per_s``
-    (means), ``diff`` (top-1 minus the first row's, the baseline) and ``verdict``: ``"within noise"``
-    when ``|diff|`` is smaller than the baseline's seed spread, else ``"beyond noise"`` (``"baseline"``
-    for the first row; ``"no spread measured"`` when the baseline ran once).
+    held-out split), ``gap``, ``seconds``, ``images_per_s`` (means); then the comparison with the first row (the
+    baseline), seed by seed: ``diff`` (mean of the paired top-1 differences), ``bound`` (its two-sided ``level``
+    bound, Student's t at seeds − 1 degrees of freedom) and ``verdict`` (:func:`labkit.metrics.paired_difference`:
+    "beyond noise" when 0 lies outside ``diff ± bound``; "baseline" for the first row; "no spread measured" with
+    one seed). Runs pair by their ``seed`` (in order where a result has none).
     """
-    import math
-
-    import pandas as pd
-
     rows, order = {}, []
     for r in results:
         row = r.get("row") or row_name(r["name"])
         if row not in rows:
             rows[row] = []
             order.append(row)
-        rows[row].append(r["final"])
+        rows[row].append(r)
     table = []
     for row in order:
-        finals = rows[row]
+        finals = [r["final"] for r in rows[row]]
         mean = lambda k: sum(f.get(k, float("nan")) for f in finals) / len(finals)  # noqa: E731
         top1 = [f["top1"] for f in finals]
         table.append({"ablation": row, "seeds": len(finals), "top1": mean("top1"),
                       "top1_spread": max(top1) - min(top1) if len(top1) > 1 else float("nan"),
                       "top5": mean("top5"), "test_top1": mean("test_top1"),
                       "test_balanced_acc": mean("test_balanced_acc"), "test_macro_f1": mean("test_macro_f1"),
-                      "gap": mean("gap"),
-                      "seconds": mean("seconds"), "images_per_s": mean("images_per_s")})
-    base = table[0]
-    for t in table:
-        t["diff"] = t["top1"] - base["top1"]
-        if t is base:
-            t["verdict"] = "baseline"
-        elif math.isnan(base["top1_spread"]):
-            t["verdict"] = "no spread measured"
-        else:
-            t["verdict"] = "within noise" if abs(t["diff"]) < base["top1_spread"] else "beyond noise"
-    return pd.DataFrame(table)
+                      "gap": mean("gap"), "seconds": mean("seconds"), "images_per_s": mean("images_per_s")})
 
+    def by_seed(row: str) -> dict:
+        return {r.get("seed", k): r["final"]["top1"] for k, r in enumerate(rows[row])}
+
+    base = by_seed(order[0])
+    for t in table:
+        if t["ablation"] == order[0]:
+            t.update(diff=0.0, bound=float("nan"), verdict="baseline", paired_seeds=len(base))
+            continue
+        this = by_seed(t["ablation"])
+        shared = sorted(set(this) & set(base))
+        if not shared:
+            raise ValueError(f"ablation {t['ablation']!r} shares no seed with the baseline {order[0]!r} "
+                             f"(seeds {sorted(this)} vs {sorted(base)}): run every row with the same seeds.")
+        judged = metrics.paired_difference([this[k] for k in shared], [base[k] for k in shared], level)
+        t.update(diff=judged["diff"], bound=judged["bound"], verdict=judged["verdict"], paired_seeds=judged["n"])
+    return pd.DataFrame(table)
