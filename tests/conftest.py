@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.pop("LABKIT_QUICK", None)
 # Decoded-image caches of "real" test datasets go to a throwaway folder, not the course's data/.cache.
 os.environ.setdefault("LABKIT_CACHE", tempfile.mkdtemp(prefix="labkit-cache-"))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """Each test starts with the SIGINT handler the one before it found: an in-process Ray Train or Tune run leaves
+    its own handler installed (Train V2 does), and a later test of what Ctrl-C does would test Ray's handler
+    instead of Python's."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture
