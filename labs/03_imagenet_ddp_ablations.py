@@ -262,6 +262,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -401,10 +402,12 @@ for epoch in range(args.epochs):
             json.dump({"world_size": world_size, "precision": env.precision_name(dtype),
                        "steps_per_epoch": len(train_loader), "history": history}, f, indent=1)
 
-# 7. Leave the process group together: a rank that tears down its connections while rank 0 is still writing the
-#    checkpoint can abort at exit ("terminate called without an active exception"), failing a finished run.
+# 7. Leave the process group together, then exit at once: the interpreter's teardown of torch's C++ state can
+#    abort a rank that has finished ("terminate called without an active exception"), failing a finished run.
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 
 # %% [markdown]
 # Launch it on `world_size` ranks with this environment's Python. The notebook waits for the job and prints
