@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="fail a lab when one cell runs longer than this (default: no limit)")
     run.add_argument("--no-summary", action="store_true", help="do not write the results summary afterwards")
+    run.add_argument("--ray-per-lab", action="store_true",
+                     help="let each Ray lab start its own local cluster (default: one cluster for the whole run, "
+                          "on 127.0.0.1, shut down at the end)")
 
     regrade = sub.add_parser("regrade", formatter_class=fmt, help="re-execute notebooks with nbval and compare outputs",
                              description=_wrap("Re-execute each submitted notebook in a fresh kernel of this environment "
@@ -172,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     params = gather_parameters(args.parameters_file, args.yaml, args.parameter)
     runs = run_labs(args.labs or None, quick=args.quick, parameters=params, results_dir=args.results,
-                    labs_dir=args.labs_dir, timeout=args.timeout)
+                    labs_dir=args.labs_dir, timeout=args.timeout, shared_ray=not args.ray_per_lab)
     print()
     print(format_runs(runs))
     if not args.no_summary:

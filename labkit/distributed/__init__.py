@@ -286,6 +286,9 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
         yield _cluster_info(resolve_address(address), 0.0)
         return
     address = resolve_address(address)
+    course = _course_cluster() if address is None else None
+    if course is not None:
+        address = course
     if address is not None:
         check_address(address, timeout_s)
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.ERROR if quiet else logging.INFO,
@@ -297,6 +300,8 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
         local_ray.lean_env()
     elif on_loopback:  # a cluster on this machine: its workers import this labkit already
         kwargs.update(address=address)
+        if course:
+            local_ray.lean_env()
     else:  # the cluster's nodes get this labkit (torch and ray must be installed there)
         kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
     tick = time.perf_counter()
@@ -317,9 +322,25 @@ def ray_cluster(address: str | None = None, *, quiet: bool = True, timeout_s: fl
                     "On a busy machine start-up can time out: close other heavy programs and try again.")
             raise RuntimeError(f"Ray could not start or connect to {where}: {exc}\n{hint}") from exc
     try:
-        yield _cluster_info(address, time.perf_counter() - tick)
+        info = _cluster_info(None if course else address, time.perf_counter() - tick)
+        yield {**info, "course_cluster": course} if course else info
     finally:
         ray.shutdown()
+
+
+def _course_cluster() -> str | None:
+    """The course run's shared local cluster (``labkit run`` sets :data:`local_ray.COURSE_CLUSTER_VAR`), when it
+    still answers; ``None`` otherwise (the lab then starts its own, and says why)."""
+    course = os.environ.get(local_ray.COURSE_CLUSTER_VAR) or None
+    if course is None:
+        return None
+    try:
+        check_address(course, 2.0)
+    except (ConnectionError, ParameterError) as exc:
+        print(f"The course run's Ray cluster at {course} does not answer ({exc}); starting one for this lab.")
+        return None
+    print(f"Ray: joining the course run's local cluster at {course} (`labkit run` started it once for all labs).")
+    return course
 
 
 # --------------------------------------------------------------------------- the trainer

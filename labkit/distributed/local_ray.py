@@ -10,6 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, MutableMapping
 
+#: Where ``labkit run`` tells each lab's kernel the address of the one local cluster it started for the whole course
+#: run; :func:`labkit.distributed.ray_cluster` joins it instead of starting a cluster of its own (a lab run alone
+#: never sees it).
+COURSE_CLUSTER_VAR = "LABKIT_COURSE_RAY_ADDRESS"
 #: Ray's switch for its single-machine mode (meant for Windows/macOS): the node binds to 127.0.0.1.
 _SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
