@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 
@@ -111,6 +110,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     if n < 2:
         return {"n": n, "diff": mean, "bound": float("nan"), "low": float("nan"), "high": float("nan"),
                 "verdict": "no spread measured"}
+    from scipy import stats  # here, not at the top: scipy.stats costs every lab ~1 s of import on 2 cores
+
     bound = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
     return {"n": n, "diff": mean, "bound": bound, "low": mean - bound, "high": mean + bound,
             "verdict": interval_verdict(mean - bound, mean + bound)}
