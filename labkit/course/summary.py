@@ -23,7 +23,8 @@ METRIC_KEYS = ("test_acc", "val_acc", "acc", "top1")
 #: Honest-evaluation columns: (column, keys tried in order in the record's ``final``).
 HONEST_KEYS = (("balanced_acc", ("balanced_acc", "test_balanced_acc", "val_balanced_acc")),
                ("macro_f1", ("macro_f1", "test_macro_f1", "val_macro_f1")),
-               ("majority_rate", ("majority_rate", "test_majority_rate")))
+               ("majority_rate", ("majority_rate", "test_majority_rate")),
+               ("chance", ("chance", "test_chance")))
 #: Newest runs listed in the SUMMARY.md table (the plot uses all runs).
 MAX_ROWS = 40
 
@@ -99,6 +100,9 @@ def summary_frame(results_dir: str | os.PathLike | None = None) -> tuple[pd.Data
             **{column: _first_number(rec.final, keys) for column, keys in HONEST_KEYS},
             "synthetic": "yes" if synthetic else "no" if synthetic is not None else "?",
         })
+        classes = rec.data.get("classes")
+        if rows[-1]["chance"] is None and isinstance(classes, (list, tuple)) and classes:
+            rows[-1]["chance"] = 1.0 / len(classes)         # any constant answer's balanced accuracy
     columns = ["lab", "run_id", "started", "date", "device", "workers", "mode", "seconds_per_epoch",
                "epochs", "metric", "value", *(c for c, _ in HONEST_KEYS), "synthetic"]
     frame = pd.DataFrame(rows, columns=columns)
@@ -107,17 +111,17 @@ def summary_frame(results_dir: str | os.PathLike | None = None) -> tuple[pd.Data
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """The SUMMARY.md table: lab, device, workers, mode, time/epoch, final metric, balanced accuracy,
-    macro-F1, majority-class rate, synthetic data, date."""
+    macro-F1, majority-class rate, chance (1/K), synthetic data, date."""
     header = ["lab", "device", "workers", "mode", "time/epoch", "final metric", "balanced acc", "macro-F1",
-              "majority rate", "synthetic data", "date"]
+              "majority rate", "chance", "synthetic data", "date"]
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * 2 + ["--:"] + ["---"] + ["--:"] * 5 + ["---"] * 2) + "|"]
+             "|" + "|".join(["---"] * 2 + ["--:"] + ["---"] + ["--:"] * 6 + ["---"] * 2) + "|"]
     number = lambda v: "—" if v is None or pd.isna(v) else f"{v:.3f}"
     for row in frame.itertuples():
         spe = "—" if pd.isna(row.seconds_per_epoch) else format_seconds(row.seconds_per_epoch)
         metric = "—" if row.metric is None or pd.isna(row.value) else f"{row.value:.3f} ({row.metric})"
         cells = [row.lab, row.device, str(row.workers), row.mode, spe, metric, number(row.balanced_acc),
-                 number(row.macro_f1), number(row.majority_rate), row.synthetic, row.date]
+                 number(row.macro_f1), number(row.majority_rate), number(row.chance), row.synthetic, row.date]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -138,10 +142,12 @@ def _readme(frame: pd.DataFrame, skipped: list[str]) -> str:
     text = intro + (
         "\nTime/epoch is the mean wall time of the recorded epochs; the final metric is the first of "
         f"{', '.join(METRIC_KEYS)} the run reported. Read it beside the **majority rate** (the accuracy of always "
-        "answering the most common class) and the **balanced accuracy** (mean per-class recall; 1/K for any "
-        "constant answer): on imbalanced data accuracy alone flatters. Quick runs use a small subset, small images and few "
+        "answering the most common class) and the **balanced accuracy** (mean per-class recall) beside **chance** "
+        "(1/K: what any constant answer scores in balanced accuracy): on imbalanced data accuracy alone flatters. "
+        "Quick runs use a small subset, small images and few "
         "epochs: their numbers show that a lab works, not how well the method does.\n\n"
-        "![time per epoch and final metric per lab](summary.png)\n\n" + markdown_table(shown) + "\n"
+        "![each lab's metrics beside its majority rate and chance; time per epoch within each lab](summary.png)\n\n"
+        + markdown_table(shown) + "\n"
     )
     if len(shown) < len(frame):
         text += f"\nOnly the newest {MAX_ROWS} of {len(frame)} runs are listed (each lab's newest last).\n"
@@ -153,39 +159,65 @@ def _readme(frame: pd.DataFrame, skipped: list[str]) -> str:
     return text
 
 
+def _lab_label(lab: str) -> str:
+    """``03_imagenet_ddp_ablations`` → ``03 imagenet\nddp ablations`` (two short lines under a bar)."""
+    words = lab.replace("_", " ").split()
+    half = max(1, (len(words) + 1) // 2)
+    return " ".join(words[:half]) + ("\n" + " ".join(words[half:]) if words[half:] else "")
+
+
 def plot_summary(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Two seaborn bar plots (time per epoch and final metric per lab; bars are means over runs,
-    coloured by device, workers and mode), saved atomically as a PNG."""
+    """The summary figure, saved atomically as a PNG.
+
+    Top: each lab's newest run — its final metric and balanced accuracy as bars, its majority-class rate and
+    chance (1/K) as ticks across them: whether a lab learned is read within the lab, against its own bars.
+    Bottom: one small panel per lab with the time per epoch of each setting it ran (device × workers, mode),
+    each on its own scale: quick sizes differ between labs, so seconds compare only within a lab."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    data = frame.assign(setting=frame["device"] + " ×" + frame["workers"].astype(str) + " " + frame["mode"])
-    order = sorted(data["lab"].unique())
-    panels = [("seconds_per_epoch", "seconds per epoch", "time per epoch (lower is faster)"),
-              ("value", "final metric", "final metric: " + ", ".join(sorted(data["metric"].dropna().unique())))]
-    for ax, (column, ylabel, title) in zip(axes, panels):
-        part = data.dropna(subset=[column])
+    labs = sorted(frame["lab"].unique()) if not frame.empty else []
+    columns = max(1, len(labs))
+    fig = Figure(figsize=(max(8.0, 1.7 * columns), 7.0), layout="constrained")
+    grid = fig.add_gridspec(2, columns, height_ratios=[1.3, 1.0])
+    top = fig.add_subplot(grid[0, :])
+    if frame.empty:
+        top.text(0.5, 0.5, "no run records yet", ha="center", va="center", transform=top.transAxes)
+        top.set_axis_off()
+    else:
+        newest = frame.groupby("lab").tail(1).set_index("lab").loc[labs]
+        bars = pd.DataFrame({"final metric": newest["value"], "balanced accuracy": newest["balanced_acc"]},
+                            index=labs).rename_axis("lab").reset_index().melt("lab", var_name="kind")
+        sns.barplot(data=bars.dropna(subset=["value"]), x="lab", y="value", hue="kind", order=labs, ax=top,
+                    palette=["#4c72b0", "#55a868"])
+        for i, lab in enumerate(labs):
+            for column, style, name in (("majority_rate", "--", "majority-class rate"), ("chance", ":", "chance (1/K)")):
+                value = newest.loc[lab, column]
+                if pd.notna(value):
+                    top.hlines(value, i - 0.42, i + 0.42, colors="0.15", linestyles=style, linewidth=1.6,
+                               label=name if i == 0 or name not in top.get_legend_handles_labels()[1] else None)
+        top.set_xticks(range(len(labs)), [_lab_label(lab) for lab in labs], fontsize=8)
+        top.set(xlabel="", ylabel="score", ylim=(0, 1))
+        top.legend(fontsize=8, ncols=4, loc="upper right")
+        top.set_title("each lab's newest run: a bar above its dashed tick (majority) and dotted tick (chance) "
+                      "has learned something", fontsize=9)
+    for i, lab in enumerate(labs):
+        ax = fig.add_subplot(grid[1, i])
+        part = frame[(frame["lab"] == lab)].dropna(subset=["seconds_per_epoch"])
         if part.empty:
-            ax.text(0.5, 0.5, "no runs recorded this yet" if not frame.empty else "no run records yet",
-                    ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no epoch\ntimings", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
         else:
-            shown = [o for o in order if o in set(part["lab"])]
-            sns.barplot(data=part, x="lab", y=column, hue="setting", order=shown, ax=ax, errorbar=None)
-            if column == "value":   # the majority-class rate of each lab, as a dashed tick across its bars
-                majority = part.groupby("lab")["majority_rate"].mean()
-                drawn = [i for i, lab in enumerate(shown) if pd.notna(majority.get(lab))]
-                for n, i in enumerate(drawn):
-                    ax.hlines(majority[shown[i]], i - 0.4, i + 0.4, colors="0.2", linestyles="--",
-                              label="majority-class rate" if n == 0 else None)
-            ax.set_xlabel("")
-            ax.tick_params(axis="x", labelrotation=20)
-            if ax.get_legend() is not None:
-                ax.legend(fontsize=7, title=None)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
+            setting = part["device"].str.replace(r" \(.*\)", "", regex=True) + "\n×" + part["workers"].astype(str) \
+                + " " + part["mode"]
+            times = part.assign(setting=setting).groupby("setting", sort=False)["seconds_per_epoch"].mean()
+            ax.bar(range(len(times)), times.to_numpy(), color="#8172b2")
+            ax.set_xticks(range(len(times)), list(times.index), fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(_lab_label(lab), fontsize=8)
+        if i == 0:
+            ax.set_ylabel("seconds per epoch\n(within a lab)", fontsize=8)
     fig.suptitle("labkit: results per lab")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -37,9 +37,11 @@ def test_summary_table_and_plot(tmp_path, capsys):
     root = tmp_path / "results"
     results.save(_record("01_baseline", seconds=[2.0, 4.0], final={"test_acc": 0.8125, "val_acc": 0.5,
                                                                           "balanced_acc": 0.6, "macro_f1": 0.55,
-                                                                          "majority_rate": 0.5}), root)
-    results.save(_record("02_ray", seconds=[90.0, 150.0], final={"val_acc": 0.625}, world_size=2, synthetic=False,
-                         quick=False, device="cuda", started="2025-11-24T10:00:00+00:00"), root)
+                                                                          "majority_rate": 0.5, "chance": 0.25}), root)
+    three_classes = _record("02_ray", seconds=[90.0, 150.0], final={"val_acc": 0.625}, world_size=2, synthetic=False,
+                            quick=False, device="cuda", started="2025-11-24T10:00:00+00:00")
+    three_classes.data["classes"] = ["a", "b", "c"]          # no chance in final: 1/K from the data's classes
+    results.save(three_classes, root)
     results.save(_record("04_lung_vit", seconds=[], final={}), root)
     (root / "01_baseline" / "metrics.json").write_text('{"not": "a record"}')
     assert cli.main(["summary", "--results", str(root)]) == 0
@@ -49,8 +51,8 @@ def test_summary_table_and_plot(tmp_path, capsys):
     assert "This folder holds" in readme and "labkit summary" in readme and "summary.png" in readme
     rows = [line for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| lab ")]
     assert len(rows) == 3
-    assert re.search(r"\| 01_baseline \| cpu \(2 cores\) \| 1 \| quick \| 3\.0s \| 0\.812 \(test_acc\) \| 0\.600 \| 0\.550 \| 0\.500 \| yes \| 2025-11-23 09:30 UTC \|", readme)  # noqa: E501
-    assert re.search(r"\| 02_ray \| NVIDIA H100 \| 2 \| full \| 2m 00s \| 0\.625 \(val_acc\) \| — \| — \| — \| no \|", readme)
+    assert re.search(r"\| 01_baseline \| cpu \(2 cores\) \| 1 \| quick \| 3\.0s \| 0\.812 \(test_acc\) \| 0\.600 \| 0\.550 \| 0\.500 \| 0\.250 \| yes \| 2025-11-23 09:30 UTC \|", readme)  # noqa: E501
+    assert re.search(r"\| 02_ray \| NVIDIA H100 \| 2 \| full \| 2m 00s \| 0\.625 \(val_acc\) \| — \| — \| — \| 0\.333 \| no \|", readme)  # noqa: E501
     assert re.search(r"\| 04_lung_vit \| .* \| — \| — \|", readme)
     assert "synthetic data = yes" in readme and "metrics.json" in readme
     png = (root / "summary.png").read_bytes()
