@@ -103,6 +103,37 @@ def _parser() -> argparse.ArgumentParser:
     regrade.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                          help="fail a cell that runs longer than this (nbval's default: 2000)")
 
+    grade = sub.add_parser("grade", formatter_class=fmt, help="grade a class's submissions of one lab",
+                           description=_wrap("Grade every submission of one lab: each notebook runs in its own process, "
+                                             "scratch folder and fresh kernel (network: loopback only where the machine "
+                                             "allows it), then the instructor's public and hidden checks run in its kernel "
+                                             "(check modules re-imported from disk, so a redefined check gains nothing), "
+                                             "and its trained results are compared with the re-run within --tolerance. "
+                                             "Writes OUT/grades.csv (otter-grader's final_grades.csv columns with a "
+                                             "max-points row, plus runs, reproduces, total, max, percent, status), "
+                                             "OUT/feedback/<student>.md, OUT/summary.png and OUT/graded/<student>.ipynb. "
+                                             "SUBMISSIONS holds one folder per student with the lab's notebook, or flat "
+                                             "files with the student's name in the file name."),
+                           epilog="examples:\n  labkit grade downloads/ --lab 01 --out grades/01\n"
+                                  "  labkit grade downloads/ --lab 02 --out grades/02 --jobs 4 --timeout 900\n"
+                                  "  labkit grade downloads/ --lab 02 --out grades/02 --address 127.0.0.1:6379")
+    grade.add_argument("submissions", metavar="SUBMISSIONS", help="folder of submitted notebooks")
+    grade.add_argument("--lab", required=True, metavar="NN",
+                       help="the lab graded: number (01), name (01_baseline) or the instructor's notebook path")
+    grade.add_argument("--out", required=True, metavar="DIR", help="folder for grades.csv, feedback/ and summary.png "
+                                                                  "(replaced whole when grading ends)")
+    grade.add_argument("--jobs", type=int, default=None, metavar="N",
+                       help="submissions graded at once on this machine (default: what its cores and memory hold)")
+    grade.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                       help="time limit per notebook (default: 1800); the grading process is killed 60 s after it")
+    grade.add_argument("--cell-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="time limit per cell (default: 600)")
+    grade.add_argument("--tolerance", type=float, default=0.05, metavar="T",
+                       help="how far a trained result may move between the submission and the re-run (default: 0.05)")
+    grade.add_argument("--address", default=None, metavar="ADDR",
+                       help="grade as Ray tasks on the cluster at ADDR (e.g. 127.0.0.1:6379), one per submission")
+    grade.add_argument("--labs-dir", metavar="DIR", default="labs", help="folder of the instructor's labs (default: labs)")
+
     student = sub.add_parser("student", formatter_class=fmt, help="write student copies of the labs",
                              description=_wrap("Copy every notebook of LABS_DIR into OUTDIR with each '# BEGIN SOLUTION' ... "
                                                "'# END SOLUTION' span replaced by raise NotImplementedError('Exercise: "
@@ -197,6 +228,18 @@ def _cmd_regrade(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from labkit.course.grading import grade
+
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: give how many submissions to grade at once, 1 or more.")
+    results, paths = grade(args.submissions, args.lab, args.out, jobs=args.jobs, timeout=args.timeout,
+                           cell_timeout=args.cell_timeout, tolerance=args.tolerance, address=args.address,
+                           labs_dir=args.labs_dir)
+    print(f"{len(results)} submission(s) graded: {paths['grades']}, {paths['feedback']}/, {paths['summary']}")
+    return 0
+
+
 def _cmd_student(args: argparse.Namespace) -> int:
     from labkit.course.student import write_student_versions
 
@@ -241,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "labs":
             return _cmd_labs(args)
-        return {"run": _cmd_run, "regrade": _cmd_regrade, "student": _cmd_student, "summary": _cmd_summary}[args.command](args)
+        return {"run": _cmd_run, "regrade": _cmd_regrade, "grade": _cmd_grade, "student": _cmd_student,
+                "summary": _cmd_summary}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ In a lab, an exercise's solution sits between two comment lines in a code cell::
 
 The student copy keeps everything outside the markers and replaces the span (markers included)
 with ``raise NotImplementedError("Exercise: complete this cell")`` at the indentation of the
-``# BEGIN SOLUTION`` line. The check cells stay, so students see them fail until they solve it.
+``# BEGIN SOLUTION`` line. The check cells stay, so students see them fail until they solve it; hidden checks (cells tagged
+``hidden-check``, kept back for ``labkit grade``) are dropped.
 Each copy's "Open in Colab" badge opens the student copy (``student/NN_x.ipynb``), not the lab.
 
 ``student/`` is committed (``make student`` writes it); :func:`stale_copies` names every copy that
@@ -24,6 +25,7 @@ from pathlib import Path
 import nbformat
 
 from labkit.course import colab
+from labkit.course.grading.questions import is_hidden
 from labkit.files import atomic_path
 
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)#+\s*BEGIN SOLUTION\b")
@@ -71,6 +73,7 @@ def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook",
 
     Its Colab badges open ``folder/<name's file name>`` (the student copy in the repository)."""
     copy = nbformat.from_dict(nb)
+    copy.cells = [c for c in copy.cells if not is_hidden(c)]      # instructor-only: never in a student copy
     colab.set_badges(copy, Path(name).name if name.endswith(".ipynb") else f"{name}.ipynb", folder)
     spans = 0
     for index, cell in enumerate(copy.cells):
