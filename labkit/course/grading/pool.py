@@ -148,6 +148,13 @@ def grade_one(submission: str, student: str, lab: str, scratch_root: str, timeou
     return result
 
 
+def _grade_on_node(*args: Any) -> dict[str, Any]:
+    """:func:`grade_one` as a Ray task; the result names the Ray node that graded it."""
+    import ray
+
+    return {**grade_one(*args), "ray_node": ray.get_runtime_context().get_node_id()}
+
+
 def default_jobs(cpus_per_submission: int = 2, memory_gb_per_submission: float = 3.0) -> int:
     """Parallel submissions this machine holds: bounded by its cores and its memory."""
     import psutil
@@ -178,7 +185,7 @@ def grade_all(submissions: Sequence[Submission], lab_path: Path, scratch_root: P
         from labkit.distributed import ray_cluster
 
         with ray_cluster(address):
-            task = ray.remote(num_cpus=cpus_per_submission, max_retries=0)(grade_one)
+            task = ray.remote(num_cpus=cpus_per_submission, max_retries=0)(_grade_on_node)
             pending = [task.remote(*a) for a in args]
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
