@@ -322,6 +322,15 @@ p.add_argument("--out", default="ddp_runs", help="one folder per run: checkpoint
 recipe.add_switches(p)                              # --name --model --epochs --batch-size --lr --mixup ... --seed
 
 
+def rank_device(device, world_size, local_rank):
+    """(backend, device) of this rank: NCCL with one GPU per rank; more ranks than GPUs share them round-robin
+    over gloo (NCCL cannot: there is no cuda:1 on a one-GPU machine); gloo on CPUs."""
+    backend, kind = choose_backend(device, world_size)
+    if kind == "cuda":
+        return backend, torch.device("cuda", local_rank % torch.cuda.device_count())
+    return backend, torch.device("cpu")
+
+
 def autocast(device, dtype):
     """Mixed precision in the chosen dtype; nothing for fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -505,8 +514,7 @@ def main():
     # 1. Join the process group: torchrun set the rendezvous variables. NCCL with one GPU per rank; with more
     #    ranks than GPUs the ranks share them over gloo (NCCL cannot); gloo on CPUs.
     world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    backend, kind = choose_backend(args.device, world_size)
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
+    backend, device = rank_device(args.device, world_size, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend)

@@ -327,6 +327,19 @@ def test_script_hands_collectives_tensors_on_the_model_s_device(tmp_path, monkey
     assert (3,) in seen and (16,) in seen and (1,) in seen, f"epoch sums, confusion, top-5 hits reduced: {seen}"
 
 
+def test_script_shares_one_gpu_over_gloo_and_gives_each_gpu_rank_nccl(tmp_path, monkeypatch):
+    """More ranks than GPUs: gloo, every rank on an existing GPU (no cuda:1 on a one-GPU machine)."""
+    script = _script_module(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(UserWarning, match="share the GPUs"):
+        assert script.rank_device("auto", 2, 1) == ("gloo", torch.device("cuda", 0))
+    assert script.rank_device("auto", 1, 0) == ("nccl", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert script.rank_device("auto", 4, 3) == ("nccl", torch.device("cuda", 3))
+    assert script.rank_device("cpu", 2, 1) == ("gloo", torch.device("cpu"))
+
+
 def _launch(script: Path, tiny_data: Path, out: Path, *extra: str, on_line=None) -> list[str]:
     from labkit.labs.ablations import recipe
 

@@ -5,9 +5,11 @@
         --epochs 90 --batch-size 256 --lr 3e-4 --drop-path-rate 0.2 --use-blurpool
     python -m labkit.labs.ablations --resume results/03_ablations/checkpoints/run/last.pt
 
-The notebook teaches DDP with its own ``torchrun`` script and each recipe piece in its own cell;
-for the sweep it calls :func:`run_ablations` with a list of configs: one process group runs them
-all (spawn and rendezvous are paid once). Each rank runs :func:`labkit.train.train_one_epoch`
+The notebook's sweep runs the notebook's own ``torchrun`` script (:mod:`labkit.labs.ablations.script`), so
+the table measures the taught code; this module keeps the lab's table (:func:`ablation_table`), its configs
+(:func:`prepare`) and a terminal twin of the script for long sweeps without the notebook:
+:func:`run_ablations` runs a list of configs in one process group (spawn and rendezvous paid once),
+refusing a config without a full batch per rank before any rank starts. Each rank runs :func:`labkit.train.train_one_epoch`
 unchanged, with the recipe's parts (:mod:`labkit.labs.ablations.recipe`) plugged into its hooks, in the precision
 ``labkit.env`` picks (bf16 + ``channels_last`` on GPUs and CPUs that run bf16 natively).
 """
