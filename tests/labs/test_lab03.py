@@ -1,6 +1,7 @@
-"""Lab 03: the ablation configs, the notebook's %%writefile'd DDP script under torchrun, the sweep's
-precision (bf16 + channels_last), `python -m labkit.labs.ablations` (checkpoint + resume on 2 CPU ranks) and
-the quick notebook through papermill."""
+"""Lab 03: the ablation configs, the notebook's %%writefile'd DDP script (collective tensors on the model's device,
+GPU sharing over gloo, streamed output, --resume, one torchrun launch for the whole sweep, a split without a full
+batch per rank refused before launch), the paired verdict, the library twin `python -m labkit.labs.ablations`
+(checkpoint + resume on 2 CPU ranks) and the quick notebook through papermill."""
 from __future__ import annotations
 
 import json
