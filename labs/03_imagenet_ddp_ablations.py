@@ -34,9 +34,11 @@
 #   held-out test split;
 # - understand why the source project's EMA with decay 0.9999 gave 0.5 % accuracy.
 #
-# **Run time**: quick mode (`quick=True`) ≈ 2 min on 2 CPU cores (one `torchrun` run, then the baseline twice
-# and two other rows, 2 ranks); the full configuration (ResNet-50, 30 epochs × 13 rows, the baseline 3 times, on
-# Tiny ImageNet) is a multi-GPU job — hours on 2–4 GPUs. Long sweeps also run from a terminal: `python -m labkit.labs.ablations --help`.
+# **Run time**: quick mode (`quick=True`) ≈ 2 min on 2 CPU cores (two `torchrun` launches: one run, then the baseline twice
+# and two other rows, each over the same 2 seeds, on 2 ranks); the full configuration (ResNet-50, 30 epochs × 15 rows, every
+# row over 3 seeds, on Tiny ImageNet) is a multi-GPU job — hours on 2–4 GPUs. The notebook's script runs from a terminal
+# too (`torchrun … results/03_ablations/ddp_train.py --help`), and so does labkit's twin of the sweep
+# (`python -m labkit.labs.ablations --help`).
 
 # %% [markdown]
 # ## 0. Setup
@@ -73,9 +75,6 @@ if "google.colab" in sys.modules:
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 
 import matplotlib.pyplot as plt
@@ -88,7 +87,9 @@ from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
 from labkit import env, params, plotting, results
+from labkit.distributed import ddp
 from labkit.labs.ablations import recipe, sweep
+from labkit.labs.ablations import script as ablation_script
 from labkit.data.imagenet import load_imagenet
 from labkit.exercises import lab03 as exercises
 from labkit.files import write_text
@@ -107,9 +108,14 @@ from labkit.models.summary import count_parameters
 # recipe), to compare with the seed's headline. Add, remove or edit rows freely; a misspelt switch is refused
 # with its name and the list of known switches.
 #
-# Defaults follow the seed: peak learning rate `lr = 3e-4` **at a global batch of 256** (2 ranks × 128),
-# scaled to other global batches by `lr_scaling`; progressive resizing in the seed's 64 : 128 : 224 ratios
-# with its per-phase batch sizes (halved each phase) and epoch shares (30 / 20 / 40).
+# Defaults follow the seed: `lr = 3e-4` is the peak learning rate **at a global batch of 256** (2 ranks × 128), a
+# reference that `lr_scaling` scales to the run's own global batch; progressive resizing in the seed's
+# 64 : 128 : 224 ratios and epoch shares (30 / 20 / 40). The "+progressive" row changes only the image size: the
+# same per-rank batch and step count as the baseline (`halve_batch: False`); the seed also halved the batch in
+# each phase (≈ 2.6× the optimizer steps at the same peak lr), which only the "seed recipe" row does. The
+# "fp32 (AMP off)" row trains without mixed precision (on a CPU without native bf16, `amp="auto"` already
+# is fp32: the two rows then differ by seed noise only), and "cosine lr" replaces OneCycle's warm-up + cosine
+# by a cosine decay from the peak.
 #
 # `repeats` trains **every row** with that many seeds, the same ones (`seed`, `seed + 1`, …): run *k* of a row and
 # run *k* of the baseline share a seed, so their difference is free of what that seed does to both (section 8). `test_size` training images are held out as a **test split** that no choice looks at.
@@ -117,7 +123,9 @@ from labkit.models.summary import count_parameters
 #
 # `quick=True` (or `LABKIT_QUICK=1`) shrinks the work so that each row still *learns*: only the baseline and
 # the rows in `quick_ablations`, 6 epochs at 16 px on 1,000 / 300 / 300 images, a quarter-width ResNet-18 at
-# batch 32 per rank with peak lr 3e-3 and a 20 % warm-up (the seed's 3e-4 is tuned for 90 epochs, not ~200 steps).
+# batch ≤ 32 per rank (smaller when 1,000 images over `world_size` ranks would not fill one batch per rank), the
+# reference lr raised to 3e-3 (the seed's 3e-4 is tuned for 90 epochs, not ~100 steps) and a 20 % warm-up; the
+# next cell prints the peak lr this gives at the run's global batch.
 
 # %% tags=["parameters"]
 world_size = 2                 # DDP processes (ranks): one model replica each, one GPU each on a GPU machine
@@ -126,7 +134,7 @@ model = "resnet50"             # resnet18 | resnet34 | resnet50
 width = 1.0                    # channel multiplier (quick mode: 0.25)
 image_size = 64                # final image size (Tiny ImageNet is 64 px)
 progressive_sizes = None       # None: the seed's 64:128:224 ratios of image_size, e.g. [16, 40, 64]
-batch_size = 128               # per rank, in the first progressive phase (halved in each later phase)
+batch_size = 128               # per rank (with progressive and halve_batch: the first phase's, halved later)
 lr = 3e-4                      # OneCycleLR peak at a global batch of 256 (the seed's), scaled by lr_scaling
 lr_scaling = "sqrt"            # none | linear | sqrt: how the lr grows with the global batch / 256
 repeats = None                 # seeds for every row, the same for all (None: 2 in quick mode, 3 otherwise)
@@ -143,8 +151,8 @@ device = "auto"
 seed = 0
 ablations = [  # the baseline: every seed technique off (flip only); each later row changes ONE switch of it
     {"name": "baseline", "variant": "basic", "mixup": 0, "cutmix": 0, "label_smoothing": 0, "progressive": False,
-     "affine": False, "color_jitter": False, "erasing": False, "drop_path_rate": 0, "use_blurpool": False,
-     "ema_decay": 0},
+     "halve_batch": False, "affine": False, "color_jitter": False, "erasing": False, "drop_path_rate": 0,
+     "use_blurpool": False, "ema_decay": 0, "lr_schedule": "onecycle"},
 ]
 ablations += [{**ablations[0], **row} for row in (
     {"name": "preact", "variant": "preact"},
@@ -154,13 +162,15 @@ ablations += [{**ablations[0], **row} for row in (
     {"name": "+shift/scale/rotate", "affine": True},
     {"name": "+color jitter", "color_jitter": True},
     {"name": "+erasing", "erasing": True},
-    {"name": "+progressive", "progressive": True},
+    {"name": "+progressive", "progressive": True},      # same batch and steps; only the image size changes
     {"name": "+stochastic depth", "drop_path_rate": 0.2},
     {"name": "+blurpool", "use_blurpool": True},
     {"name": "+EMA", "ema_decay": 0.999},
+    {"name": "fp32 (AMP off)", "amp": False},
+    {"name": "cosine lr", "lr_schedule": "cosine"},        # no warm-up, cosine from the peak (OneCycle: warm-up)
     {"name": "seed recipe (all on)", "variant": "convhead", "label_smoothing": 0.1, "mixup": 0.2, "cutmix": 1.0,
-     "affine": True, "color_jitter": True, "erasing": True, "progressive": True, "drop_path_rate": 0.2,
-     "use_blurpool": True, "ema_decay": 0.999},
+     "affine": True, "color_jitter": True, "erasing": True, "progressive": True, "halve_batch": True,
+     "drop_path_rate": 0.2, "use_blurpool": True, "ema_decay": 0.999},
 )]
 quick_ablations = ["+mixup/cutmix", "+EMA"]   # quick mode: the baseline and these rows
 
@@ -181,6 +191,9 @@ cfg = params.check(LAB, rules=sweep.LAB_RULES, show=False,
                    quick_ablations=quick_ablations, repeats=repeats, test_size=test_size, memory_budget=memory_budget)
 configs = sweep.prepare(cfg)
 cfg.show()
+print(f"learning rate: lr = {cfg.lr:g} is the reference at a global batch of 256; this run's global batch "
+      f"{cfg.world_size} x {configs[0].batch_size} = {cfg.world_size * configs[0].batch_size} gives a peak of "
+      f"{sweep.peak_lr(configs[0], cfg.world_size):.3g} ({cfg.lr_scaling} scaling)")
 env.seed_everything(cfg.seed)
 dev = env.pick_device(cfg.device)
 out_dir = results.lab_dir(LAB)
@@ -230,40 +243,57 @@ print("memory-mapped splits:", sorted(data_set.memory_mapped) or "none (all in R
 # `WORLD_SIZE`, `MASTER_ADDR`/`MASTER_PORT` of a rendezvous it runs itself; `--standalone` picks a free port).
 # On a cluster the same script runs with `--nnodes` and a rendezvous address instead.
 #
-# The script below is complete and small — read it top to bottom, it follows PyTorch's `examples/imagenet`:
+# The script below is the whole experiment — the ablation sweep of section 7 runs **this file**, so what you
+# change here is what the table measures. Read it top to bottom; it follows PyTorch's `examples/imagenet`:
 #
-# 1. `dist.init_process_group(backend)` — **gloo** on CPUs, **NCCL** with one GPU per rank;
+# 1. `dist.init_process_group(backend)` — **NCCL** with one GPU per rank; with more ranks than GPUs the ranks
+#    share the GPUs over **gloo** (NCCL needs a GPU each: `cuda:1` does not exist on a one-GPU machine); gloo
+#    on CPUs (`labkit.distributed.ddp.choose_backend` makes that choice);
 # 2. every rank loads the data (rank 0 first, behind a `barrier`, because it may write the cache), and a
-#    **`DistributedSampler`** gives each rank its own shard; **`set_epoch`** reshuffles it every epoch;
-# 3. the model is wrapped in **`DistributedDataParallel`**: during `backward()` it all-reduces the gradients,
-#    so every rank takes the same optimizer step and the replicas stay identical;
-# 4. the loop: autocast in the chosen precision, a gradient scaler only for fp16, OneCycleLR per step;
+#    **`DistributedSampler`** gives each rank its own shard; **`set_epoch`** reshuffles it every epoch. A split
+#    too small for one full batch per rank is refused with a message that says what to change;
+# 3. the same initial weights on every rank (`seed`), but each rank draws its **own augmentation** (`seed + rank`:
+#    otherwise all ranks would flip the same images of their batch); the model is wrapped in
+#    **`DistributedDataParallel`**: during `backward()` it all-reduces the gradients, so every rank takes the
+#    same optimizer step and the replicas stay identical;
+# 4. `train_epoch`: autocast in the chosen precision, a gradient scaler only for fp16 (unscaled before clipping),
+#    the LR schedule stepped per batch, the EMA updated per step; every **recipe switch is a command-line
+#    argument** (`--mixup`, `--progressive`, `--ema-decay`, `--lr-schedule`, `--amp`, … — `--help` lists them);
 # 5. BatchNorm's running statistics are *buffers*, which DDP does not average: each rank broadcasts rank 0's
 #    before evaluating, so every rank judges — and rank 0 saves — the same network;
-# 6. metrics are **sums** all-reduced over the ranks, then divided (train loss/accuracy, and a validation
-#    confusion matrix: each rank scores its exact share of the validation images);
-# 7. **rank 0 alone** writes the checkpoint (atomically: a temporary file, then `os.replace`) and the metrics;
-# 8. `dist.destroy_process_group()`.
+# 6. metrics are **sums** all-reduced over the ranks, then divided (`train_epoch`'s loss/accuracy sums, and
+#    `evaluate`'s confusion matrix: each rank scores its exact share of the images). Every tensor handed to a
+#    collective lives **on the model's device** — NCCL reduces GPU tensors only;
+# 7. **rank 0 alone** writes the checkpoint every epoch (atomically: a temporary file, then `os.replace`) and the
+#    metrics; `--resume` continues each run from its checkpoint;
+# 8. `--runs runs.json` trains a whole list of runs (each its own switches) one after another in the **same**
+#    process group; then `dist.destroy_process_group()`.
 #
 # This is the code you edit: change it, re-run the cell (it rewrites the file), launch again.
 
 # %%
 script = out_dir / "ddp_train.py"
-run_dir = out_dir / "ddp_run"
+run_dir = out_dir / "ddp_run"                   # the single run of this section (the sweep's runs: section 7)
 
 # %%
 # %%writefile {script}
-"""Minimal DDP training of a ResNet on ImageNet-style data (after PyTorch's examples/imagenet).
+"""DDP training of ResNet ablations on ImageNet-style data (after PyTorch's examples/imagenet).
 
-Launch:  torchrun --standalone --nproc-per-node=2 ddp_train.py --data-dir data/tiny-imagenet --out run/
+One run:  torchrun --standalone --nproc-per-node=2 ddp_train.py --data-dir data/tiny-imagenet --epochs 2 --out runs/
+A sweep:  torchrun --standalone --nproc-per-node=2 ddp_train.py --data-dir ... --runs runs.json --out runs/
+Every recipe switch is an argument (--mixup 0.2, --progressive, --ema-decay 0.999, --amp off, --lr-schedule cosine,
+...: see --help). runs.json lists runs, each its own extra arguments, e.g. [["--name", "+EMA#1", "--ema-decay",
+"0.999"], ...]: all run one after another in ONE process group. --resume continues each run from its checkpoint.
 torchrun starts one process per rank and gives each RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
 """
 import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -272,168 +302,276 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from labkit import env                              # precision choice (bf16 / fp16 / fp32)
+from labkit import env, metrics                     # precision choice; acc / balanced acc / macro-F1
 from labkit.data.imagenet import load_imagenet      # real dataset, or the synthetic stand-in
+from labkit.distributed.ddp import choose_backend   # nccl with a GPU per rank, else gloo
+from labkit.labs.ablations import recipe            # the switches, augmentation, MixUp/CutMix, EMA, LR rule
 from labkit.models.resnet import resnet
-from labkit.labs.ablations.recipe import RGBTransform              # uint8 batch -> crop/flip -> normalised floats
 
-p = argparse.ArgumentParser()
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data-dir", default="data/tiny-imagenet")
 p.add_argument("--standin-classes", type=int, default=10, help="classes of the stand-in when the data is absent")
-p.add_argument("--image-size", type=int, default=64)
 p.add_argument("--max-train", type=int, default=None)
 p.add_argument("--max-val", type=int, default=None)
-p.add_argument("--test-size", type=int, default=0, help="training images held out as a test split (not used here)")
-p.add_argument("--depth", type=int, default=18)
-p.add_argument("--width", type=float, default=1.0)
-p.add_argument("--epochs", type=int, default=2)
-p.add_argument("--batch-size", type=int, default=64, help="per rank: the global batch is world size x this")
-p.add_argument("--lr", type=float, default=1e-3, help="OneCycle peak, already scaled for the world size")
-p.add_argument("--amp", default="auto")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--out", default="ddp_run")
-args = p.parse_args()
+p.add_argument("--test-size", type=int, default=0, help="training images held out as the test split")
+p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+p.add_argument("--runs", default=None, help="JSON file: a list of runs, each a list of extra arguments")
+p.add_argument("--resume", action="store_true", help="continue each run from its checkpoint, if it has one")
+p.add_argument("--stop-after", type=int, default=None, help="stop each run after this epoch, as if interrupted")
+p.add_argument("--out", default="ddp_runs", help="one folder per run: checkpoint.pt and metrics.json")
+recipe.add_switches(p)                              # --name --model --epochs --batch-size --lr --mixup ... --seed
 
-# 1. Join the process group. torchrun set the rendezvous variables; gloo on CPUs, NCCL with one GPU per rank.
-use_cuda = torch.cuda.is_available()
-dist.init_process_group("nccl" if use_cuda else "gloo")
-rank, world_size = dist.get_rank(), dist.get_world_size()
-local_rank = int(os.environ["LOCAL_RANK"])
-device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-if use_cuda:
-    torch.cuda.set_device(device)
-torch.manual_seed(args.seed)                        # same initial weights everywhere (DDP also broadcasts rank 0's)
 
-# 2. Data: rank 0 goes first (it may write the stand-in and the decoded cache), the others wait at the
-#    barrier, then read the cache. Every rank holds the dataset; the DistributedSampler picks its shard.
-if rank != 0:
-    dist.barrier()
-with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-    data = load_imagenet("auto", args.data_dir, image_size=args.image_size, max_train=args.max_train,
-                         max_val=args.max_val, standin_classes=args.standin_classes, seed=args.seed,
-                         test_size=args.test_size, progress=False)
-if rank == 0:
-    dist.barrier()
-train_set = TensorDataset(data["train"].images, data["train"].labels)
-val_set = TensorDataset(data["val"].images, data["val"].labels)
-sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)  # rank/world from the group
-train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # exact split: each image counted once
-val_loader = DataLoader(val_shard, batch_size=2 * args.batch_size)
-num_classes = len(data.classes)
+def rank_device(device, world_size, local_rank):
+    """(backend, device) of this rank: NCCL with one GPU per rank; more ranks than GPUs share them round-robin
+    over gloo (NCCL cannot: there is no cuda:1 on a one-GPU machine); gloo on CPUs."""
+    backend, kind = choose_backend(device, world_size)
+    if kind == "cuda":
+        return backend, torch.device("cuda", local_rank % torch.cuda.device_count())
+    return backend, torch.device("cpu")
 
-# 3. Model, precision, optimizer. Mixed precision where the hardware runs it natively (bf16 on this CPU?).
-dtype = env.amp_dtype(args.amp, device)             # torch.bfloat16 / torch.float16 / None (= fp32)
-scaler = env.grad_scaler(dtype, device)             # only for fp16
-channels_last = env.use_channels_last(device, dtype)
-fmt = torch.channels_last if channels_last else torch.contiguous_format
-model = resnet(args.depth, num_classes, "basic", width=args.width, small_input=args.image_size < 128)
-model = model.to(device, memory_format=fmt)
-model = DDP(model, device_ids=[local_rank] if use_cuda else None)  # all-reduces gradients during backward()
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.3,
-                                                total_steps=args.epochs * len(train_loader))
-criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-train_tf, eval_tf = RGBTransform(args.image_size, train=True), RGBTransform(args.image_size, train=False)
-if rank == 0:
-    print(f"world size {world_size} ({dist.get_backend()}), {env.precision_name(dtype)}, channels_last "
-          f"{channels_last}: {len(sampler)} images and {len(train_loader)} steps per rank and epoch, "
-          f"global batch {world_size * args.batch_size}", flush=True)
 
-# 4. The loop.
-history = []
-for epoch in range(args.epochs):
-    sampler.set_epoch(epoch)                        # a new shuffle each epoch, the same one on every rank
+def autocast(device, dtype):
+    """Mixed precision in the chosen dtype; nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_epoch(model, loader, optimizer, scheduler, criterion, transform, mix=None, scaler=None, dtype=None,
+                clip=0.0, ema=None, fmt=torch.contiguous_format):
+    """One pass over this rank's shard; returns [loss x images, correct, images] summed over ALL ranks."""
+    device = next(model.parameters()).device
     model.train()
-    start = time.perf_counter()
-    sums = torch.zeros(3, dtype=torch.float64)      # loss * images, correct, images (this rank)
-    for x, y in train_loader:
-        x = train_tf(x.to(device)).contiguous(memory_format=fmt)
-        y = y.to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # on the model's device: NCCL reduces GPU tensors only
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, target = transform(x), y
+        if mix is not None:                         # MixUp/CutMix: mixed images, soft targets
+            x, target = mix(x, y)
+        x = x.contiguous(memory_format=fmt)
+        with autocast(device, dtype):
             logits = model(x)
-        loss = criterion(logits.float(), y)
+        loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
+        if scaler is not None:                      # fp16 only: scale the loss, unscale before clipping
             scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()                         # DDP all-reduces the gradients here
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
-        scheduler.step()
-        sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
-    seconds = time.perf_counter() - start
+        scheduler.step()                            # per step, not per epoch
+        if ema is not None:
+            ema.update_parameters(model.module)
+        sums[0] += loss.detach() * len(y)           # no .item(): no wait for the GPU inside the loop
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+    dist.all_reduce(sums)                           # sum over the ranks, then divide: a mean over images
+    return sums
 
-    # BatchNorm's running mean/var are buffers, not parameters: DDP all-reduces gradients, but each rank
-    # updated its statistics from its own batches. Give every rank rank 0's before evaluating and saving.
-    for buf in model.module.buffers():
-        dist.broadcast(buf, src=0)
+
+@torch.inference_mode()
+def evaluate(model, loader, transform, num_classes, dtype=None, fmt=torch.contiguous_format):
+    """This rank's exact shard; returns the confusion matrix [true, predicted] and the top-5 hits, summed over
+    ALL ranks (every image counted once)."""
+    device = next(model.parameters()).device
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)  # [true, predicted]
-    with torch.inference_mode():
-        for x, y in val_loader:
-            x = eval_tf(x.to(device)).contiguous(memory_format=fmt)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                pred = model(x).float().argmax(1).cpu()
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
-
-    # 5. All-reduce: sum the counts over the ranks, then divide (a mean of per-rank means would weigh ranks, not images).
-    dist.all_reduce(sums)          # gloo reduces CPU tensors; with NCCL move them to the GPU first
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    top5 = torch.zeros(1, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(transform(x).contiguous(memory_format=fmt)).float()
+        confusion.scatter_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y, dtype=torch.float64))
+        top5 += (logits.topk(min(5, num_classes), 1).indices == y[:, None]).any(1).sum()
     dist.all_reduce(confusion)
+    dist.all_reduce(top5)
+    return confusion.view(num_classes, num_classes), top5
+
+
+def scores(confusion):
+    """Top-1 and balanced accuracy (mean recall over the classes present) of a confusion matrix."""
     recall = confusion.diag() / confusion.sum(1).clamp(min=1)
-    row = {"epoch": epoch + 1, "loss": sums[0].item() / sums[2].item(), "acc": sums[1].item() / sums[2].item(),
-           "images": int(sums[2].item()), "val_acc": (confusion.diag().sum() / confusion.sum()).item(),
-           "val_balanced_acc": recall[confusion.sum(1) > 0].mean().item(), "val_images": int(confusion.sum().item()),
-           "seconds": seconds}
-    history.append(row)
+    return (confusion.diag().sum() / confusion.sum()).item(), recall[confusion.sum(1) > 0].mean().item()
 
-    # 6. Rank 0 writes the checkpoint (every rank holds the same weights) and the metrics.
+
+def broadcast_buffers(*modules):
+    """BatchNorm's running mean/var are buffers, not parameters: DDP all-reduces gradients, but each rank
+    updated its statistics from its own batches. Give every rank rank 0's before evaluating and saving."""
+    for module in modules:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def train(cfg, data, args, rank, world_size, device):
+    """Train one config on every rank; rank 0 writes checkpoint.pt every epoch and metrics.json at the end."""
+    out = os.path.join(args.out, re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name).strip("_") or "run")
+    num_classes, started = len(data.classes), time.perf_counter()
+    dtype = env.amp_dtype(cfg.amp, device)          # torch.bfloat16 / torch.float16 / None (= fp32)
+    scaler = env.grad_scaler(dtype, device)         # only for fp16
+    channels_last = env.use_channels_last(device, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)                     # the same initial weights on every rank
+    model = resnet(recipe.MODELS[cfg.model], num_classes, cfg.variant, cfg.drop_path_rate, cfg.use_blurpool,
+                   cfg.width, small_input=cfg.image_size < 128)
+    if cfg.sync_bn:                                 # GPU ranks: BatchNorm statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = DDP(model.to(device, memory_format=fmt), device_ids=[device.index] if device.type == "cuda" else None)
+    ema = recipe.make_ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+
+    train_set = TensorDataset(data["train"].images, data["train"].labels)
+    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)  # rank/world from the group
+    plan = recipe.schedule(cfg)                     # (image size, per-rank batch) of every epoch
+    steps = [len(sampler) // bs for _, bs in plan]  # only full batches
+    peak = recipe.peak_lr(cfg, world_size)          # cfg.lr belongs to a global batch of 256: scaled to this one
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=cfg.weight_decay)
+    scheduler = recipe.lr_scheduler(optimizer, cfg, peak, sum(steps))   # onecycle | cosine | constant
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mix = recipe.mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix)
+    eval_tf = recipe.RGBTransform(cfg.image_size, train=False)
+
+    def shard(split, indices=None):                 # this rank's exact share: every image evaluated once
+        ds = TensorDataset(data[split].images, data[split].labels)
+        idx = list(range(len(ds))) if indices is None else indices
+        return DataLoader(Subset(ds, idx[rank::world_size]), batch_size=2 * max(bs for _, bs in plan))
+    val_loader = shard("val")
+    n_val = len(data["val"].labels)                 # the train-val gap: clean top-1 on as many training images
+    fit_loader = shard("train", torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:n_val].tolist())
+
+    history, start, judged = [], 0, ema.module if ema is not None else model.module  # EMA weights when on
+    if args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        state = torch.load(os.path.join(out, "checkpoint.pt"), map_location=device, weights_only=True)
+        model.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history, start = state["history"], state["epoch"]
+        if rank == 0:
+            print(f"{cfg.name}: resumed after epoch {start}/{cfg.epochs}", flush=True)
+
+    for epoch in range(start, cfg.epochs):
+        size, bs = plan[epoch]
+        sampler.set_epoch(epoch)                    # a new shuffle each epoch, the same one on every rank
+        torch.manual_seed(cfg.seed + rank + 1000 * epoch)  # each rank its own augmentation draws (seed + rank)
+        loader = DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True)
+        lr_now, tic = optimizer.param_groups[0]["lr"], time.perf_counter()
+        sums = train_epoch(model, loader, optimizer, scheduler, criterion,
+                           recipe.train_transform(cfg, size), mix, scaler, dtype, cfg.grad_clip, ema, fmt)
+        seconds = time.perf_counter() - tic
+        if not cfg.sync_bn:
+            broadcast_buffers(model.module, *([ema.module] if ema is not None else []))
+        confusion, top5 = evaluate(judged, val_loader, eval_tf, num_classes, dtype, fmt)
+        val_acc, val_bacc = scores(confusion)
+        train_top1 = scores(evaluate(judged, fit_loader, eval_tf, num_classes, dtype, fmt)[0])[0]
+        images = int(sums[2].item())
+        row = {"epoch": epoch + 1, "image_size": size, "batch_size": bs, "lr": lr_now,
+               "loss": (sums[0] / sums[2]).item(), "acc": (sums[1] / sums[2]).item(), "images": images,
+               "val_acc": val_acc, "val_balanced_acc": val_bacc, "val_top5": (top5 / confusion.sum()).item(),
+               "val_images": int(confusion.sum().item()), "train_top1": train_top1, "gap": train_top1 - val_acc,
+               "seconds": seconds, "images_per_s": images / seconds}
+        history.append(row)
+        if rank == 0:                               # every rank holds the same weights: rank 0 saves them
+            print(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs} {size}px: loss {row['loss']:.3f} "
+                  f"val top-1 {val_acc:.3f} top-5 {row['val_top5']:.3f} gap {row['gap']:+.3f} "
+                  f"({images} train / {row['val_images']} val images, {row['images_per_s']:.0f} img/s)", flush=True)
+            os.makedirs(out, exist_ok=True)
+            state = {"epoch": epoch + 1, "world_size": world_size, "config": asdict(cfg),
+                     "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "ema": ema.state_dict() if ema is not None else None, "history": history}
+            torch.save(state, os.path.join(out, "checkpoint.pt.tmp"))   # write, then rename: never half a file
+            os.replace(os.path.join(out, "checkpoint.pt.tmp"), os.path.join(out, "checkpoint.pt"))
+        if args.stop_after and epoch + 1 >= args.stop_after:
+            return
+
+    final = {"top1": history[-1]["val_acc"], "top5": history[-1]["val_top5"], "gap": history[-1]["gap"],
+             "train_top1": history[-1]["train_top1"], "chance": 1 / num_classes, "peak_lr": peak,
+             "global_batch": world_size * cfg.batch_size, "steps": sum(steps), "precision": env.precision_name(dtype),
+             "channels_last": channels_last, "seconds": time.perf_counter() - started,
+             "images_per_s": sum(h["images"] for h in history) / sum(h["seconds"] for h in history)}
+    if "test" in data.splits:                       # the held-out split: scored once, at the end
+        confusion, top5 = evaluate(judged, shard("test"), eval_tf, num_classes, dtype, fmt)
+        pairs = torch.arange(num_classes**2).repeat_interleave(confusion.flatten().long().cpu())
+        test = metrics.summarize(pairs // num_classes, pairs % num_classes, num_classes, data["train"].labels)
+        final.update({f"test_{k}": v for k, v in test.items()}, test_top1=test["acc"],
+                     test_top5=(top5 / confusion.sum()).item())
     if rank == 0:
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.3f} acc {row['acc']:.3f} "
-              f"val acc {row['val_acc']:.3f} ({row['images']} train / {row['val_images']} val images, "
-              f"{seconds:.1f}s)", flush=True)
-        os.makedirs(args.out, exist_ok=True)
-        state = {"epoch": epoch + 1, "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "args": vars(args), "world_size": world_size}
-        torch.save(state, os.path.join(args.out, "checkpoint.pt.tmp"))
-        os.replace(os.path.join(args.out, "checkpoint.pt.tmp"), os.path.join(args.out, "checkpoint.pt"))
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump({"world_size": world_size, "precision": env.precision_name(dtype),
-                       "steps_per_epoch": len(train_loader), "history": history}, f, indent=1)
+        with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
+            json.dump({"name": cfg.name, "seed": cfg.seed, "world_size": world_size, "config": asdict(cfg),
+                       "steps_per_epoch": steps, "history": history, "final": final}, f, indent=1)
+        os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
 
-# 7. Leave the process group together, then exit at once: the interpreter's teardown of torch's C++ state can
-#    abort a rank that has finished ("terminate called without an active exception"), failing a finished run.
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)
+
+def main():
+    args = p.parse_args()
+    # 1. Join the process group: torchrun set the rendezvous variables. NCCL with one GPU per rank; with more
+    #    ranks than GPUs the ranks share them over gloo (NCCL cannot); gloo on CPUs.
+    world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    backend, device = rank_device(args.device, world_size, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    runs = [p.parse_args(sys.argv[1:] + extra) for extra in json.load(open(args.runs))] if args.runs else [args]
+    configs = [recipe.config_from_args(a) for a in runs]
+
+    # 2. Data: rank 0 goes first (it may write the stand-in and the decoded cache), the others wait at the
+    #    barrier, then read the cache. Every rank holds the dataset; a DistributedSampler picks its shard.
+    if rank != 0:
+        dist.barrier()
+    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+        data = load_imagenet("auto", args.data_dir, image_size=max(c.image_size for c in configs),
+                             max_train=args.max_train, max_val=args.max_val, standin_classes=args.standin_classes,
+                             seed=configs[0].seed, test_size=args.test_size, progress=False)
+    if rank == 0:
+        dist.barrier()
+    problems = [e for c in configs if (e := recipe.fit_error(len(data["train"].labels), world_size, c))]
+    if problems:                                    # every rank sees the same: all stop, none hangs
+        sys.exit("\n".join(problems))
+    if rank == 0:
+        print(f"world size {world_size} ({backend}, {device.type}), {len(configs)} run(s), "
+              f"{len(data['train'].labels)} training images", flush=True)
+    for cfg in configs:
+        train(cfg, data, args, rank, world_size, device)
+
+    # 3. Leave the process group together, then exit at once: the interpreter's teardown of torch's C++ state can
+    #    abort a rank that has finished ("terminate called without an active exception"), failing a finished run.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
 
 # %% [markdown]
-# Launch it on `world_size` ranks with this environment's Python. The notebook waits for the job and prints
-# what rank 0 prints; a rank that fails makes `torchrun` stop the others and report the failing rank's error.
-# The peak learning rate is the one-rank `lr` scaled for the world size (section 6); in quick mode the model
-# is the quarter-width ResNet-18 of the sweep below, trained for one epoch.
+# Launch it on `world_size` ranks with this environment's Python: `labkit.distributed.ddp.torchrun` runs
+# `python -m torch.distributed.run --standalone --nproc-per-node=N ddp_train.py ARGS` and prints its output
+# **line by line as it comes** (a long run shows every epoch while it trains, not all at the end); a rank that
+# fails makes `torchrun` stop the others, and the cell raises with the last lines. The arguments are the data
+# options and the baseline's switches (`recipe.switch_args` writes a config as arguments); `--lr` is the
+# reference rate at a global batch of 256 — the script scales it to its own global batch (section 6). In quick
+# mode this run is one epoch.
 
 # %%
 base = configs[0]
-script_args = ["--data-dir", str(data_set.root), "--standin-classes", str(cfg.standin_classes),
-               "--image-size", str(base.image_size), "--max-train", str(cfg.max_train), "--max-val", str(cfg.max_test),
-               "--test-size", str(cfg.test_size),
-               "--depth", str(sweep.MODELS[base.model]), "--width", str(base.width),
-               "--epochs", str(1 if cfg.quick else base.epochs),                  # quick mode: one epoch shows it all
-               "--batch-size", str(base.batch_size), "--lr", f"{sweep.peak_lr(base, cfg.world_size):.6g}",
-               "--amp", str(cfg.amp), "--seed", str(cfg.seed), "--out", str(run_dir)]
-command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.world_size}",
-           str(script), *script_args]
-print("$ torchrun --standalone", f"--nproc-per-node={cfg.world_size}", script.name, *script_args[:2], "...")
-threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.world_size))} if dev.type == "cpu" else {}
+data_args = ["--data-dir", str(data_set.root), "--standin-classes", str(cfg.standin_classes),
+             "--max-train", str(cfg.max_train), "--max-val", str(cfg.max_test), "--test-size", str(cfg.test_size)]
+demo = sweep.make_config({**base.__dict__, "name": "run", "epochs": 1 if cfg.quick else base.epochs})
+script_args = [*data_args, *recipe.switch_args(demo), "--device", cfg.device, "--out", str(run_dir)]
+print("$ torchrun --standalone", f"--nproc-per-node={cfg.world_size}", script.name, " ".join(script_args))
+ablation_script.check_fit([demo], len(data_set["train"]), cfg.world_size)  # one full batch per rank, or stop here
 started = time.perf_counter()
-job = subprocess.run(command, env={**os.environ, **threads}, capture_output=True, text=True)
-print(job.stdout.strip())
-print(f"torchrun finished in {time.perf_counter() - started:.1f}s with exit code {job.returncode}")
-if job.returncode != 0:
-    raise RuntimeError(f"the DDP script failed; torchrun reported:\n{job.stderr[-4000:]}")
+ddp.torchrun(script, script_args, cfg.world_size, device=cfg.device)
+print(f"torchrun finished in {time.perf_counter() - started:.1f}s")
 
 # %% [markdown]
 # What the job left behind: rank 0's metrics and checkpoint. Every rank took the same number of steps (the
@@ -441,10 +579,10 @@ if job.returncode != 0:
 # and the checkpoint holds the plain model's `state_dict` (`model.module`, without DDP's wrapper).
 
 # %% tags=["nbval-check-output"]
-ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
-ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-print(f"world size {ddp_metrics['world_size']}: {ddp_metrics['steps_per_epoch']} steps per rank and epoch, "
-      f"global batch {ddp_metrics['world_size'] * base.batch_size}")
+ddp_metrics = json.loads((run_dir / "run" / "metrics.json").read_text())
+ckpt = torch.load(run_dir / "run" / "checkpoint.pt", weights_only=True)
+print(f"world size {ddp_metrics['world_size']}: {ddp_metrics['steps_per_epoch'][0]} steps per rank and epoch, "
+      f"global batch {ddp_metrics['final']['global_batch']}, peak lr {ddp_metrics['final']['peak_lr']:.3g}")
 for h in ddp_metrics["history"]:
     print(f"epoch {h['epoch']}: {h['images']} training images over all ranks, {h['val_images']} validation images")
 print(f"checkpoint after epoch {ckpt['epoch']}: {len(ckpt['model'])} tensors, "
@@ -476,12 +614,10 @@ def my_epoch_order(dataset_len, world_size, rank, epoch, seed=0):
 exercises.check_epoch_order(my_epoch_order)
 
 # %% [markdown]
-# **The same steps, for a sweep.** Seven ablations launched with `torchrun` would pay the start-up (processes,
-# imports, rendezvous) seven times. `labkit.distributed.ddp.launch(fn, world_size)` (open `labkit/distributed/ddp.py`) does what
-# `torchrun --standalone` does — a free port, one spawned process per rank, `init_process_group` with a
-# timeout, the failing rank's traceback brought back to the caller, no process left behind — but runs a Python
-# function, so `labkit.labs.ablations.sweep` trains all ablations in **one** process group (section 7). Inside each rank
-# it does what your script does, plus the recipe pieces of the next sections.
+# **The same script, for a sweep.** Twelve rows × three seeds launched one `torchrun` each would pay the
+# start-up (processes, imports, rendezvous, loading the data) 36 times — seconds each, longer than a quick run
+# itself. So the sweep (section 7) launches your script **once** with `--runs runs.json`, a list of runs, each
+# its own switches: all (row, seed) runs train one after another in the same process group.
 
 # %% [markdown]
 # ## 5. The models
@@ -535,8 +671,8 @@ print("eval mode, first feature per sample: ", drop(branch)[:, 0].tolist())
 # %% [markdown]
 # ## 6. The recipe, piece by piece
 # Each cell below builds one piece from `torch` / `torchvision` and applies it to one batch. The sweep in
-# section 7 uses the same pieces (`labkit/labs/ablations/recipe.py` keeps the ones it needs), plugged into the course's one
-# training loop, `labkit.train.train_one_epoch`.
+# section 7 uses the same pieces (`labkit/labs/ablations/recipe.py` keeps the ones it needs), plugged into your
+# script's `train_epoch`.
 #
 # **Augmentation and MixUp / CutMix.** The seed's pipeline, each piece a switch of `labkit.labs.ablations.recipe.RGBTransform`
 # drawn per image with `torchvision.transforms.v2`: a horizontal flip (p 0.5), ShiftScaleRotate as
@@ -640,7 +776,8 @@ for _ in range(total_steps):
     lrs.append(opt.param_groups[0]["lr"])
     opt.step()
     sched.step()
-print(f"peak lr {cfg.lr:g} x {cfg.lr_scaling}({cfg.world_size} x {prog.batch_size} / 256) = {peak:.3g}; "
+print(f"reference lr {cfg.lr:g} (global batch 256) x {cfg.lr_scaling}({cfg.world_size} x {prog.batch_size} / 256) "
+      f"= peak lr {peak:.3g}; "
       f"{total_steps} steps, "
       f"highest at step {lrs.index(max(lrs)) + 1}: starts at {lrs[0]:.2g}, ends at {lrs[-1]:.2g}")
 
@@ -736,7 +873,9 @@ if cfg.lr_finder_steps:
     finder = lr_range_test(net, data_set.loader("train", min(c.batch_size, 64), seed=cfg.seed),
                            recipe.RGBTransform(c.image_size, train=True), steps=cfg.lr_finder_steps)
     suggested = float(finder.loc[finder["smooth_loss"].idxmin(), "lr"]) / 10
-    print(f"suggested peak lr: {suggested:.1e} (this run uses {cfg.lr:g} per rank)")
+    print(f"suggested peak lr: {suggested:.1e} at batch {min(c.batch_size, 64)} on one process; this run's peak is "
+          f"{sweep.peak_lr(c, cfg.world_size):.2e} at its global batch {cfg.world_size * c.batch_size} "
+          f"(lr = {cfg.lr:g} is the reference at a global batch of 256, scaled by {cfg.lr_scaling})")
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     ax.plot(finder["lr"], finder["loss"], alpha=0.3, label="loss")
     ax.plot(finder["lr"], finder["smooth_loss"], label="smoothed loss")
@@ -748,20 +887,20 @@ else:
     finder, suggested = None, None
 
 # %% [markdown]
-# ## 7. Run the ablations
-# All ablations run in **one** process group started by `labkit.distributed.ddp.launch`, one config after another. In every
-# rank it does what your script does — `DistributedSampler` with `set_epoch`, the DDP wrapper, sums all-reduced
-# over the ranks, a rank-0 checkpoint every epoch (`results/03_ablations/checkpoints/<name>/last.pt`) — plus the
-# row's recipe pieces: MixUp/CutMix and label smoothing, progressive resizing, stochastic depth and BlurPool,
-# the EMA (validation then uses the EMA weights), AdamW + OneCycleLR, gradient clipping, in the precision above.
-# After every epoch rank 0's BatchNorm statistics are broadcast to all ranks (or `sync_bn=True` on GPUs), and
-# at the end each run is scored once on the held-out test split.
+# ## 7. Run the ablations — with your script
+# The sweep runs **your `ddp_train.py`** from section 4: `ablation_script.run_script` writes every (row, seed)
+# run as the script's switches into `runs.json` (e.g. `--name "+EMA#2" --seed 1 --ema-decay 0.999 …`), checks
+# that every run gives each rank at least one full batch (before any rank starts), and launches `torchrun`
+# **once**: all runs train one after another in one process group, and the output streams in as it comes. Each
+# run writes `results/03_ablations/runs/<name>/checkpoint.pt` every epoch and `metrics.json` at the end;
+# `resume=True` continues every run from its checkpoint after an interruption. Edit the script — a switch's
+# meaning, the loop, the evaluation — and the table below measures your edit.
 # The *gap* is the clean (un-augmented) top-1 on training images minus the validation top-1 — the overfitting
-# the seed watched shrink with stochastic depth.
+# the seed watched shrink with stochastic depth. At the end each run is scored once on the held-out test split.
 
 # %%
-runs = sweep.run_ablations(configs, data_set, world_size=cfg.world_size, device=cfg.device,
-                              save_dir=out_dir / "checkpoints")
+runs = ablation_script.run_script(script, configs, len(data_set["train"]), data_args, world_size=cfg.world_size,
+                                  device=cfg.device, out_dir=out_dir / "runs")
 
 # %% [markdown]
 # ## 8. Results — paired differences against their own noise
@@ -870,13 +1009,12 @@ if not earlier.empty and "images_per_s" in earlier:
 
 # %% [markdown]
 # ## 10. Exercise 3 (open) — resume a run
-# Your script writes `checkpoint.pt` every epoch but cannot resume from it. Add a `--resume PATH` option, the
-# way `examples/imagenet` does: load the model (into `model.module`), optimizer and scheduler states, and start
-# the loop at the saved epoch. Then stop a run after one epoch (`--epochs` 1 is not the same — why not? look at
-# OneCycleLR's `total_steps`) and compare the resumed run's final weights with an uninterrupted one.
-# `python -m labkit.labs.ablations --quick --stop-after 1 --name try` and `--resume results/03_ablations/checkpoints/try/last.pt`
-# do this for the sweep's runner: why are its weights the same, not just similar? (Hint: where does
-# `labkit.labs.ablations.sweep` seed the random generators, and what does `set_epoch` do?)
+# Your script writes `checkpoint.pt` every epoch and `--resume` continues from it. Stop a run after one epoch
+# (add `--stop-after 1` to the section-4 launch), launch it again with `--resume`, and compare the final
+# checkpoint with an uninterrupted run's. Why is `--epochs 1` not the same as stopping after epoch 1 (look at
+# the scheduler's `total_steps`)? Why are the resumed weights the same, not just similar? (Hint: where does the
+# script seed the augmentation of each epoch, and what does `set_epoch` do?) What would break if the seed were
+# set once, before the loop? `run_script(..., resume=True)` does the same for the whole sweep.
 
 # %% [markdown]
 # ## 11. Save the run record
@@ -909,7 +1047,7 @@ record = results.RunRecord(
            "suggested_lr": suggested, "precision": env.precision_name(amp_dtype),
            "torchrun_val_acc": last_ddp["val_acc"], "torchrun_val_balanced_acc": last_ddp["val_balanced_acc"]})
 for name in ("samples.png", "mixup_cutmix.png", "onecycle.png", "ablations.png", "learning_curves.png",
-             "ablations.csv", "lr_finder.png", "ddp_train.py", "ddp_run/metrics.json"):
+             "ablations.csv", "lr_finder.png", "ddp_train.py", "ddp_run/run/metrics.json", "runs/runs.json"):
     if (out_dir / name).exists():
         record.add_artifact(out_dir / name)
 print("saved", results.save(record))

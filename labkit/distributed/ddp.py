@@ -207,6 +207,52 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, backend: str = "a
         events.join_thread()
 
 
+def torchrun(script: str | os.PathLike, args: list[str], world_size: int, *, device: str = "auto",
+             on_line: Callable[[str], None] | None = print, env: dict | None = None,
+             tail: int = 60) -> list[str]:
+    """Run ``torchrun --standalone --nproc-per-node=world_size script *args`` with this Python and stream its
+    output (stdout and stderr, every rank) to ``on_line`` line by line **as it comes**; returns the last
+    ``tail`` lines. On a CPU run every rank gets an equal share of the cores (``OMP_NUM_THREADS``).
+
+    Raises :class:`RuntimeError` with the last lines when torchrun fails; an interrupt (or any error while
+    streaming) terminates torchrun, which stops its ranks: no process is left behind.
+    """
+    import collections
+    import subprocess
+
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be an integer >= 1 (the number of DDP processes).")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+               str(script), *map(str, args)]
+    extra = {"PYTHONUNBUFFERED": "1"}
+    if pick_device(device).type != "cuda":
+        extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world_size))
+    last: collections.deque = collections.deque(maxlen=tail)
+    proc = subprocess.Popen(command, env={**os.environ, **extra, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            last.append(line)
+            if on_line is not None:
+                on_line(line)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:          # interrupted: torchrun forwards SIGTERM to its ranks
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+    if code != 0:
+        shown = "\n".join(last)
+        raise RuntimeError(f"torchrun {Path(script).name} on {world_size} rank(s) failed with exit code {code}; "
+                           f"its last lines:\n{shown}")
+    return list(last)
+
+
 def running(pids: list[int] | None = None) -> list[int]:
     """Which of ``pids`` (default: the ranks of the latest :func:`launch`) are still running."""
     alive = []

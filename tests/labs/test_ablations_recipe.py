@@ -177,3 +177,47 @@ def test_rgb_transform_channels_last_keeps_the_values():
     torch.manual_seed(0)
     train = recipe.RGBTransform(16, train=True, channels_last=True)(x)
     assert train.shape == (4, 3, 16, 16) and train.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_switches_round_trip_through_the_script_s_command_line():
+    """The sweep hands each config to the notebook's script as arguments: parsing them gives the config back."""
+    import argparse
+
+    for cfg in (recipe.make_config(), recipe.make_config(name="x#2", amp=False, progressive=False, halve_batch=False,
+                                                         progressive_sizes=[16, 40, 64], mixup=0.0, ema_decay=0.999,
+                                                         lr_schedule="cosine", lr=3e-3, seed=7)):
+        parser = argparse.ArgumentParser()
+        recipe.add_switches(parser)
+        assert recipe.config_from_args(parser.parse_args(recipe.switch_args(cfg))) == cfg
+
+
+def test_progressive_keeps_the_batch_unless_halve_batch():
+    fixed = recipe.make_config(epochs=10, image_size=64, batch_size=32, halve_batch=False)
+    assert {bs for _, bs in recipe.schedule(fixed)} == {32}
+    assert {s for s, _ in recipe.schedule(fixed)} == {16, 40, 64}
+    halved = recipe.make_config(epochs=10, image_size=64, batch_size=32)
+    assert [bs for _, bs in recipe.schedule(halved)][-1] == 8
+
+
+@pytest.mark.parametrize("name", recipe.LR_SCHEDULES)
+def test_lr_schedules_peak_where_they_should(name):
+    w = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([w], lr=1.0)
+    sched = recipe.lr_scheduler(opt, recipe.make_config(lr_schedule=name, pct_start=0.3), 0.01, 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.01, rel=1e-3)
+    peak_at = lrs.index(max(lrs))
+    assert (peak_at > 3) if name == "onecycle" else (peak_at == 0)
+    assert (lrs[-1] < 0.001) if name != "constant" else (lrs[-1] == pytest.approx(0.01))
+
+
+def test_fit_error_names_images_ranks_batch_and_the_fix():
+    cfg = recipe.make_config(name="r", batch_size=128, progressive=False, epochs=1)
+    text = recipe.fit_error(300, 4, cfg)
+    assert "300 training images" in text and "4 ranks" in text and "batch of 128" in text
+    assert "batch_size to <= 75" in text and "world_size <= 2" in text
+    assert recipe.fit_error(512, 4, cfg) is None

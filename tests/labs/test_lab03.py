@@ -1,6 +1,7 @@
-"""Lab 03: the ablation configs, the notebook's %%writefile'd DDP script under torchrun, the sweep's
-precision (bf16 + channels_last), `python -m labkit.labs.ablations` (checkpoint + resume on 2 CPU ranks) and
-the quick notebook through papermill."""
+"""Lab 03: the ablation configs, the notebook's %%writefile'd DDP script (collective tensors on the model's device,
+GPU sharing over gloo, streamed output, --resume, one torchrun launch for the whole sweep, a split without a full
+batch per rank refused before launch), the paired verdict, the library twin `python -m labkit.labs.ablations`
+(checkpoint + resume on 2 CPU ranks) and the quick notebook through papermill."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from labkit import params
 from labkit.course.run import format_runs
 from labkit.distributed import ddp
 from labkit.labs.ablations import command, sweep
+from labkit.metrics import interval_verdict
 from labkit.params import ParameterError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +115,14 @@ def test_every_row_changes_one_switch_of_the_baseline_and_defaults_follow_the_se
     full = sweep.prepare(params.check(LAB, rules=sweep.LAB_RULES, show=False, ablations=rows,
                                          quick_ablations=p["quick_ablations"], repeats=None))
     assert len({sweep.row_name(c.name) for c in full}) == len(rows), "the full configuration keeps every row"
+    by_row = {sweep.row_name(c.name): c for c in full}
+    base_plan, prog_plan = sweep.schedule(by_row["baseline"]), sweep.schedule(by_row["+progressive"])
+    assert [bs for _, bs in prog_plan] == [bs for _, bs in base_plan], "+progressive keeps the batch (and steps)"
+    assert sorted({s for s, _ in prog_plan}) == [16, 40, 64] and {s for s, _ in base_plan} == {64}
+    assert [bs for _, bs in sweep.schedule(by_row["seed recipe (all on)"])][-1] == by_row["baseline"].batch_size // 4, \
+        "the seed's recipe halves the batch per phase"
+    assert by_row["fp32 (AMP off)"].amp is False and by_row["baseline"].amp == p["amp"], "an fp32 row against AMP"
+    assert by_row["cosine lr"].lr_schedule == "cosine" and by_row["baseline"].lr_schedule == "onecycle"
 
 
 def test_table_pairs_rows_by_seed_and_judges_each_against_its_bound():
@@ -206,28 +216,222 @@ def _script_cell() -> str:
     return cells[0].split("\n", 1)[1]
 
 
-def test_notebook_ddp_script_runs_under_torchrun_on_two_ranks(tiny_data, tmp_path):
-    """The script the notebook writes, launched like the notebook does: torchrun --standalone, 2 gloo ranks."""
+def _script_module(tmp_path: Path):
+    """The notebook's script imported as a module (its ``main()`` does not run on import)."""
+    import importlib.util
+
+    path = tmp_path / "ddp_train.py"
+    path.write_text(_script_cell())
+    spec = importlib.util.spec_from_file_location("lab03_ddp_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor")
+CONSTRUCTORS = ("zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "stack", "cat")
+
+
+def collective_tensors_off_device(source: str) -> list[str]:
+    """Static check: tensors handed to a ``dist`` collective (or added into one) that a torch constructor
+    builds without ``device=`` — such a tensor sits on the CPU whatever the model's device, and NCCL fails
+    on it. Returns one line per culprit."""
+    import ast
+
+    tree = ast.parse(source)
+    culprits = []
+
+    def cpu_built(node) -> bool:
+        while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ("view", "reshape", "double", "float"):
+            node = node.func.value
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                and node.func.attr in CONSTRUCTORS):
+            return False
+        return not any(k.arg == "device" for k in node.keywords)
+
+    scopes = [tree, *[n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]]
+    for scope in scopes:
+        built, reduced = {}, set()
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                built.setdefault(node.targets[0].id, []).append(node.value)
+            elif isinstance(node, ast.AugAssign) and cpu_built(node.value):
+                culprits.append(f"line {node.lineno}: a CPU tensor is added into {ast.unparse(node.target)}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in COLLECTIVES and isinstance(node.func.value, ast.Name)
+                  and node.func.value.id == "dist" and node.args and isinstance(node.args[0], ast.Name)):
+                reduced.add((node.args[0].id, node.lineno))
+        for name, line in reduced:
+            if any(cpu_built(v) for v in built.get(name, [])):
+                culprits.append(f"line {line}: dist collective on {name!r}, built without device=")
+    return sorted(set(culprits))
+
+
+def test_the_static_check_catches_a_cpu_tensor_handed_to_a_collective():
+    """The check flags what the lab's script did before (CPU sums and confusion handed to all_reduce)."""
+    old = ("sums = torch.zeros(3, dtype=torch.float64)\n"
+           "sums += torch.tensor([1.0, 2.0, 3.0])\n"
+           "confusion = torch.zeros(4, 4, dtype=torch.float64)\n"
+           "dist.all_reduce(sums)\ndist.all_reduce(confusion)\n")
+    assert len(collective_tensors_off_device(old)) == 3
+    good = "sums = torch.zeros(3, dtype=torch.float64, device=device)\ndist.all_reduce(sums)\n"
+    assert collective_tensors_off_device(good) == []
+
+
+def test_script_builds_every_collective_tensor_with_a_device():
+    assert collective_tensors_off_device(_script_cell()) == []
+
+
+def test_script_hands_collectives_tensors_on_the_model_s_device(tmp_path, monkeypatch):
+    """The NCCL path without a GPU: the script's train_epoch, broadcast_buffers and evaluate run with the model
+    on the 'meta' device, and every tensor given to a collective must sit on the model's device (NCCL reduces
+    GPU tensors only: a CPU tensor there fails on any GPU)."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from labkit.labs.ablations import recipe
+    from labkit.models.resnet import resnet
+
+    script = _script_module(tmp_path)
+    device = torch.device("meta")
+    seen = []
+
+    def collective(tensor, *args, **kw):
+        assert tensor.device == device, f"a collective got a tensor on {tensor.device}; the model is on {device}"
+        seen.append(tuple(tensor.shape))
+
+    for name in ("all_reduce", "broadcast"):
+        monkeypatch.setattr(dist, name, collective)
+    torch.manual_seed(0)
+    model = resnet(18, 4, "basic", width=0.125, small_input=True).to(device)
+    ema = recipe.make_ema(model, 0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=4)
+    loader = DataLoader(TensorDataset(torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8),
+                                      torch.arange(16) % 4), batch_size=8)
+
+    class Wrapped(torch.nn.Module):                 # DDP's interface without a process group: .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    script.train_epoch(Wrapped(model), loader, optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                       recipe.RGBTransform(16, train=True), recipe.mixup_cutmix(4, 0.2, 1.0), clip=1.0)
+    script.broadcast_buffers(model, ema.module)
+    script.evaluate(model, loader, recipe.RGBTransform(16, train=False), 4)
+    assert (3,) in seen and (16,) in seen and (1,) in seen, f"epoch sums, confusion, top-5 hits reduced: {seen}"
+
+
+def test_script_shares_one_gpu_over_gloo_and_gives_each_gpu_rank_nccl(tmp_path, monkeypatch):
+    """More ranks than GPUs: gloo, every rank on an existing GPU (no cuda:1 on a one-GPU machine)."""
+    script = _script_module(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(UserWarning, match="share the GPUs"):
+        assert script.rank_device("auto", 2, 1) == ("gloo", torch.device("cuda", 0))
+    assert script.rank_device("auto", 1, 0) == ("nccl", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert script.rank_device("auto", 4, 3) == ("nccl", torch.device("cuda", 3))
+    assert script.rank_device("cpu", 2, 1) == ("gloo", torch.device("cpu"))
+
+
+def _launch(script: Path, tiny_data: Path, out: Path, *extra: str, on_line=None) -> list[str]:
+    from labkit.labs.ablations import recipe
+
+    base = recipe.make_config(name="run", model="resnet18", width=0.125, image_size=16, epochs=2, batch_size=16,
+                              progressive=False, amp=False, ema_decay=0.9, mixup=0.2, cutmix=1.0, affine=False,
+                              color_jitter=False, erasing=False)
+    args = ["--data-dir", str(tiny_data), "--standin-classes", "4", "--test-size", "16", "--device", "cpu",
+            *recipe.switch_args(base), "--out", str(out), *extra]
+    return ddp.torchrun(script, args, 2, device="cpu", on_line=on_line)
+
+
+def test_notebook_ddp_script_streams_its_output_and_resumes_like_an_uninterrupted_run(tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    """The script the notebook writes, under torchrun on 2 gloo ranks: its lines arrive while it runs, every
+    rank's share is counted once, rank 0 writes checkpoint and metrics, --resume continues exactly."""
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
     script = tmp_path / "ddp_train.py"
     script.write_text(_script_cell())
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LABKIT_RESULTS": str(tmp_path / "results")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script), "--data-dir", str(tiny_data), "--standin-classes", "4", "--image-size", "16",
-                           "--width", "0.125", "--epochs", "2", "--batch-size", "16", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
-    # 96 training images, 48 per rank, batch 16: 3 steps per rank; all ranks' images summed by all_reduce
-    assert metrics["steps_per_epoch"] == 3
-    assert [h["images"] for h in metrics["history"]] == [96, 96]
+    early = []
+
+    def watch(line: str) -> None:   # streamed: epoch 1's line comes before the run has finished (metrics.json)
+        if "epoch 1/2" in line:
+            early.append((tmp_path / "a" / "run" / "metrics.json").exists())
+
+    lines = _launch(script, tiny_data, tmp_path / "a", on_line=watch)
+    assert early == [False], "epoch 1's line reached the notebook only after the run had finished"
+    assert sum("epoch 2/2" in line for line in lines) == 1, "only rank 0 prints"
+    metrics = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
+    # 96 - 16 held-out test images = 80 training images, 40 per rank, batch 16: 2 steps per rank
+    assert metrics["world_size"] == 2 and metrics["steps_per_epoch"] == [2, 2]
+    assert [h["images"] for h in metrics["history"]] == [64, 64]
     assert [h["val_images"] for h in metrics["history"]] == [32, 32], "each validation image counted once"
-    assert all(0.0 <= h["val_acc"] <= 1.0 and h["loss"] > 0 for h in metrics["history"])
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["world_size"] == 2
-    assert not any(k.startswith("module.") for k in state["model"]), "save model.module's state_dict"
-    assert proc.stdout.count("epoch 2/2") == 1, "only rank 0 prints"
+    assert metrics["final"]["peak_lr"] == pytest.approx(3e-4 * (32 / 256) ** 0.5), "the reference lr, scaled"
+    assert {"test_acc", "test_balanced_acc", "test_macro_f1", "test_majority_rate"} <= set(metrics["final"])
+    straight = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)
+    assert straight["epoch"] == 2 and not any(k.startswith("module.") for k in straight["model"])
+
+    _launch(script, tiny_data, tmp_path / "b", "--stop-after", "1")
+    first = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 1 and not (tmp_path / "b" / "run" / "metrics.json").exists()
+    lines = _launch(script, tiny_data, tmp_path / "b", "--resume")
+    assert any("resumed after epoch 1/2" in line for line in lines)
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
+    assert resumed["history"][0] == first["history"][0] and resumed["epoch"] == 2
+    for key, value in straight["model"].items():   # seeds per epoch + set_epoch: the same weights
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-4), key
+    assert int(resumed["ema"]["n_averaged"]) == int(straight["ema"]["n_averaged"])
+
+
+def test_sweep_runs_the_notebook_script_once_for_every_row_and_seed(tiny_data, tmp_path, monkeypatch):
+    """run_script: every (row, seed) config becomes the script's switches in ONE torchrun launch; each run's
+    switches reach the script (the EMA row has an EMA in its checkpoint, the baseline none)."""
+    from labkit.labs.ablations import script as ablation_script
+
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_script_cell())
+    base = dict(model="resnet18", width=0.125, image_size=16, epochs=1, batch_size=16, progressive=False, amp=False,
+                affine=False, color_jitter=False, erasing=False, mixup=0.0, cutmix=0.0)
+    configs = sweep.ablation_configs([{"name": "baseline"}, {"name": "+EMA", "ema_decay": 0.9}], repeats=2, **base)
+    launches = []
+    real = ddp.torchrun
+    monkeypatch.setattr(ddp, "torchrun", lambda *a, **k: launches.append(a) or real(*a, **k))
+    data = ["--data-dir", str(tiny_data), "--standin-classes", "4", "--test-size", "16"]
+    runs = ablation_script.run_script(script, configs, 80, data, world_size=2, device="cpu",
+                                      out_dir=tmp_path / "runs", on_line=None)
+    assert len(launches) == 1, "one torchrun launch for the whole sweep"
+    assert [(r["row"], r["seed"]) for r in runs] == [("baseline", 0), ("baseline", 1), ("+EMA", 0), ("+EMA", 1)]
+    emas = [torch.load(r["checkpoint"], weights_only=True)["ema"] for r in runs]
+    assert emas[0] is None and emas[1] is None and emas[2] is not None and emas[3] is not None
+    table = sweep.ablation_table(runs)
+    assert list(table["ablation"]) == ["baseline", "+EMA"] and table["paired_seeds"].tolist() == [2, 2]
+
+
+def test_a_split_without_a_full_batch_per_rank_is_refused_before_any_rank_starts(tmp_path, monkeypatch):
+    from labkit.labs.ablations import script as ablation_script
+
+    monkeypatch.setattr(ddp, "torchrun", lambda *a, **k: pytest.fail("torchrun must not start"))
+    cfg = sweep.make_config(name="big", batch_size=64, progressive=False, epochs=1)
+    with pytest.raises(ParameterError) as info:
+        ablation_script.run_script(tmp_path / "s.py", [cfg], 96, [], world_size=2, out_dir=tmp_path)
+    text = str(info.value)
+    assert "96 training images" in text and "2 ranks" in text and "batch of 64" in text
+    assert "batch_size to <= 48" in text and "world_size <= 1" in text
+    # quick mode picks a batch that fits: 1,000 images over 64 ranks leave 15 per rank
+    cfg = params.check(LAB, rules=sweep.LAB_RULES, show=False, quick=True, world_size=64, model="resnet50",
+                       width=1.0, epochs=30, image_size=64, batch_size=128, lr=3e-4, progressive_sizes=None,
+                       lr_finder_steps=100, ablations=[{"name": "base"}], quick_ablations=[], repeats=1,
+                       test_size=1000)
+    configs = sweep.prepare(cfg)
+    assert configs[0].batch_size == 15 and sweep.recipe.fit_error(1000, 64, configs[0]) is None
 
 
 def test_sweep_uses_bf16_and_channels_last_on_a_cpu_rank(tiny_data, monkeypatch):
@@ -341,21 +545,25 @@ def test_quick_notebook_runs_and_writes_record_table_plots(course):
     rec = json.loads(records[0].read_text())
     assert rec["lab"] == LAB and rec["data"]["synthetic"] is True
     final = rec["final"]
-    # Quick mode must LEARN: the 10-class stand-in has chance 0.10. Fixed seeds give a baseline of about
-    # 0.35-0.45 validation top-1 here; the target leaves headroom for other machines.
-    TARGET = 0.25
-    assert final["chance"] == pytest.approx(0.1)
-    assert final["baseline_top1_mean"] > TARGET, f"the quick baseline does not learn: {final['baseline_top1_mean']}"
+    # Quick mode must LEARN (issue 29): the 10-class stand-in is balanced (majority rate 0.10 = chance), so
+    # accuracy >= majority + 0.15 and balanced accuracy >= 1/K + 0.20. Fixed seeds give about 0.39 here.
+    assert final["chance"] == pytest.approx(0.1) and final["majority_rate"] == pytest.approx(0.1, abs=0.01)
+    assert final["baseline_top1_mean"] >= 0.30, f"the quick baseline does not learn: {final['baseline_top1_mean']}"
+    assert final["balanced_acc"] >= final["chance"] + 0.20, f"test balanced accuracy of the chosen row: {final}"
+    assert final["acc"] >= final["majority_rate"] + 0.15, f"test accuracy of the chosen row: {final}"
     assert final["repeats"] == 2 and final["rows"]["baseline"]["seeds"] == 2
     for name, row in final["rows"].items():
         assert {"top1_mean", "top1_spread", "seeds", "verdict", "test_top1_mean", "test_balanced_acc_mean",
                 "test_macro_f1_mean", "diff", "bound"} <= set(row), name
         assert row["seed_values"] == final["rows"]["baseline"]["seed_values"] == [0, 1], f"{name}: the baseline's seeds"
         if name != "baseline":    # a paired difference and its bound, judged by the one rule
-            assert row["verdict"] == ("beyond noise" if abs(row["diff"]) > row["bound"] else "within noise"), row
+            assert row["verdict"] == interval_verdict(row["diff"] - row["bound"], row["diff"] + row["bound"]), row
     # The honest metrics of every record: balanced accuracy and macro-F1 beside the majority rate.
     assert {"acc", "balanced_acc", "macro_f1", "majority_rate"} <= set(final)
     assert final["balanced_acc"] > final["majority_rate"], final
     assert final["baseline_top1_spread"] >= 0 and final["chosen_on"] == "validation"
     assert final["best_ablation"] in final["rows"] and 0.0 <= final["top1"] <= 1.0   # test top-1 of the choice
     assert {e["row"] for e in rec["epochs"]} == set(final["rows"]) >= {"baseline", "+mixup/cutmix", "+EMA"}
+    # the sweep ran the notebook's own script: its runs.json lists every (row, seed) run as the script's switches
+    runs = json.loads((folder / "runs" / "runs.json").read_text())
+    assert len(runs) == final["runs"] and all("--seed" in r and "--name" in r for r in runs)

@@ -141,3 +141,34 @@ def test_broadcast_buffers_is_a_no_op_without_a_process_group():
     bn = torch.nn.BatchNorm1d(3)
     bn.running_mean.fill_(2.0)
     assert ddp.broadcast_buffers(bn) == 0 and torch.all(bn.running_mean == 2.0)
+
+
+@pytest.mark.slow
+def test_torchrun_streams_lines_while_the_job_runs_and_names_a_failure(tmp_path):
+    """The job prints "ready", then waits for a file that only the caller's line handler writes on seeing it:
+    held-back output would leave the job waiting (it gives up and fails); streamed output lets it finish."""
+    flag = tmp_path / "seen"
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys, time, pathlib\n"
+        "flag = pathlib.Path(sys.argv[1])\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    print('ready', flush=True)\n"
+        "    deadline = time.time() + 120\n"
+        "    while not flag.exists() and time.time() < deadline:\n"
+        "        time.sleep(0.1)\n"
+        "    print('done' if flag.exists() else 'never seen', flush=True)\n"
+        "    sys.exit(0 if flag.exists() else 3)\n")
+    seen = []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if line == "ready":
+            flag.write_text("yes")
+
+    last = ddp.torchrun(script, [str(flag)], 1, device="cpu", on_line=on_line)
+    assert "ready" in seen and "done" in seen and "done" in last
+    script.write_text("import sys\nprint('about to fail', flush=True)\nsys.exit('the job broke on purpose')\n")
+    with pytest.raises(RuntimeError, match="exit code") as info:
+        ddp.torchrun(script, [], 1, device="cpu", on_line=None)
+    assert "about to fail" in str(info.value) and "job.py" in str(info.value)

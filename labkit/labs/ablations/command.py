@@ -5,13 +5,12 @@ command line (switches from :class:`labkit.labs.ablations.recipe.AblationConfig`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import asdict
 
 from labkit.data.imagenet import load_imagenet
 from labkit.distributed import ddp
 from labkit.env import environment
-from labkit.labs.ablations.recipe import AblationConfig, make_config, peak_lr
+from labkit.labs.ablations.recipe import AblationConfig, add_switches, given_switches, make_config, peak_lr
 from labkit.labs.ablations.sweep import LAB, QUICK_RECIPE, run_ablation
 from labkit.labs.ablations.sweep import __doc__ as IMAGENET_DOC
 from labkit.params import QUICK, ParameterError
@@ -50,19 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this epoch as if interrupted (to try --resume)")
     g.add_argument("--timeout", type=float, default=600,
                    help="seconds a rank waits for its peers before failing (default 600)")
-    r = p.add_argument_group("recipe (defaults: the seed's)")
-    defaults = AblationConfig()
-    for f in dataclasses.fields(AblationConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        text = f"{f.metadata['help']} (default {default})"
-        if isinstance(default, bool):
-            r.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.name == "progressive_sizes":
-            r.add_argument(flag, type=int, nargs="+", default=None, metavar="PX", help=text)
-        elif f.name == "amp":
-            r.add_argument(flag, default=None, choices=("auto", "bf16", "fp16", "off"), help=text)
-        else:
-            r.add_argument(flag, type=type(default), default=None, help=text)
+    add_switches(p)
     return p
 
 
@@ -86,10 +73,7 @@ def _resolve(given: dict, saved: dict | None, defaults: dict, what: str, resume:
 def config_from_args(args: argparse.Namespace) -> tuple[AblationConfig, dict]:
     """The run's config and data/launch options: defaults (or, on --resume, the checkpoint's)
     overridden by the switches given on the command line."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AblationConfig)
-             if getattr(args, f.name) is not None}
-    if given.get("amp") == "off":
-        given["amp"] = False
+    given = given_switches(args)
     run_given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     saved = ddp.load_checkpoint(args.resume) if args.resume else None
     if saved is None and args.quick:

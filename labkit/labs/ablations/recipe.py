@@ -8,7 +8,9 @@ what the sweep runner reuses lives here:
 - MixUp (α 0.2) / CutMix (α 1.0): :func:`mixup_cutmix` (``torchvision.transforms.v2``, soft labels);
 - EMA of the weights: :func:`make_ema` (``torch.optim.swa_utils.AveragedModel``, decay warm-up);
 - progressive resizing (64→128→224): :func:`progressive_sizes`, :func:`progressive_schedule`;
-- every switch of one run: :class:`AblationConfig`, :func:`make_config`, :func:`schedule`, :func:`peak_lr`.
+- every switch of one run: :class:`AblationConfig`, :func:`make_config`, :func:`schedule`, :func:`peak_lr`,
+  :func:`lr_scheduler`, :func:`fit_error`; as command-line arguments of the lab's DDP script:
+  :func:`add_switches`, :func:`config_from_args`, :func:`switch_args`.
 
 AdamW, OneCycleLR and label smoothing are plain ``torch`` calls in :mod:`labkit.labs.ablations.sweep`; the LR
 range test is written in the notebook.
@@ -185,6 +187,7 @@ def progressive_schedule(epochs: int, sizes: Sequence[int] = (64, 128, 224),
 
 # --------------------------------------------------------------------------- one run's switches
 MODELS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
 def _switch(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -201,8 +204,10 @@ class AblationConfig:
     width: float = _switch(1.0, "channel multiplier (1.0 = standard ResNet; 0.25 for quick CPU runs)")
     image_size: int = _switch(64, "final image size in px (Tiny ImageNet 64, ImageNet 224)")
     progressive: bool = _switch(True, "progressive resizing: 29%%, 57%%, 100%% of --image-size over 30/20/40 "
-                                      "parts of the epochs, batch halved per phase (the seed's 64->128->224, "
-                                      "256->128->64)")
+                                      "parts of the epochs (the seed's 64->128->224)")
+    halve_batch: bool = _switch(True, "with --progressive: halve the per-rank batch in each later phase (the seed's "
+                                      "256->128->64; more optimizer steps); off: the same batch and step count "
+                                      "as without progressive resizing")
     progressive_sizes: Any = _switch(None, "image size per progressive phase, e.g. 16 40 64 (default: the seed's "
                                            "ratios of --image-size)")
     epochs: int = _switch(90, "passes over the training data")
@@ -212,6 +217,8 @@ class AblationConfig:
     lr_scaling: str = _switch("sqrt", "grow the lr with the global batch B: none | linear (x B/256) | "
                                       "sqrt (x sqrt(B/256))")
     weight_decay: float = _switch(1e-4, "AdamW weight decay")
+    lr_schedule: str = _switch("onecycle", "onecycle (warm-up, then cosine down: the seed's) | cosine (cosine "
+                                           "down from the peak, no warm-up) | constant (the peak throughout)")
     pct_start: float = _switch(0.3, "share of the steps OneCycleLR warms up for (then cosine down)")
     grad_clip: float = _switch(1.0, "clip the gradient norm to this (0 = off)")
     label_smoothing: float = _switch(0.1, "cross-entropy label smoothing")
@@ -239,7 +246,8 @@ SWITCH_RULES: dict[str, Rule] = {
     "model": Rule(str, choices=tuple(MODELS)),
     "variant": Rule(str, choices=("basic", "preact", "convhead")),
     "width": Rule(float, 0, 4, open_low=True, help="channel multiplier"),
-    "progressive": Rule(bool),
+    "progressive": Rule(bool), "halve_batch": Rule(bool),
+    "lr_schedule": Rule(str, choices=LR_SCHEDULES),
     "progressive_sizes": Rule((list, tuple), optional=True, test=lambda v: None if v and all(
         isinstance(x, int) and not isinstance(x, bool) and 8 <= x <= 1024 for x in v) and list(v) == sorted(v)
         else "must list rising sizes in px (integers 8-1024)"),
@@ -302,5 +310,94 @@ def schedule(cfg: AblationConfig) -> list[tuple[int, int]]:
     if sizes[-1] != cfg.image_size:
         raise ParameterError(f"progressive_sizes={sizes} must end at image_size={cfg.image_size}.")
     fractions = [e for _, _, e in SEED_PHASES] if len(sizes) == 3 else [1] * len(sizes)
-    batches = [max(1, cfg.batch_size // 2**i) for i in range(len(sizes))]
+    batches = [max(1, cfg.batch_size // 2**i) if cfg.halve_batch else cfg.batch_size for i in range(len(sizes))]
     return progressive_schedule(cfg.epochs, sizes, batches, fractions)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: AblationConfig, peak: float, total_steps: int):
+    """The per-step learning-rate schedule of ``cfg.lr_schedule``, peaking at ``peak``: ``OneCycleLR`` (warm-up
+    for ``cfg.pct_start`` of the steps, then cosine down), ``CosineAnnealingLR`` from the peak, or constant."""
+    if cfg.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total_steps,
+                                                   pct_start=cfg.pct_start, anneal_strategy="cos")
+    for group in optimizer.param_groups:
+        group["lr"] = peak
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if cfg.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    raise ParameterError(f"lr_schedule={cfg.lr_schedule!r} is unknown; use one of {LR_SCHEDULES}.")
+
+
+def fit_error(n_train: int, world_size: int, cfg: AblationConfig) -> str | None:
+    """Why ``cfg`` cannot train on ``n_train`` images over ``world_size`` ranks, or None when it can.
+
+    ``DistributedSampler(drop_last=True)`` gives each rank ``n_train // world_size`` images and the loader keeps
+    only full batches: a rank with fewer images than its largest per-rank batch would take no step at all
+    (OneCycleLR then fails with "Expected positive integer total_steps")."""
+    per_rank = n_train // world_size
+    biggest = max(bs for _, bs in schedule(cfg))
+    if biggest <= per_rank:
+        return None
+    most_ranks = n_train // biggest
+    return (f"{cfg.name}: {n_train} training images over {world_size} ranks give each rank {per_rank}, fewer than "
+            f"one batch of {biggest} images per rank (only full batches are trained on). Lower batch_size to "
+            f"<= {max(per_rank, 1)}, "
+            + (f"use world_size <= {most_ranks}, " if most_ranks >= 1 else "")
+            + "or train on more images (max_train, test_size).")
+
+
+# --------------------------------------------------------------------------- switches as command-line arguments
+def add_switches(parser) -> None:
+    """One ``--flag`` per switch of :class:`AblationConfig` on an ``argparse`` parser, each defaulting to None
+    (= the config's default). Booleans take ``--flag`` / ``--no-flag``; ``--amp off`` is fp32."""
+    import argparse
+
+    group = parser.add_argument_group("recipe switches (defaults: the seed's)")
+    defaults = AblationConfig()
+    for f in dataclasses.fields(AblationConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = f"{f.metadata['help']} (default {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name == "progressive_sizes":
+            group.add_argument(flag, type=int, nargs="+", default=None, metavar="PX", help=text)
+        elif f.name == "amp":
+            group.add_argument(flag, default=None, choices=("auto", "bf16", "fp16", "off"), help=text)
+        elif f.name == "lr_schedule":
+            group.add_argument(flag, default=None, choices=LR_SCHEDULES, help=text)
+        else:
+            group.add_argument(flag, type=type(default), default=None, help=text)
+
+
+def given_switches(args) -> dict:
+    """The switches set on the command line (parsed by a parser with :func:`add_switches`)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AblationConfig)
+             if getattr(args, f.name, None) is not None}
+    if given.get("amp") == "off":
+        given["amp"] = False
+    return given
+
+
+def config_from_args(args) -> AblationConfig:
+    """The validated config of parsed arguments: the defaults overridden by what was given."""
+    return make_config(given_switches(args))
+
+
+def switch_args(cfg: AblationConfig) -> list[str]:
+    """``cfg`` as command-line arguments, every switch explicit: ``config_from_args(parse(switch_args(cfg)))``
+    gives ``cfg`` back."""
+    argv = []
+    for f in dataclasses.fields(AblationConfig):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name == "amp" and value is False:
+            argv += [flag, "off"]
+        elif isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

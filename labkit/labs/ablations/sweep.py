@@ -5,9 +5,11 @@
         --epochs 90 --batch-size 256 --lr 3e-4 --drop-path-rate 0.2 --use-blurpool
     python -m labkit.labs.ablations --resume results/03_ablations/checkpoints/run/last.pt
 
-The notebook teaches DDP with its own ``torchrun`` script and each recipe piece in its own cell;
-for the sweep it calls :func:`run_ablations` with a list of configs: one process group runs them
-all (spawn and rendezvous are paid once). Each rank runs :func:`labkit.train.train_one_epoch`
+The notebook's sweep runs the notebook's own ``torchrun`` script (:mod:`labkit.labs.ablations.script`), so
+the table measures the taught code; this module keeps the lab's table (:func:`ablation_table`), its configs
+(:func:`prepare`) and a terminal twin of the script for long sweeps without the notebook:
+:func:`run_ablations` runs a list of configs in one process group (spawn and rendezvous paid once),
+refusing a config without a full batch per rank before any rank starts. Each rank runs :func:`labkit.train.train_one_epoch`
 unchanged, with the recipe's parts (:mod:`labkit.labs.ablations.recipe`) plugged into its hooks, in the precision
 ``labkit.env`` picks (bf16 + ``channels_last`` on GPUs and CPUs that run bf16 natively).
 """
@@ -100,7 +102,8 @@ def prepare(cfg: dict) -> list[AblationConfig]:
     The first row of ``ablations`` is the baseline. Every row runs ``repeats`` times, with the same seeds
     ``seed``, ``seed + 1``, … (runs named ``baseline#1``, ``baseline#2``, …), so the table can judge each
     row's difference to the baseline seed by seed. Quick mode keeps only the rows named in ``quick_ablations``
-    and shrinks the network (ResNet-18, width ≤ 0.25, batch ≤ 32) and the recipe
+    and shrinks the network (ResNet-18, width ≤ 0.25, batch ≤ 32 and small enough that each of ``world_size``
+    ranks gets a full batch of ``max_train`` images) and the recipe
     (:data:`QUICK_RECIPE`) so that each row learns in seconds on a CPU; ``cfg`` is updated in place
     so the echo shows what runs.
     """
@@ -114,7 +117,9 @@ def prepare(cfg: dict) -> list[AblationConfig]:
                 raise ParameterError(f"{LAB}: quick_ablations names {unknown}, which are not rows of ablations "
                                      f"({names}).")
             rows = [r for r in rows if r.get("name") in wanted or r is rows[0]]
-        cfg.update(model="resnet18", width=min(cfg["width"], 0.25), batch_size=min(cfg["batch_size"], 32),
+        # a batch that fits: every rank must get at least one full batch of its share of max_train images
+        fits = max(1, (cfg.get("max_train") or 10**9) // cfg.get("world_size", 1))
+        cfg.update(model="resnet18", width=min(cfg["width"], 0.25), batch_size=min(cfg["batch_size"], 32, fits),
                    lr_finder_steps=min(cfg.get("lr_finder_steps", 0), 20), ablations=rows)
         if cfg.get("progressive_sizes"):
             cfg["progressive_sizes"] = sorted({min(s, cfg["image_size"]) for s in cfg["progressive_sizes"]}
@@ -181,14 +186,13 @@ def _train_config(rank: int, world_size: int, device: torch.device, data, cfg: A
     train_set = data.splits["train"]
     sampler = DistributedSampler(range(len(train_set.labels)), num_replicas=world_size, rank=rank,
                                  shuffle=True, seed=cfg.seed)
-    if max(bs for _, bs in plan) > sampler.num_samples:
-        raise ValueError(f"{cfg.name}: batch size {max(bs for _, bs in plan)} > {sampler.num_samples} training images "
-                         "per rank; lower batch_size or raise max_train.")
+    too_small = recipe.fit_error(len(train_set.labels), world_size, cfg)
+    if too_small:
+        raise ValueError(too_small)
     steps = [sampler.num_samples // bs for _, bs in plan]  # drop_last=True
     lr = peak_lr(cfg, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=sum(steps),
-                                                    pct_start=cfg.pct_start, anneal_strategy="cos")
+    scheduler = recipe.lr_scheduler(optimizer, cfg, lr, sum(steps))
     mix = _keep_format(recipe.mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix), channels_last)
     train_loss, eval_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), nn.CrossEntropyLoss()
     eval_tf = recipe.RGBTransform(cfg.image_size, train=False, channels_last=channels_last)
@@ -332,6 +336,9 @@ def run_ablations(configs: list[AblationConfig | dict], data, *, world_size: int
     saves its final weights and buffers there (``<run>/rank<N>.pt``), to compare the replicas.
     """
     configs = [c if isinstance(c, AblationConfig) else make_config(c) for c in configs]
+    too_small = [e for c in configs if (e := recipe.fit_error(len(data.splits["train"].labels), world_size, c))]
+    if too_small:  # before any rank starts
+        raise ParameterError("\n".join(dict.fromkeys(too_small)))
     if resume and len(configs) != 1:
         raise ValueError("run_ablations: resume continues one run; pass exactly one config with resume=.")
     missing = [s for s in ("train", "val") if s not in data.splits]
