@@ -93,8 +93,8 @@ from labkit.params import Rule
 # batch of 32 (the seed used 2). `split` decides who holds which patches: `"iid"` (a random share each),
 # `"dirichlet"` (label-skewed, concentration `alpha`: smaller = more skewed) or `"hospital"` (one client per
 # hospital, hospitals of unequal size — the realistic one). `fail_client_at_round=N` makes the last client
-# fail in round N: with `fail_mode="error"` it raises, with `"hang"` it stops answering (a straggler), and
-# the server waits at most `client_timeout` seconds for a client. `quick=True` (or `LABKIT_QUICK=1`) shrinks
+# fail in round N: with `fail_mode="error"` it raises, with `"hang"` it answers two `client_timeout`s late (a
+# straggler), and the server waits at most `client_timeout` seconds for a round's clients. `quick=True` (or `LABKIT_QUICK=1`) shrinks
 # data, image size and rounds.
 
 # %% tags=["parameters"]
@@ -113,7 +113,7 @@ seed = 0
 address = None                # a running Ray cluster, e.g. "ray://head:10001"; None starts a local one
 fail_client_at_round = None   # e.g. 2: the last client fails in round 2
 fail_mode = "error"           # how it fails: "error" (raises) or "hang" (never answers: a straggler)
-client_timeout = 600.0        # seconds the server waits for the clients of a round; later ones are left out
+client_timeout = 600.0        # seconds the server waits for a round's clients (try 20 with fail_mode "hang")
 amp = "auto"                  # precision: "auto" (bf16 where the CPU runs it natively), "bf16", False
 
 # %% [markdown]
@@ -315,7 +315,8 @@ ray_stack = contextlib.ExitStack()
 cluster = ray_stack.enter_context(distributed.ray_cluster(cfg.address))
 actors = federated.remote_clients(cfg.clients, cfg.image_size, amp=cfg.amp, batch_size=cfg.batch_size,
                                   seed=cfg.seed, fail_client=cfg.clients - 1,
-                                  fail_at_round=cfg.fail_client_at_round, fail_mode=cfg.fail_mode)
+                                  fail_at_round=cfg.fail_client_at_round, fail_mode=cfg.fail_mode,
+                                  hang_seconds=2 * cfg.client_timeout)     # a straggler: late by a whole round
 print(f"Ray {cluster['ray']}: {cluster['cpus']} CPU(s), started in {cluster['init_seconds']:.1f} s; "
       f"{len(actors)} client actors")
 
