@@ -198,3 +198,20 @@ def test_ray_wait_with_a_timeout_drops_a_hung_client():
         assert ready == [futures[0]] and late == [futures[1]]             # the server goes on without it
         updates, failed = federated.collect_updates(ready, ["client 0"])
         assert len(updates) == 1 and not failed
+
+
+def test_hospital_split_without_patient_ids_fails_at_the_parameter_cell(tmp_path, monkeypatch):
+    """split='hospital' on the seed's 0/ 1/ layout (no patients) stops at the check cell, before any training."""
+    from labcells import LABS, run_check_cell
+    from PIL import Image
+
+    from labkit.params import ParameterError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for c in (0, 1):
+        (tmp_path / "seed" / str(c)).mkdir(parents=True)
+        Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "seed" / str(c) / "a.png")
+    lab = next(p for p in LABS if p.stem == "05_federated")
+    with pytest.raises(ParameterError, match="'split' = 'hospital' needs patient ids"):
+        run_check_cell(lab, split="hospital", data="real", data_dir=str(tmp_path / "seed"))
+    assert run_check_cell(lab, split="iid", data="real", data_dir=str(tmp_path / "seed"))["cfg"].split == "iid"
