@@ -387,11 +387,13 @@ def run_fedavg(name: str, shards: list[np.ndarray], local_bn: bool = False):
         ref = ray.put(sent)                                                                  # 1. broadcast once
         futures = {k: a.fit.remote(ref, r, cfg.local_epochs, cfg.lr)                         # 2. train everywhere
                    for k, a in enumerate(actors) if k not in busy}                           #    (not the busy)
+        skipped = [f"{names[k]} (busy)" for k in busy]
         ready, late = ray.wait(list(futures.values()), num_returns=len(futures),            # 3. wait, not forever
                                timeout=cfg.client_timeout) if futures else ([], [])
         done = set(ready)
         updates, failed = federated.collect_updates([f for f in futures.values() if f in done],
                                                     [names[k] for k, f in futures.items() if f in done])
+        failed += skipped
         busy = {k: f for k, f in {**busy, **futures}.items() if f not in done and not ray.wait([f], timeout=0)[0]}
         if late:
             warnings.warn(f"{[names[k] for k, f in futures.items() if f not in done]} did not answer within "
