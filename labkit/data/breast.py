@@ -8,7 +8,15 @@ Two real layouts at ``data_dir``, read by the same code:
 * ``binary`` (seed 001's): ``<root>/0/`` (no cancer) and ``<root>/1/`` (IDC) — no patient ids, so a
   patient-level split is impossible and the lab says so.
 
-A single wrapping folder (e.g. ``IDC_regular_ps50_idx5/``) is looked through. ``data="auto"``
+The public archive unzips messily; labkit reads it as it comes. A single wrapping folder (e.g.
+``IDC_regular_ps50_idx5/``) is looked through. Beside the patient folders the archive holds a second
+copy of them (``IDC_regular_ps50_idx5/<patient_id>/{0,1}/``): a folder holding patient folders is
+read as a copy, and a patch is used **once** (by file name, the top-level one first) — the split is
+by patient, so a duplicate would leak. Folders holding neither patient folders nor classes are
+skipped. What was skipped is said in a notice and kept in ``BreastData.notes``. Border patches
+(smaller than 50×50 at the slide's edge) are padded with white to 50×50, never stretched.
+An optional ``sites.csv`` (``patient,site``) names each patient's hospital (the stand-in writes
+one). ``data="auto"``
 writes the synthetic stand-in (:mod:`labkit.data.synth_breast`) when ``data_dir`` is missing or
 empty. Patches are decoded once into a uint8 cache. The train / validation / test split is made
 once — by patient (stratified by positive rate) or by patch — and saved as JSON beside the cache,
@@ -29,7 +37,7 @@ import torch
 
 from labkit.data.cache import MARKER, cache_dir_for, load_images_cached, notice_box
 from labkit.data.images import IGNORED_NAMES, regular_files, stratified_subset
-from labkit.data.synth_breast import write_breast_standin
+from labkit.data.synth_breast import PATCH, SITES_FILE, STANDIN_VERSION, write_breast_standin
 from labkit.env import portable_path, resolve_path
 from labkit.files import write_json
 
@@ -89,11 +97,7 @@ def find_breast_layout(root: str | os.PathLike, depth: int = 1) -> tuple[str, Pa
     if (len(dirs) == 1 == len(patients) and depth > 0 and (dirs[0] / "0").is_dir() and (dirs[0] / "1").is_dir()
             and not _idc_named(dirs[0])):
         return find_breast_layout(dirs[0], depth - 1)     # a wrapped seed layout: <wrapper>/0/, <wrapper>/1/
-    if patients:
-        odd = [p.name for p in dirs if p not in patients]
-        if odd:
-            raise FileNotFoundError(f"{root} looks like the IDC layout (patient folders with 0/ and 1/), but "
-                                    f"{odd[:5]} hold neither 0/ nor 1/. Remove them or fix the folders.")
+    if patients:      # other folders (a nested copy of the patient folders, odd extras): see scan_breast
         return "idc", root
     if depth > 0 and len(dirs) == 1 and len(entries) == 1:
         return find_breast_layout(dirs[0], depth - 1)
@@ -109,33 +113,71 @@ def _class_files(folder: Path) -> list[Path]:
     return files
 
 
-def scan_breast(root: Path, layout: str, folder: Path) -> tuple[list[str], np.ndarray, list[str] | None]:
-    """Files (relative to ``root``), labels and patient ids (``None`` for the ``binary`` layout)."""
-    files, labels, patients = [], [], []
+def _patient_folders(folder: Path) -> list[Path]:
+    return [p for p in _visible(folder) if p.is_dir() and ((p / "0").is_dir() or (p / "1").is_dir())]
+
+
+def scan_breast(root: Path, layout: str, folder: Path) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
+    """Files (relative to ``root``), labels, patient ids (``None`` for the ``binary`` layout) and notes
+    on what was skipped: a nested copy of the patient folders (each patch used once, by file name),
+    folders that hold no patches."""
+    files, labels, patients, notes = [], [], [], []
     if layout == "binary":
         for c in (0, 1):
             for p in _class_files(folder / str(c)):
                 files.append(p.relative_to(root).as_posix())
                 labels.append(c)
-        return files, np.asarray(labels, np.int64), None
-    for person in [p for p in _visible(folder) if p.is_dir()]:
-        odd = [p.name for p in _visible(person) if p.is_dir() and p.name not in ("0", "1")]
-        if odd:
-            raise ValueError(f"{person} holds the folder(s) {odd[:5]}; a patient folder holds only 0/ (no IDC) and "
-                             f"1/ (IDC). Remove or rename them.")
-        for c in (0, 1):
-            sub = person / str(c)
-            if not sub.is_dir():
-                continue
-            for p in _class_files(sub):
-                pid, _, _, label = parse_idc_name(p)
-                if pid != person.name or label != c:
-                    raise ValueError(f"{p}: the name says patient {pid!r}, class {label} but the file sits in "
-                                     f"{person.name}/{c}/. Move it to {pid}/{label}/.")
-                files.append(p.relative_to(root).as_posix())
-                labels.append(c)
-                patients.append(pid)
-    return files, np.asarray(labels, np.int64), patients
+        return files, np.asarray(labels, np.int64), None, notes
+    top = _patient_folders(folder)
+    copies, odd = [], []
+    for p in _visible(folder):
+        if p.is_dir() and p not in top:
+            (copies if _patient_folders(p) else odd).append(p)
+    seen: set[str] = set()
+    for source in [top, *(_patient_folders(c) for c in copies)]:
+        duplicates = added = 0
+        for person in source:
+            extra = [p.name for p in _visible(person) if p.is_dir() and p.name not in ("0", "1")]
+            if extra:
+                notes.append(f"skipped the folder(s) {extra[:5]} in {person.relative_to(root)}/: a patient folder "
+                             f"holds only 0/ and 1/")
+            for c in (0, 1):
+                sub = person / str(c)
+                if not sub.is_dir():
+                    continue
+                for p in _class_files(sub):
+                    pid, _, _, label = parse_idc_name(p)
+                    if pid != person.name or label != c:
+                        raise ValueError(f"{p}: the name says patient {pid!r}, class {label} but the file sits in "
+                                         f"{person.name}/{c}/. Move it to {pid}/{label}/.")
+                    if p.name in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(p.name)
+                    added += 1
+                    files.append(p.relative_to(root).as_posix())
+                    labels.append(c)
+                    patients.append(pid)
+        if source is not top:
+            where = source[0].parent.relative_to(root).as_posix()
+            notes.append(f"{where}/ holds a copy of {len(source)} patient folders: {duplicates} patches already "
+                         f"read from the top level were skipped (each patch is used once), {added} new ones used")
+    if odd:
+        notes.append(f"skipped {[p.name for p in odd][:5]}: folder(s) holding neither patient folders nor 0/ and 1/")
+    return files, np.asarray(labels, np.int64), patients, notes
+
+
+def read_sites(root: Path, folder: Path) -> dict[str, str] | None:
+    """``{patient: site}`` from ``sites.csv`` (columns ``patient,site``) in ``root`` or ``folder``, else None."""
+    for place in dict.fromkeys([root, folder]):
+        path = place / SITES_FILE
+        if path.is_file():
+            table = pd.read_csv(path, dtype=str)
+            if list(table.columns[:2]) != ["patient", "site"]:
+                raise ValueError(f"{path}: expected the columns patient,site; got {list(table.columns)}. Fix or "
+                                 f"remove the file.")
+            return dict(zip(table["patient"], table["site"]))
+    return None
 
 
 @dataclass
@@ -152,6 +194,10 @@ class BreastData:
     synthetic: bool
     skipped: list[str] = field(default_factory=list)
     classes: tuple[str, str] = CLASSES
+    #: each patch's hospital (from ``sites.csv``), or ``None``
+    sites: list[str] | None = None
+    #: what the reader skipped (a nested copy, odd folders), said once when loading
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,7 +217,8 @@ class BreastData:
         return {"name": "breast-idc", "layout": self.layout, "root": portable_path(self.root),
                 "synthetic": self.synthetic, "classes": list(self.classes), "patches": len(y), "positive": int(y.sum()),
                 "patients": None if self.patients is None else len(set(self.patients)),
-                "image_shape": list(self.images.shape[1:]), "skipped": list(self.skipped)}
+                "image_shape": list(self.images.shape[1:]), "skipped": list(self.skipped),
+                "hospitals": None if self.sites is None else len(set(self.sites)), "notes": list(self.notes)}
 
 
 def _synthetic_notice(root: Path) -> str:
@@ -202,6 +249,10 @@ def load_breast(data: str = "auto", data_dir: str | os.PathLike = "data/breast",
         root = root.parent / "synthetic" / root.name
     found = find_breast_layout(root)
     synthetic = (root / MARKER).exists()
+    if synthetic and f"version={STANDIN_VERSION}" not in (root / MARKER).read_text(errors="replace"):
+        print(f"{root} holds a stand-in written by an older labkit: writing the current one (hospitals, sites.csv)")
+        write_breast_standin(root, seed=0, progress=progress)
+        found = find_breast_layout(root)
     if data == "real" and (found is None or synthetic):
         why = "holds a synthetic stand-in" if synthetic else "holds no breast patches"
         raise FileNotFoundError(f"data='real' but {root} {why}. {GET_DATA.format(root=root)}")
@@ -211,16 +262,32 @@ def load_breast(data: str = "auto", data_dir: str | os.PathLike = "data/breast",
     if synthetic:
         print(_synthetic_notice(root))
     layout, folder = found
-    files, labels, patients = scan_breast(root, layout, folder)
+    files, labels, patients, notes = scan_breast(root, layout, folder)
+    if notes:
+        print("\n".join([f"NOTE — {root} read as the archive unzips:", *(f"  - {n}" for n in notes)]))
+    site_of = read_sites(root, folder) if patients is not None else None
+    if site_of is not None and (missing := sorted(set(patients) - set(site_of))):
+        raise ValueError(f"{SITES_FILE} beside {folder} names no site for the patient(s) {missing[:5]}; add them "
+                         f"or remove the file.")
     keep = stratified_subset(labels, max_patches, seed)
     files, labels = [files[i] for i in keep], labels[keep]
     patients = None if patients is None else [patients[i] for i in keep]
     images, kept, skipped = load_images_cached(root, files, image_size, "RGB", tag="breast", strict=strict,
-                                               progress=progress)
-    return BreastData(images=images, labels=torch.from_numpy(labels[kept]),
-                      patients=None if patients is None else [patients[i] for i in kept],
+                                               progress=progress, pad_to=PATCH)
+    patients = None if patients is None else [patients[i] for i in kept]
+    return BreastData(images=images, labels=torch.from_numpy(labels[kept]), patients=patients,
                       files=[files[i] for i in kept], root=root, layout=layout, synthetic=synthetic,
-                      skipped=skipped)
+                      skipped=skipped, notes=notes,
+                      sites=None if site_of is None else [site_of[p] for p in patients])
+
+
+def has_patient_ids(data: str = "auto", data_dir: str | os.PathLike = "data/breast") -> bool:
+    """Whether :func:`load_breast` with these arguments will have patient ids, without decoding anything:
+    False only for the seed's ``0/ 1/`` layout (a lab checks ``split='hospital'`` with it up front)."""
+    if data == "synthetic":
+        return True
+    found = find_breast_layout(resolve_path(data_dir))
+    return found is None or found[0] == "idc"
 
 
 # --------------------------------------------------------------------------- train / val / test
@@ -278,10 +345,25 @@ def split_by_patient(patients: list[str], labels: np.ndarray, fractions=(0.7, 0.
     return {s: np.flatnonzero(np.asarray([assign[int(k)] == s for k in per])) for s in SPLITS}
 
 
+def split_by_group(patients: list[str], labels: np.ndarray, groups, fractions=(0.7, 0.15, 0.15),
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`split_by_patient` within each group (e.g. hospital, one entry per patch): every group
+    keeps patients in train, validation and test, so each can be scored on its own."""
+    groups = np.asarray(groups)
+    out = {s: [] for s in SPLITS}
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        part = split_by_patient([patients[i] for i in idx], np.asarray(labels)[idx], fractions, seed)
+        for s in SPLITS:
+            out[s] += idx[part[s]].tolist()
+    return {s: np.sort(np.asarray(v, np.int64)) for s, v in out.items()}
+
+
 def saved_split(data: BreastData, level: str = "patient", fractions=(0.7, 0.15, 0.15),
-                seed: int = 0) -> dict[str, np.ndarray]:
+                seed: int = 0, groups=None) -> dict[str, np.ndarray]:
     """The train / val / test split of ``data`` at ``level`` ("patient" or "patch"), made once and
     saved as JSON (file names per split) in the dataset's cache folder; later calls read it back.
+    ``groups`` (one entry per patch, e.g. its hospital) makes the patient split within each group.
 
     A patient split of data without patient ids raises ``ValueError`` (use ``level="patch"``).
     """
@@ -290,7 +372,11 @@ def saved_split(data: BreastData, level: str = "patient", fractions=(0.7, 0.15, 
     if level == "patient" and data.patients is None:
         raise ValueError(f"{data.root} ({data.layout} layout) has no patient ids, so a patient-level split is "
                          f"impossible; use level='patch' (and know that patients may then sit on both sides).")
-    key = hashlib.sha1(json.dumps([level, list(fractions), seed, data.files]).encode()).hexdigest()[:12]
+    grouping = None if groups is None else [str(g) for g in groups]
+    if grouping is not None and (level != "patient" or len(grouping) != len(data.files)):
+        raise ValueError(f"groups: one entry per patch ({len(data.files)}) and level='patient' needed")
+    key = hashlib.sha1(json.dumps([level, list(fractions), seed, data.files, *([grouping] if grouping else [])]
+                                  ).encode()).hexdigest()[:12]
     path = cache_dir_for(data.root) / f"split-{level}-seed{seed}-{key}.json"
     index = {f: i for i, f in enumerate(data.files)}
     if path.is_file():
@@ -301,7 +387,9 @@ def saved_split(data: BreastData, level: str = "patient", fractions=(0.7, 0.15, 
                 return out
         except (ValueError, KeyError, TypeError):
             pass  # damaged or stale: made again below
-    if level == "patient":
+    if grouping is not None:
+        out = split_by_group(data.patients, data.labels.numpy(), grouping, fractions, seed)
+    elif level == "patient":
         out = split_by_patient(data.patients, data.labels.numpy(), fractions, seed)
     else:
         out = split_patches(data.labels.numpy(), fractions, seed)
@@ -310,5 +398,5 @@ def saved_split(data: BreastData, level: str = "patient", fractions=(0.7, 0.15, 
     return out
 
 
-__all__ = ["CLASSES", "BreastData", "find_breast_layout", "load_breast", "parse_idc_name", "saved_split",
-           "split_by_patient", "split_patches"]
+__all__ = ["CLASSES", "BreastData", "find_breast_layout", "has_patient_ids", "load_breast", "parse_idc_name",
+           "read_sites", "saved_split", "split_by_group", "split_by_patient", "split_patches"]

@@ -86,15 +86,22 @@ def file_stamps(root: Path, files: list[str]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def decode_image(path: str | os.PathLike, image_size: int, mode: str = "L") -> np.ndarray:
+def decode_image(path: str | os.PathLike, image_size: int, mode: str = "L", pad_to: int | None = None) -> np.ndarray:
     """One image file as uint8 ``[C, image_size, image_size]`` (PIL decode, bilinear resize).
 
     JPEGs are decoded at a reduced scale when that is still at least ``image_size`` (``draft``).
+    ``pad_to``: an image smaller than ``pad_to``×``pad_to`` (a tile cut at a slide's border) is first
+    padded with white to that size (kept at the top left), so it is not stretched.
     """
     with Image.open(path) as im:
-        if im.format == "JPEG":
+        if im.format == "JPEG" and pad_to is None:
             im.draft(mode, (image_size, image_size))
-        im = to_8bit(im).convert(mode).resize((image_size, image_size), Image.BILINEAR)
+        im = to_8bit(im).convert(mode)
+        if pad_to is not None and (im.width < pad_to or im.height < pad_to):
+            canvas = Image.new(mode, (max(pad_to, im.width), max(pad_to, im.height)), "white")
+            canvas.paste(im, (0, 0))
+            im = canvas
+        im = im.resize((image_size, image_size), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -122,7 +129,7 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def _try_decode(args: tuple[Path, int, str]) -> np.ndarray | Exception:
+def _try_decode(args: tuple) -> np.ndarray | Exception:
     try:
         return decode_image(*args)
     except Exception as err:  # noqa: BLE001 — any decoder failure is reported naming the file, never raised deep in PIL
@@ -130,7 +137,8 @@ def _try_decode(args: tuple[Path, int, str]) -> np.ndarray | Exception:
 
 
 def decode_files(root: Path, files: list[str], image_size: int, mode: str = "L", strict: bool = False,
-                 progress: bool = True, desc: str = "decoding images") -> tuple[torch.Tensor, np.ndarray, list[str]]:
+                 progress: bool = True, desc: str = "decoding images", pad_to: int | None = None
+                 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Decode ``files`` (relative to ``root``) with a progress bar.
 
     Returns ``(images uint8 [K,C,S,S], kept indices [K], skipped files)``. A file that is not a
@@ -141,7 +149,7 @@ def decode_files(root: Path, files: list[str], image_size: int, mode: str = "L",
         raise ValueError(f"mode={mode!r}: use one of {sorted(MODES)}")
     out = np.empty((len(files), MODES[mode], image_size, image_size), dtype=np.uint8)
     kept, skipped = [], []
-    jobs = [(root / name, image_size, mode) for name in files]
+    jobs = [(root / name, image_size, mode, pad_to) for name in files]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         results = pool.map(_try_decode, jobs, chunksize=32)
         for i, res in enumerate(tqdm(results, total=len(files), desc=desc, unit="img", disable=not progress)):
@@ -159,9 +167,11 @@ def decode_files(root: Path, files: list[str], image_size: int, mode: str = "L",
     return torch.from_numpy(out[: len(kept)]), np.asarray(kept, dtype=np.int64), skipped
 
 
-def cache_file(root: Path, files: list[str], image_size: int, mode: str, tag: str = "images") -> Path:
-    """Where the tensors for this (image size, channel mode, file list) live."""
-    key = hashlib.sha1(json.dumps([CACHE_VERSION, image_size, mode, files]).encode()).hexdigest()[:16]
+def cache_file(root: Path, files: list[str], image_size: int, mode: str, tag: str = "images",
+               pad_to: int | None = None) -> Path:
+    """Where the tensors for this (image size, channel mode, file list, padding) live."""
+    extra = [] if pad_to is None else [pad_to]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, image_size, mode, files, *extra]).encode()).hexdigest()[:16]
     return cache_dir_for(root) / f"{tag}-{image_size}px-{mode}-{key}.pt"
 
 
@@ -196,7 +206,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def load_images_cached(root: str | os.PathLike, files: list[str], image_size: int, mode: str = "L", *,
-                       tag: str = "images", strict: bool = False, progress: bool = True
+                       tag: str = "images", strict: bool = False, progress: bool = True, pad_to: int | None = None
                        ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Like :func:`decode_files`, but read from / written to the tensor cache.
 
@@ -204,7 +214,7 @@ def load_images_cached(root: str | os.PathLike, files: list[str], image_size: in
     otherwise the files are decoded again and the cache file is replaced (atomically).
     """
     root = Path(root)
-    path = cache_file(root, files, image_size, mode, tag)
+    path = cache_file(root, files, image_size, mode, tag, pad_to)
     stamps = file_stamps(root, files)
     entry = _read(path)
     if (entry is not None and entry.get("version") == CACHE_VERSION and entry.get("files") == files
@@ -216,7 +226,8 @@ def load_images_cached(root: str | os.PathLike, files: list[str], image_size: in
         if skipped:
             warnings.warn(f"skipped {len(skipped)} unreadable file(s) below {root}: {skipped[:5]}", stacklevel=2)
         return entry["images"], entry["kept"].numpy(), skipped
-    images, kept, skipped = decode_files(root, files, image_size, mode, strict, progress, desc=f"decoding {tag}")
+    images, kept, skipped = decode_files(root, files, image_size, mode, strict, progress, desc=f"decoding {tag}",
+                                         pad_to=pad_to)
     entry = {"version": CACHE_VERSION, "files": list(files), "stamps": stamps, "images": images,
              "digest": images_digest(images),
              "kept": torch.from_numpy(kept), "skipped": skipped, "image_size": image_size, "mode": mode}

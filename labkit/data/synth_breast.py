@@ -10,10 +10,12 @@ Each patch is an RGB "H&E-stained" picture built with the optical-density stain 
 purple hematoxylin nuclei. Class 1 (invasive ductal carcinoma) patches have denser, larger,
 darker and irregular nuclei; how strongly varies per patch, so some positives look benign.
 
-Patients differ the way hospitals do: each has its own stain tint and intensity, its own
-positive rate (about 28 % overall, some patients near 0 %, some above 50 %) and its own tumour
-grade (how abnormal its positive nuclei look). THESE ARE NOT MEDICAL IMAGES and nothing learned
-on them is a medical result.
+Patients come from **hospitals** of unequal size (by default 3 holding about 50 %, 30 % and 20 %
+of the patients); each hospital stains with its own tint and intensity, and each patient varies a
+little around it, with its own positive rate (about 28 % overall, some patients near 0 %, some
+above 50 %) and its own tumour grade (how abnormal its positive nuclei look). Which patient came
+from which hospital is written to ``<root>/sites.csv`` (``patient,site``), a file the public set
+does not have. THESE ARE NOT MEDICAL IMAGES and nothing learned on them is a medical result.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ from labkit.data.cache import MARKER
 from labkit.files import atomic_path
 
 PATCH = 50
+#: The file naming each patient's hospital (stand-in only; the public IDC set has no such file).
+SITES_FILE = "sites.csv"
+#: Bumped when the stand-in changes; an older stand-in is rewritten on the next load.
+STANDIN_VERSION = 2
 #: Optical-density stain vectors (per unit concentration) of hematoxylin and eosin.
 H_VEC = np.array([0.65, 0.70, 0.29], np.float32) * 1.6
 E_VEC = np.array([0.07, 0.99, 0.11], np.float32) * 0.9
@@ -110,16 +116,26 @@ def render_patch(label: int, rng: np.random.Generator, patient: dict, size: int 
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def make_patients(n: int, rng: np.random.Generator, positive_rate: float = 0.22) -> list[dict]:
-    """``n`` patients: id, stain vectors (tint), eosin intensity, tumour grade and positive rate."""
+def make_patients(n: int, rng: np.random.Generator, positive_rate: float = 0.3, hospitals: int = 3) -> list[dict]:
+    """``n`` patients: id, hospital (``site``), stain vectors (tint), eosin intensity, tumour grade and
+    positive rate. Hospital ``h`` gets a share of the patients proportional to ``0.6 ** h`` (3
+    hospitals: 50 / 30 / 20 %) and its own stain tint; patients vary a little around it."""
     ids = rng.choice(np.arange(10_000, 16_999), size=n, replace=False)
     a = 1.4
     b = a * (1 - positive_rate) / positive_rate
+    share = 0.6 ** np.arange(hospitals)
+    counts = np.floor(share / share.sum() * n).astype(int)
+    counts[:n - counts.sum()] += 1                        # the rounding remainder to the largest ones
+    site_of = rng.permutation(np.repeat(np.arange(hospitals), counts))
+    stains = [(rng.normal(0, 0.2, (2, 3)).astype(np.float32), float(rng.uniform(0.7, 1.2)))
+              for _ in range(hospitals)]
     out = []
-    for pid in ids:
-        tint = rng.normal(0, 0.12, (2, 3)).astype(np.float32)
-        out.append({"id": str(int(pid)), "h_vec": H_VEC * (1 + tint[0]), "e_vec": E_VEC * (1 + tint[1]),
-                    "eosin": float(rng.uniform(0.6, 1.3)), "grade": float(rng.uniform(0.6, 1.25)),
+    for pid, site in zip(ids, site_of):
+        tint, eosin = stains[site]
+        tint = tint + rng.normal(0, 0.07, (2, 3)).astype(np.float32)
+        out.append({"id": str(int(pid)), "site": f"hospital-{chr(65 + int(site))}",
+                    "h_vec": H_VEC * (1 + tint[0]), "e_vec": E_VEC * (1 + tint[1]),
+                    "eosin": eosin * float(rng.uniform(0.85, 1.15)), "grade": float(rng.uniform(0.6, 1.25)),
                     "rate": float(np.clip(rng.beta(a, b), 0.03, 0.75))})
     return out
 
@@ -130,11 +146,12 @@ def patch_name(pid: str, x: int, y: int, label: int) -> str:
 
 
 def write_breast_standin(root: str | os.PathLike, patients: int = 30, patches: tuple[int, int] = (40, 80),
-                         seed: int = 0, progress: bool = True) -> Path:
+                         seed: int = 0, progress: bool = True, hospitals: int = 3) -> Path:
     """Write a synthetic IDC-layout stand-in into ``root`` and return ``root``.
 
     ``patients`` patient folders with between ``patches[0]`` and ``patches[1]`` 50×50 RGB PNG patches
-    each (every patient has at least one patch of each class), plus a ``LABKIT_SYNTHETIC.txt`` marker.
+    each (every patient has at least one patch of each class) from ``hospitals`` hospitals of unequal
+    size (``sites.csv``), plus a ``LABKIT_SYNTHETIC.txt`` marker.
     The folder is written whole beside ``root`` and renamed into place; the same ``seed`` writes the
     same pictures. ``root`` must be missing, empty, or an earlier stand-in (which is replaced).
     """
@@ -149,8 +166,10 @@ def write_breast_standin(root: str | os.PathLike, patients: int = 30, patches: t
     lo, hi = patches
     if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi):
         raise ValueError(f"patches={patches!r}: need (low, high) integers with 2 <= low <= high")
+    if not isinstance(hospitals, int) or not 1 <= hospitals <= min(patients, 26):
+        raise ValueError(f"hospitals={hospitals!r}: need an integer between 1 and min(patients, 26)")
     rng = np.random.default_rng(seed)
-    people = make_patients(patients, rng)
+    people = make_patients(patients, rng, hospitals=hospitals)
     sizes = rng.integers(lo, hi + 1, size=patients)
     tik = time.perf_counter()
     with atomic_path(root) as tmp, tqdm(total=int(sizes.sum()), desc="writing synthetic breast stand-in",
@@ -168,7 +187,9 @@ def write_breast_standin(root: str | os.PathLike, patients: int = 30, patches: t
                 Image.fromarray(img, mode="RGB").save(tmp / person["id"] / str(label)
                                                       / patch_name(person["id"], x, y, int(label)), compress_level=1)
                 bar.update(1)
-        (tmp / MARKER).write_text(MARKER_TEXT + f"\nseed={seed} patients={patients} patches={lo}-{hi}\n")
+        (tmp / SITES_FILE).write_text("patient,site\n" + "".join(f"{p['id']},{p['site']}\n" for p in people))
+        (tmp / MARKER).write_text(MARKER_TEXT + f"\nseed={seed} patients={patients} patches={lo}-{hi} "
+                                  f"hospitals={hospitals} version={STANDIN_VERSION}\n")
     if progress:
         print(f"wrote {int(sizes.sum())} synthetic patches of {patients} patients to {root} "
               f"in {time.perf_counter() - tik:.1f}s")

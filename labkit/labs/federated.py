@@ -4,12 +4,15 @@ The lesson itself — one FedAvg round (send the global weights through the obje
 every client, average weighted by sample counts, skip a failed client) — is code in the notebook.
 This module holds what that code stands on:
 
-- :func:`split_clients` — which training patches each client holds: ``iid``, ``dirichlet``
-  (label skew with concentration ``alpha``) or ``hospital`` (disjoint groups of patients);
+- :func:`assign_hospitals` / :func:`split_clients` — which hospital each patient belongs to (the
+  stand-in's ``sites.csv``, else patients grouped into hospitals of unequal size) and which training
+  patches each client holds: ``iid``, ``dirichlet`` (label skew, concentration ``alpha``) or
+  ``hospital`` (one client per hospital);
 - :class:`FedClient` — one client: its shard, its own online augmentation (torchvision v2), local
   training in the run's precision; :func:`remote_clients` turns it into Ray actors;
-- :func:`train_epochs` / :func:`evaluate_binary` — the plain local loop (Lab 01's) and the
-  validation metrics (loss, accuracy, balanced accuracy, precision, recall, F1, ROC-AUC);
+- :func:`train_epochs` / :func:`evaluate_binary` / :func:`group_metrics` — the plain local loop (Lab
+  01's) and the validation metrics (loss, accuracy, balanced accuracy, precision, recall, class-1 F1
+  ``f1_idc``, ``macro_f1``, ROC-AUC), overall and per hospital; :func:`bn_keys` for FedBN;
 - :func:`state_bytes` / :func:`ddp_allreduce_bytes` — what FedAvg sends vs what DDP would all-reduce;
 - :func:`append_csv` — one row per round, the file rewritten atomically each time.
 """
@@ -33,18 +36,52 @@ from labkit.files import atomic_path
 from labkit.models.breast import BreastCancerCNN
 
 SPLITS = ("iid", "dirichlet", "hospital")
-METRICS = ("loss", "acc", "balanced_acc", "precision", "recall", "f1", "roc_auc")
+#: ``f1_idc`` is the F1 of class 1 (IDC) alone; ``macro_f1`` the mean of both classes' F1.
+METRICS = ("loss", "acc", "balanced_acc", "precision", "recall", "f1_idc", "macro_f1", "roc_auc")
+#: what each hospital's share of the validation patches is scored on, every round
+GROUP_METRICS = ("acc", "balanced_acc")
+
+
+def assign_hospitals(patients: Sequence[str], clients: int, *, sites: Sequence[str] | None = None, seed: int = 0,
+                     ratio: float = 2.5) -> tuple[np.ndarray, list[str]]:
+    """Each patch's hospital (``0..clients-1``, hospital 0 the largest) and the hospitals' names.
+
+    With ``sites`` (each patch's site, e.g. from the stand-in's ``sites.csv``) naming exactly ``clients``
+    sites, those are the hospitals. Otherwise whole patients are grouped into ``clients`` hospitals of
+    unequal size: target shares fall geometrically from the largest to the smallest, ``ratio`` times
+    smaller (largest patient first to the hospital furthest below its target)."""
+    patients = np.asarray(patients)
+    ids, per = np.unique(patients, return_inverse=True)
+    if len(ids) < clients:
+        raise ValueError(f"{clients} hospitals need at least {clients} patients; there are {len(ids)}")
+    if sites is not None and len(set(sites)) == clients:
+        names, owner = np.unique(np.asarray(sites), return_inverse=True)
+        order = np.argsort(-np.bincount(owner, minlength=clients), kind="stable")
+        rank = np.empty(clients, np.int64)
+        rank[order] = np.arange(clients)
+        return rank[owner], [str(names[k]) for k in order]
+    sizes = np.bincount(per)
+    rng = np.random.default_rng(seed)
+    target = ratio ** (-np.arange(clients) / max(clients - 1, 1))
+    target = target / target.sum() * sizes.sum()
+    load, owner = np.zeros(clients), np.empty(len(ids), np.int64)
+    for p in sorted(rng.permutation(len(ids)), key=lambda p: -sizes[p]):
+        k = int(np.argmax(target - load))
+        owner[p], load[k] = k, load[k] + sizes[p]
+    return owner[per], [f"hospital-{chr(65 + k)}" if k < 26 else f"hospital-{k}" for k in range(clients)]
 
 
 # --------------------------------------------------------------------------- who holds what
 def split_clients(labels: Sequence[int], clients: int, how: str = "iid", *, alpha: float = 0.5,
-                  patients: Sequence[str] | None = None, seed: int = 0, min_size: int = 2) -> list[np.ndarray]:
+                  patients: Sequence[str] | None = None, hospitals: Sequence[int] | None = None, seed: int = 0,
+                  min_size: int = 2) -> list[np.ndarray]:
     """Indices (into ``labels``) each of ``clients`` clients holds; every index exactly once.
 
     ``iid``: a seeded shuffle cut into near-equal parts. ``dirichlet``: per class, the shares of the
     clients are drawn from Dirichlet(``alpha``) — small alpha, strong label skew (redrawn until every
-    client has ``min_size`` samples). ``hospital``: whole patients go to one client (largest patient
-    first to the client with the fewest patches): disjoint patient groups, like hospitals.
+    client has ``min_size`` samples). ``hospital``: client ``k`` holds hospital ``k``'s patches —
+    ``hospitals`` (one entry per sample, from :func:`assign_hospitals`) or, without it, ``patients``
+    grouped by :func:`assign_hospitals`: disjoint patient groups of unequal size.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -69,22 +106,24 @@ def split_clients(labels: Sequence[int], clients: int, how: str = "iid", *, alph
                 return [np.sort(np.asarray(p, np.int64)) for p in parts]
         raise ValueError(f"alpha={alpha}: could not give each of {clients} clients {min_size} samples in 100 draws; "
                          f"use a larger alpha or fewer clients")
-    if patients is None:
-        raise ValueError("split='hospital' needs patient ids, and this dataset has none (the seed's 0/ 1/ layout); "
-                         "use split='iid' or 'dirichlet'.")
-    if len(patients) != n:
-        raise ValueError(f"{len(patients)} patient ids for {n} labels")
-    ids, per = np.unique(np.asarray(patients), return_inverse=True)
-    if len(ids) < clients:
-        raise ValueError(f"split='hospital' with {clients} clients needs at least {clients} training patients; "
-                         f"there are {len(ids)}")
-    sizes = np.bincount(per)
-    order = sorted(rng.permutation(len(ids)), key=lambda p: -sizes[p])
-    load, owner = np.zeros(clients, np.int64), np.empty(len(ids), np.int64)
-    for p in order:
-        k = int(np.argmin(load))
-        owner[p], load[k] = k, load[k] + sizes[p]
-    return [np.flatnonzero(owner[per] == k) for k in range(clients)]
+    if hospitals is None:
+        if patients is None:
+            raise ValueError("split='hospital' needs patient ids, and this dataset has none (the seed's 0/ 1/ "
+                             "layout); use split='iid' or 'dirichlet'.")
+        if len(patients) != n:
+            raise ValueError(f"{len(patients)} patient ids for {n} labels")
+        if len(set(patients)) < clients:
+            raise ValueError(f"split='hospital' with {clients} clients needs at least {clients} training patients; "
+                             f"there are {len(set(patients))}")
+        hospitals = assign_hospitals(patients, clients, seed=seed)[0]
+    hospitals = np.asarray(hospitals)
+    if len(hospitals) != n:
+        raise ValueError(f"{len(hospitals)} hospital entries for {n} labels")
+    shards = [np.flatnonzero(hospitals == k) for k in range(clients)]
+    if any(len(s) == 0 for s in shards):
+        raise ValueError(f"split='hospital': hospital(s) {[k for k, s in enumerate(shards) if not len(s)]} hold no "
+                         f"training patches; use fewer clients")
+    return shards
 
 
 # --------------------------------------------------------------------------- training and metrics
@@ -104,11 +143,14 @@ def to_input(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 def train_epochs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
                  batch_size: int, dtype: torch.dtype | None = None, channels_last: bool = False,
-                 augment: v2.Transform | None = None, seed: int = 0) -> float:
-    """Train ``model`` (on the CPU) for ``epochs`` passes with Adam and ``BCEWithLogitsLoss``;
-    return the mean training loss. ``augment`` is applied per patch to the uint8 batch."""
+                 augment: v2.Transform | None = None, seed: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Train ``model`` (on the CPU) for ``epochs`` passes with ``BCEWithLogitsLoss``; return the mean
+    training loss. ``optimizer``: one to keep using across calls (its Adam moments carry on); without
+    it a fresh Adam(``lr``) starts, as a FedAvg client's does each round. ``augment`` is applied per
+    patch to the uint8 batch."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     total, seen = 0.0, 0
@@ -131,19 +173,24 @@ def train_epochs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
 
 
 @torch.no_grad()
-def evaluate_binary(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256,
-                    dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, Any]:
-    """Validation metrics of a 1-logit model: ``loss`` (BCE), ``acc``, ``balanced_acc``,
-    ``precision``, ``recall``, ``f1`` (class 1 = IDC), ``roc_auc`` (NaN when one class is missing),
-    plus ``y_true``, ``y_prob`` and ``y_pred`` arrays. Logits are turned to fp32 before any metric."""
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> torch.Tensor:
+    """The model's fp32 logits ``[N]`` for uint8 ``images`` (eval mode, batches of ``batch_size``)."""
     model.eval()
-    logits = []
-    for start in range(0, len(labels), batch_size):
+    logits = [torch.empty(0)]
+    for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], channels_last)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             logits.append(model(x).float())
-    z = torch.cat(logits)
-    y = labels.float()
+    return torch.cat(logits)
+
+
+def binary_metrics(labels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
+    """:data:`METRICS` of 1-logit predictions (class 1 = IDC): ``loss`` (BCE), ``acc``, ``balanced_acc``,
+    ``precision``, ``recall``, ``f1_idc`` (F1 of class 1), ``macro_f1`` (mean F1 of both classes),
+    ``roc_auc`` (NaN when one class is missing; so is balanced accuracy), plus ``y_true``, ``y_prob``
+    and ``y_pred`` arrays."""
+    z, y = logits.float(), labels.float()
     prob = torch.sigmoid(z).numpy()
     y_true, y_pred = labels.numpy().astype(int), (prob >= 0.5).astype(int)
     both = len(np.unique(y_true)) == 2
@@ -152,9 +199,38 @@ def evaluate_binary(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             "balanced_acc": float(balanced_accuracy_score(y_true, y_pred)) if both else float("nan"),
             "precision": float(precision_score(y_true, y_pred, zero_division=0)),
             "recall": float(recall_score(y_true, y_pred, zero_division=0)),
-            "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+            "f1_idc": float(f1_score(y_true, y_pred, zero_division=0)),
+            "macro_f1": float(f1_score(y_true, y_pred, labels=[0, 1], average="macro", zero_division=0)),
             "roc_auc": float(roc_auc_score(y_true, prob)) if both else float("nan"),
             "y_true": y_true, "y_prob": prob, "y_pred": y_pred}
+
+
+def evaluate_binary(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256,
+                    dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, Any]:
+    """:func:`binary_metrics` of ``model`` on ``images`` (logits turned to fp32 before any metric)."""
+    return binary_metrics(labels, predict_logits(model, images, batch_size=batch_size, dtype=dtype,
+                                                 channels_last=channels_last))
+
+
+def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, names: Sequence[str]) -> dict:
+    """``{f"{name}_{metric}": value}`` for each group (e.g. hospital ``k`` = ``names[k]``) and
+    :data:`GROUP_METRICS`, plus ``{name}_n`` (patches); balanced accuracy is NaN for a one-class group."""
+    out: dict[str, float] = {}
+    for k, name in enumerate(names):
+        mask = np.asarray(groups) == k
+        yt, yp = np.asarray(y_true)[mask], np.asarray(y_pred)[mask]
+        out[f"{name}_n"] = int(mask.sum())
+        out[f"{name}_acc"] = float(accuracy_score(yt, yp)) if mask.any() else float("nan")
+        out[f"{name}_balanced_acc"] = (float(balanced_accuracy_score(yt, yp)) if len(np.unique(yt)) == 2
+                                       else float("nan"))
+    return out
+
+
+def bn_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys of every BatchNorm layer (weight, bias, running statistics, counter): what
+    FedBN (Li et al., 2021) keeps local to each client."""
+    return {f"{name}.{key}" if name else key for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) for key in module.state_dict()}
 
 
 # --------------------------------------------------------------------------- the client
@@ -162,12 +238,17 @@ class FedClient:
     """One federated client: holds only its own shard and trains the weights it is sent.
 
     Plain Python (testable without Ray); :func:`remote_clients` makes Ray actors of it. ``fail_at_round``
-    makes :meth:`fit` raise in that round (a hospital whose machine goes down), to show that the
-    server leaves a failed client out of the average and carries on.
+    makes :meth:`fit` raise in that round (a hospital whose machine goes down; ``fail_mode="error"``) or
+    hang for ``hang_seconds`` (``fail_mode="hang"``, a straggler), to show that the server leaves a failed
+    or late client out of the average and carries on.
     """
 
     def __init__(self, cid: int, image_size: int, *, amp: Any = "auto", batch_size: int = 32, seed: int = 0,
-                 threads: int | None = 1, fail_at_round: int | None = None) -> None:
+                 threads: int | None = 1, fail_at_round: int | None = None, fail_mode: str = "error",
+                 hang_seconds: float = 3600.0) -> None:
+        if fail_mode not in ("error", "hang"):
+            raise ValueError(f"fail_mode={fail_mode!r}: use 'error' or 'hang'")
+        self.fail_mode, self.hang_seconds = fail_mode, hang_seconds
         if threads:
             torch.set_num_threads(threads)
         self.cid, self.batch_size, self.seed, self.fail_at_round = cid, batch_size, seed, fail_at_round
@@ -186,14 +267,21 @@ class FedClient:
         return len(self.labels)
 
     def fit(self, global_state: Mapping[str, torch.Tensor], round_: int, local_epochs: int, lr: float) -> dict:
-        """Load the global weights, train ``local_epochs`` on the shard, return ``state`` (the new
-        state_dict, parameters **and** buffers), ``num_samples``, ``loss`` and ``seconds``."""
+        """Load the global weights, train ``local_epochs`` on the shard (a fresh Adam: its moments start
+        from zero every round), return ``state`` (the new state_dict, parameters **and** buffers),
+        ``num_samples``, ``loss`` and ``seconds``. ``global_state`` may leave keys out (FedBN sends no
+        BatchNorm entries): the client keeps its own for those."""
         if self.fail_at_round is not None and round_ == self.fail_at_round:
-            raise RuntimeError(f"client {self.cid}: simulated failure in round {round_} (fail_client_at_round)")
+            if self.fail_mode == "hang":
+                time.sleep(self.hang_seconds)
+            else:
+                raise RuntimeError(f"client {self.cid}: simulated failure in round {round_} (fail_client_at_round)")
         if len(self.labels) == 0:
             raise RuntimeError(f"client {self.cid} holds no data; call load_shard first")
         tick = time.perf_counter()
-        self.model.load_state_dict(global_state)
+        missing, unexpected = self.model.load_state_dict(global_state, strict=False)
+        if unexpected:
+            raise KeyError(f"client {self.cid}: the global state has keys the model lacks: {unexpected[:5]}")
         torch.manual_seed(self.seed * 1_000 + self.cid * 97 + round_)   # its own augmentation stream
         loss = train_epochs(self.model, self.images, self.labels, epochs=local_epochs, lr=lr,
                             batch_size=self.batch_size, dtype=self.dtype, channels_last=self.channels_last,
@@ -271,6 +359,7 @@ def append_csv(path: str | os.PathLike, row: Mapping[str, Any]) -> Path:
     return path
 
 
-__all__ = ["FedClient", "METRICS", "SPLITS", "append_csv", "augmentation", "collect_updates", "ddp_allreduce_bytes",
-           "evaluate_binary",
-           "remote_clients", "split_clients", "state_bytes", "to_input", "train_epochs"]
+__all__ = ["FedClient", "GROUP_METRICS", "METRICS", "SPLITS", "append_csv", "assign_hospitals", "augmentation", "bn_keys",
+           "binary_metrics", "collect_updates", "ddp_allreduce_bytes", "evaluate_binary", "group_metrics",
+           "predict_logits", "remote_clients",
+           "split_clients", "state_bytes", "to_input", "train_epochs"]

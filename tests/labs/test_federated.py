@@ -126,3 +126,92 @@ def test_evaluate_binary_reports_every_metric():
     assert set(federated.METRICS) <= set(m) and all(np.isfinite(m[k]) for k in federated.METRICS)
     one_class = federated.evaluate_binary(model, x, torch.zeros(30, dtype=torch.int64))
     assert np.isnan(one_class["roc_auc"])
+
+
+# --------------------------------------------------------------------------- hospitals, FedBN, stragglers
+def test_hospitals_are_unequal_whole_patients_and_follow_named_sites():
+    rng = np.random.default_rng(0)
+    patients = [f"p{k}" for k in rng.integers(0, 30, 900)]
+    owner, names = federated.assign_hospitals(patients, 3, seed=0)
+    sizes = np.bincount(owner, minlength=3)
+    assert len(names) == 3 and sizes[0] >= 2 * sizes[2] and sizes[0] >= sizes[1] >= sizes[2]
+    by_patient = {}
+    for p, k in zip(patients, owner):
+        assert by_patient.setdefault(p, k) == k            # a patient lives in one hospital
+    sites = ["east" if p < "p1" else "west" if p < "p2" else "north" for p in patients]
+    owner, names = federated.assign_hospitals(patients, 3, sites=sites)
+    counts = {n: sites.count(n) for n in set(sites)}
+    assert names == sorted(counts, key=lambda n: -counts[n])           # hospital 0 is the largest site
+    assert all(names[k] == s for k, s in zip(owner, sites))
+    labels = rng.integers(0, 2, 900)
+    shards = federated.split_clients(labels, 3, "hospital", hospitals=owner)
+    assert [len(s) for s in shards] == [counts[n] for n in names]
+    with pytest.raises(ValueError, match="hold no training patches"):
+        federated.split_clients(labels, 4, "hospital", hospitals=owner)
+
+
+def test_group_metrics_per_hospital():
+    y_true, y_pred = np.array([0, 1, 0, 1, 0, 0]), np.array([0, 1, 1, 1, 0, 0])
+    out = federated.group_metrics(y_true, y_pred, np.array([0, 0, 0, 0, 1, 1]), ["A", "B"])
+    assert out["A_n"] == 4 and out["A_acc"] == 0.75 and out["A_balanced_acc"] == 0.75
+    assert out["B_acc"] == 1.0 and np.isnan(out["B_balanced_acc"])       # one class only: undefined
+
+
+def test_fedbn_client_keeps_its_own_batchnorm():
+    client = _client()
+    model = BreastCancerCNN(16)
+    bn = federated.bn_keys(model)
+    assert len(bn) == 15 and all(k.startswith("features.") for k in bn)    # 3 layers x 5 entries
+    first = client.fit(model.state_dict(), 1, 1, 1e-3)["state"]
+    without_bn = {k: v for k, v in model.state_dict().items() if k not in bn}
+    second = client.fit(without_bn, 2, 1, 1e-3)["state"]
+    # the client's BatchNorm carried on from its own round 1 (it was not reset to the sent model's)
+    assert second["features.3.num_batches_tracked"].item() == 2 * first["features.3.num_batches_tracked"].item()
+    with pytest.raises(KeyError, match="lacks"):
+        client.fit({**without_bn, "extra.weight": torch.zeros(1)}, 3, 1, 1e-3)
+
+
+def test_one_optimizer_carries_its_moments_across_calls():
+    model = BreastCancerCNN(16)
+    x, y = torch.randint(0, 255, (16, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 2, (16,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        federated.train_epochs(model, x, y, epochs=1, lr=1e-3, batch_size=8, optimizer=opt)
+    assert int(opt.state[model.features[0].weight]["step"]) == 4            # 2 calls x 2 steps, one Adam
+
+
+@pytest.mark.slow
+def test_ray_wait_with_a_timeout_drops_a_hung_client():
+    """The server's ``ray.wait(..., timeout=)`` returns without the hung client; its answer is left out."""
+    ray = pytest.importorskip("ray")
+    from labkit.distributed import ray_cluster
+
+    with ray_cluster(None):
+        actors = federated.remote_clients(2, 16, amp=False, batch_size=8, fail_client=1, fail_at_round=1,
+                                          fail_mode="hang")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 255, (16, 3, 16, 16), dtype=torch.uint8, generator=gen)
+        ray.get([a.load_shard.remote(x, torch.randint(0, 2, (16,), generator=gen)) for a in actors])
+        ref = ray.put(BreastCancerCNN(16).state_dict())
+        futures = [a.fit.remote(ref, 1, 1, 1e-3) for a in actors]
+        ready, late = ray.wait(futures, num_returns=2, timeout=30)
+        assert ready == [futures[0]] and late == [futures[1]]             # the server goes on without it
+        updates, failed = federated.collect_updates(ready, ["client 0"])
+        assert len(updates) == 1 and not failed
+
+
+def test_hospital_split_without_patient_ids_fails_at_the_parameter_cell(tmp_path, monkeypatch):
+    """split='hospital' on the seed's 0/ 1/ layout (no patients) stops at the check cell, before any training."""
+    from labcells import LABS, run_check_cell
+    from PIL import Image
+
+    from labkit.params import ParameterError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for c in (0, 1):
+        (tmp_path / "seed" / str(c)).mkdir(parents=True)
+        Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "seed" / str(c) / "a.png")
+    lab = next(p for p in LABS if p.stem == "05_federated")
+    with pytest.raises(ParameterError, match="'split' = 'hospital' needs patient ids"):
+        run_check_cell(lab, split="hospital", data="real", data_dir=str(tmp_path / "seed"))
+    assert run_check_cell(lab, split="iid", data="real", data_dir=str(tmp_path / "seed"))["cfg"].split == "iid"

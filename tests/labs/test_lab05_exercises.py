@@ -8,13 +8,25 @@ from checks import one_check_line, stub
 from labkit.exercises import lab05 as exercises
 
 
-def _fedavg(states, sizes):
-    """A right answer: float64 accumulation, integers rounded, dtype kept."""
+def _weighted(states, sizes):
+    """Every entry weighted by sample count, integers rounded, dtype kept (running_var NOT pooled)."""
     total = sum(sizes)
     out = {}
     for k, first in states[0].items():
         mean = sum(s[k].double() * (n / total) for s, n in zip(states, sizes))
         out[k] = (mean if first.is_floating_point() else mean.round()).to(first.dtype)
+    return out
+
+
+def _fedavg(states, sizes):
+    """A right answer: the weighted average, each running_var pooled through the second moment."""
+    total = sum(sizes)
+    out = _weighted(states, sizes)
+    for k in out:
+        if k.endswith("running_var"):
+            m = k[: -len("running_var")] + "running_mean"
+            second = sum((s[k].double() + s[m].double() ** 2) * (n / total) for s, n in zip(states, sizes))
+            out[k] = (second - out[m].double() ** 2).to(states[0][k].dtype)
     return out
 
 
@@ -24,6 +36,10 @@ def test_fedavg_right_answer_passes(capsys):
 
 
 def test_fedavg_typical_wrong_answers_fail_with_a_hint():
+    # the old lesson's answer: running_var averaged like a weight, the spread between client means left out
+    with pytest.raises(AssertionError, match="spread between their means"):
+        exercises.check_fedavg(_weighted)
+
     def plain(states, sizes):
         return {k: (torch.stack([s[k].double() for s in states]).mean(0)).to(states[0][k].dtype) for k in states[0]}
     with pytest.raises(AssertionError, match="plain mean"):
@@ -52,9 +68,11 @@ def test_fedavg_typical_wrong_answers_fail_with_a_hint():
 
     def truncates(states, sizes):
         total = sum(sizes)
-        return {k: sum(s[k].double() * (n / total) for s, n in zip(states, sizes)).to(states[0][k].dtype)
-                for k in states[0]}
-    with pytest.raises(AssertionError, match="round it"):
+        out = _fedavg(states, sizes)
+        out.update({k: sum(s[k].double() * (n / total) for s, n in zip(states, sizes)).to(v.dtype)
+                    for k, v in out.items() if not v.is_floating_point()})
+        return out
+    with pytest.raises(AssertionError, match="round"):
         exercises.check_fedavg(truncates)
 
     def counter_summed(states, sizes):
@@ -76,8 +94,19 @@ def test_reference_fedavg_is_weighted_mean_and_rounds_counters():
     assert ref["n"].dtype == torch.int64 and ref["n"].item() == 8      # (30 + 3) / 4 = 8.25
 
 
+def test_reference_pools_statistics_from_the_activations():
+    states, sizes, acts = exercises._client_states()
+    ref = exercises.reference_fedavg(states, sizes, acts)
+    pooled = torch.from_numpy(__import__("numpy").concatenate(acts))
+    assert torch.allclose(ref["1.running_var"].double(), pooled.var(0, unbiased=False), atol=1e-5)
+    # the clients' means differ, so the pooled variance is clearly above the average of their variances
+    averaged = sum(s["1.running_var"].double() * n for s, n in zip(states, sizes)) / sum(sizes)
+    assert (ref["1.running_var"].double() - averaged > 0.5).all()
+    assert torch.allclose(_fedavg(states, sizes)["1.running_var"], ref["1.running_var"], atol=1e-4)
+
+
 def test_check_states_hold_bn_buffers_and_a_counter():
-    states, sizes = exercises._client_states()
+    states, sizes, _ = exercises._client_states()
     keys = set(states[0])
     assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= keys
     assert states[0]["1.num_batches_tracked"].dtype == torch.int64

@@ -3,15 +3,26 @@ and train/val/test splits (patient-level shares no patient; the saved split is r
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from labkit.data.breast import find_breast_layout, load_breast, parse_idc_name, saved_split, split_by_patient, split_patches
+from labkit.data.breast import (
+    find_breast_layout,
+    has_patient_ids,
+    load_breast,
+    parse_idc_name,
+    saved_split,
+    split_by_group,
+    split_by_patient,
+    split_patches,
+)
 from labkit.data.cache import MARKER, UnreadableImageError
-from labkit.data.synth_breast import patch_name, write_breast_standin
+from labkit.data.images import extract_zip_once
+from labkit.data.synth_breast import SITES_FILE, make_patients, patch_name, write_breast_standin
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +31,9 @@ def standin(tmp_path_factory):
     return write_breast_standin(tmp_path_factory.mktemp("b") / "breast", patients=8, patches=(6, 10), progress=False)
 
 
-def _png(path, value=128):
+def _png(path, value=128, size=(50, 50)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((50, 50, 3), value, np.uint8)).save(path)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
 
 
 def test_parse_idc_name_and_malformed_names():
@@ -141,3 +152,86 @@ def test_standin_refuses_to_overwrite_real_data(tmp_path):
     (tmp_path / "real" / "x.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="refusing"):
         write_breast_standin(tmp_path / "real", patients=2, patches=(2, 2), progress=False)
+
+
+def test_standin_hospitals_are_unequal_and_stain_differently(tmp_path):
+    root = write_breast_standin(tmp_path / "b", patients=20, patches=(6, 8), progress=False)
+    assert (root / SITES_FILE).is_file()
+    ds = load_breast(data_dir=root, image_size=16, progress=False)
+    assert ds.sites is not None and len(ds.sites) == len(ds) and ds.describe()["hospitals"] == 3
+    per_patient = dict(zip(ds.patients, ds.sites))
+    counts = sorted(list(per_patient.values()).count(s) for s in set(per_patient.values()))
+    assert counts[-1] >= 2 * counts[0]                      # 10 / 6 / 4 patients
+    # each hospital its own tint: the patients' stain vectors sit closer to their hospital's than to the others'
+    people = make_patients(60, np.random.default_rng(0))
+    stain = {p["id"]: np.concatenate([p["h_vec"], p["e_vec"]]) for p in people}
+    site = {p["id"]: p["site"] for p in people}
+    names = sorted(set(site.values()))
+    centres = {s: np.mean([stain[p] for p in stain if site[p] == s], axis=0) for s in names}
+    within = np.mean([np.linalg.norm(stain[p] - centres[site[p]]) for p in stain])
+    between = np.mean([np.linalg.norm(centres[a] - centres[b]) for a in names for b in names if a < b])
+    assert between > 2 * within, (between, within)
+
+
+def test_the_archive_as_it_unzips_is_read_once(tmp_path, capsys):
+    """The public archive holds the patient folders twice (top level and IDC_regular_ps50_idx5/): zipped,
+    unzipped with labkit's own extractor, read with each patch once."""
+    built = tmp_path / "archive"
+    for pid, n in (("10001", 3), ("10002", 2)):
+        for i in range(n):
+            for c in (0, 1):
+                name = patch_name(pid, 50 * i + 1, 1, c)
+                _png(built / pid / str(c) / name, 40 + 150 * c)
+                _png(built / "IDC_regular_ps50_idx5" / pid / str(c) / name, 40 + 150 * c)    # the nested copy
+    _png(built / "IDC_regular_ps50_idx5" / "10003" / "1" / patch_name("10003", 1, 1, 1), 200)  # only in the copy
+    (built / "docs").mkdir()                                                                    # an odd extra folder
+    (built / "docs" / "readme.txt").write_text("about")
+    (built / "10001" / ".ipynb_checkpoints").mkdir()
+    with zipfile.ZipFile(tmp_path / "IDC.zip", "w") as zf:
+        for path in sorted(built.rglob("*")):
+            zf.write(path, path.relative_to(built).as_posix())
+    root = extract_zip_once(tmp_path / "IDC.zip", tmp_path / "unzipped", progress=False)
+    ds = load_breast(data="real", data_dir=root, image_size=16, progress=False)
+    names = [f.rsplit("/", 1)[1] for f in ds.files]
+    assert len(names) == len(set(names)) == 2 * 5 + 1           # every patch once, the copy's own one included
+    assert sorted(set(ds.patients)) == ["10001", "10002", "10003"]
+    assert not any(f.startswith("IDC_regular") for f in ds.files if not f.split("/")[1].startswith("10003"))
+    out = capsys.readouterr().out
+    assert "IDC_regular_ps50_idx5/ holds a copy of 3 patient folders: 10 patches" in out and "docs" in out
+    assert any("copy" in n for n in ds.notes) and ds.describe()["notes"] == ds.notes
+    parts = saved_split(ds, "patch")
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(ds)))
+
+
+def test_border_patches_are_padded_not_stretched(tmp_path):
+    root = tmp_path / "border"
+    _png(root / "10001" / "0" / patch_name("10001", 1, 1, 0), 0, size=(50, 50))
+    _png(root / "10001" / "1" / patch_name("10001", 2451, 1, 1), 0, size=(50, 25))   # cut at the slide's edge
+    ds = load_breast(data="real", data_dir=root, image_size=50, progress=False)
+    border = ds.images[ds.files.index(f"10001/1/{patch_name('10001', 2451, 1, 1)}")]
+    assert border[:, :24].max() == 0 and border[:, 26:].min() == 255          # tissue on top, white below
+    assert ds.images[ds.labels == 0].max() == 0
+
+
+def test_patient_ids_known_before_loading(tmp_path):
+    binary = tmp_path / "seed"
+    for c in (0, 1):
+        _png(binary / str(c) / "a.png")
+    assert has_patient_ids("real", binary) is False
+    assert has_patient_ids("synthetic", binary) is True and has_patient_ids("auto", tmp_path / "none") is True
+    _png(tmp_path / "idc" / "10001" / "0" / patch_name("10001", 1, 1, 0))
+    assert has_patient_ids("real", tmp_path / "idc") is True
+
+
+def test_split_by_group_gives_each_group_every_split():
+    rng = np.random.default_rng(2)
+    patients = [f"p{k}" for k in rng.integers(0, 40, 800)]
+    groups = [int(p[1:]) % 4 == 0 for p in patients]       # a small group (10 patients) and a large one
+    labels = rng.integers(0, 2, 800)
+    parts = split_by_group(patients, labels, groups, seed=0)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(800))
+    for g in (False, True):
+        for s in ("train", "val", "test"):
+            assert any(groups[i] == g for i in parts[s]), (g, s)
+    owners = {s: {patients[i] for i in parts[s]} for s in parts}
+    assert not owners["train"] & owners["test"] and not owners["val"] & owners["test"]
