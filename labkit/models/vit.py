@@ -153,13 +153,15 @@ class ViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        """Embeddings ~ N(0, 0.02²); convolutions He-initialised; linear layers keep PyTorch's fan-in-scaled
+        default (std 1/√(3·fan_in)). A fixed std of 0.02 for every linear layer (BERT's choice, tuned for width
+        768) is several times smaller than that at this ViT's widths: query and key start so small that every
+        attention row is almost uniform, [CLS] sees only the mean of the tokens, and a short run on a few
+        hundred images never leaves "which modality is it" (balanced accuracy 2/9 on the lung stand-in)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def no_weight_decay(self) -> set[str]:

@@ -406,3 +406,34 @@ def _stop_processes(*marks: str) -> None:
     _, alive = psutil.wait_procs(mine, timeout=15)
     for proc in alive:
         proc.kill()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_command_train_puts_back_the_interrupt_handler(monkeypatch, tmp_path, fails):
+    """Ray Train V2's fit() installs its own SIGINT handler and leaves it behind; command.train puts back the one
+    it found (recovery.notebook_interrupts), whether fit() returns or fails — else a later Ctrl-C would go to the
+    handler of a run long gone."""
+    import contextlib
+    import signal
+
+    import ray.train.torch
+
+    class FitLikeRayTrain:                          # stands in for TorchTrainer: no Ray needed
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *args: None)       # what Ray Train V2's fit() does
+            if fails:
+                raise RuntimeError("training failed")
+            return "result"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FitLikeRayTrain)
+    monkeypatch.setattr(command.distributed, "ray_cluster", lambda *args, **kwargs: contextlib.nullcontext({}))
+    monkeypatch.setattr(command.runner, "collect", lambda result, *args, **kwargs: result)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    cfg = {"workers": 1, "precision": "32", "track": False, "device": "cpu"}
+    with pytest.raises(RuntimeError, match="training failed") if fails else contextlib.nullcontext():
+        assert command.train(cfg, data=object(), results_dir=tmp_path, run_name="sigint") == "result"
+    assert signal.getsignal(signal.SIGINT) is before

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit import distributed, results
+from labkit.distributed import recovery
 from labkit.labs.lung_vit import lightning_module, runner, tracking
 from labkit.labs.lung_vit.lightning_module import ClassifierBase, cosine_warmup, decay_groups
 
@@ -58,14 +59,15 @@ def train_func(config: dict) -> dict | None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
     from torch.utils.data import DistributedSampler
 
-    rank, world = runner.worker_setup(config)
+    labkit_hook = runner.WorkerHook(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data = runner.load_data(config)
     module = LitViT(runner.build_model(config, len(data.classes)), data.classes, **runner.module_kwargs(config))
-    callbacks, history = lightning_module.worker_callbacks(config, rank, len(data["train"]))
     trainer = pl.Trainer(
         max_epochs=config["epochs"], accelerator="gpu" if config["use_gpu"] else "cpu", devices="auto",
         strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], precision=config["precision"],
-        callbacks=[*callbacks, RayTrainReportCallback()], use_distributed_sampler=False,
+        callbacks=[labkit_hook, RayTrainReportCallback()], use_distributed_sampler=False,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="labkit-lightning-"))
     trainer = prepare_trainer(trainer)
@@ -74,7 +76,7 @@ def train_func(config: dict) -> dict | None:
     with lightning_module.checkpoint_file(ray.train.get_checkpoint()) as ckpt_path:
         trainer.fit(module, data.loader("train", config["batch_size"], sampler=train_sampler),
                     data.loader("val", config["batch_size"], sampler=val_sampler), ckpt_path=ckpt_path)
-    return lightning_module.worker_result(trainer, history, rank)
+    return labkit_hook.result(trainer)
 
 
 def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None, run_name: str | None = None,
@@ -116,7 +118,8 @@ def train(cfg: dict, *, data=None, results_dir: str | os.PathLike | None = None,
                                                        checkpoint_score_order="min"),
                     logging_config=LoggingConfig(log_level=distributed.TRAIN_LOG_LEVEL)))
             tick = time.perf_counter()
-            result = trainer.fit()
+            with recovery.notebook_interrupts():    # Ctrl-C stops the run; Ray's SIGINT handler does not outlive it
+                result = trainer.fit()
             fit_seconds = time.perf_counter() - tick
         return runner.collect(result, cfg, data, plan, run_name=run_name, run_dir=run_dir, fit_seconds=fit_seconds,
                                 uri=uri, mlflow_run_id=mlflow_run_id, cluster=cluster)

@@ -222,11 +222,14 @@ class EpochHistory(pl.Callback):
     """Rank 0 keeps every epoch's metrics (Ray's Result keeps only those of kept checkpoints)
     and prints one progress line per epoch (Ray streams it to the notebook). The rows travel inside
     every Lightning checkpoint (``state_dict``), so a run resumed after a crash still has the
-    epochs finished before it; ``attempt`` (1, 2, …) marks which start of the workers ran each epoch."""
+    epochs finished before it; ``attempt`` (1, 2, …) marks which start of the workers ran each epoch.
+    ``images_per_s`` divides ``n_train`` (by default the images the workers trained on that epoch:
+    this rank's batches × world size) by the epoch's training time, validation left out."""
 
-    def __init__(self, epochs: int, n_train: int, show: bool, attempt: int = 1) -> None:
+    def __init__(self, epochs: int, n_train: int | None = None, show: bool = False, attempt: int = 1) -> None:
         self.rows: list[dict] = []
         self.epochs, self.n_train, self.show, self.attempt = epochs, n_train, show, attempt
+        self.seen = 0
 
     def state_dict(self) -> dict:
         return {"rows": list(self.rows)}
@@ -235,7 +238,10 @@ class EpochHistory(pl.Callback):
         self.rows = list(state_dict.get("rows", []))
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self.tick = time.perf_counter()
+        self.tick, self.seen = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        self.seen += len(batch[1]) * trainer.world_size
 
     def on_validation_epoch_start(self, trainer, module) -> None:
         self.train_s = time.perf_counter() - self.tick
@@ -246,7 +252,8 @@ class EpochHistory(pl.Callback):
         row = {"epoch": trainer.current_epoch + 1, "loss": m.pop("train_loss", None),
                "acc": m.pop("train_acc", None), "val_loss": m.pop("val_loss", None),
                "val_acc": m.pop("val_acc", None), **m, "seconds": seconds,
-               "images_per_s": self.n_train / max(getattr(self, "train_s", seconds), 1e-9), "attempt": self.attempt}
+               "images_per_s": (self.n_train or self.seen) / max(getattr(self, "train_s", seconds), 1e-9),
+               "attempt": self.attempt}
         self.rows.append(row)
         if self.show:
             # sys.stdout, not print: Ray Train V2 also routes print() into its logger (twice on screen)
@@ -271,7 +278,7 @@ class CrashAtEpoch(pl.Callback):
             worker.crash(epoch, trainer.global_rank, self.run_dir)
 
 
-def worker_callbacks(config: dict, rank: int, n_train: int) -> tuple[list, Any]:
+def worker_callbacks(config: dict, rank: int, n_train: int | None = None) -> tuple[list, Any]:
     """The lab's own callbacks for a worker — the epoch history (returned too, for rank 0's
     return value), with ``fail_at_epoch`` the one-time crash, with tracking the MLflow logger. Rank 0
     counts the starts of the worker group in ``run_dir`` (Lab 02's ``attempts.log``). Add

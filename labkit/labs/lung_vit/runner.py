@@ -29,7 +29,7 @@ from labkit.distributed.worker import count_attempts, quiet_ray_worker_logs
 from labkit.env import amp_dtype, environment, pick_device, seed_everything
 from labkit.files import atomic_path
 from labkit.labs.lung_vit import tracking
-from labkit.labs.lung_vit.lightning_module import CHECKPOINT_NAME, ClassifierBase, load_weights
+from labkit.labs.lung_vit.lightning_module import CHECKPOINT_NAME, ClassifierBase, load_weights, worker_callbacks, worker_result
 from labkit.models.vit import ViT
 from labkit.params import Config, ParameterError, Rule, check, folder_test
 from labkit.results import RunRecord, lab_dir
@@ -147,6 +147,46 @@ def worker_setup(config: dict) -> tuple[int, int]:
     seed_everything(config["seed"])
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _forward(name: str):
+    """A Lightning hook of :class:`WorkerHook` that calls the same hook of each of its parts."""
+    def hook(self, *args, **kwargs) -> None:
+        for part in self.parts:
+            getattr(part, name)(*args, **kwargs)
+    hook.__name__ = name
+    return hook
+
+
+class WorkerHook(pl.Callback):
+    """labkit's instrumentation of a Lab 04 worker behind one name, so ``train_func`` reads as its lesson.
+
+    Made once, first thing in the worker: quiet logs, this worker's share of CPU threads and the common seed
+    (:func:`worker_setup`). Handed to the ``Trainer`` as its first callback, it runs the parts of
+    :func:`~labkit.labs.lung_vit.lightning_module.worker_callbacks`: the epoch history with a progress line
+    per epoch (its rows travel inside every checkpoint), the ``fail_at_epoch`` crash demo and, with tracking,
+    MLflow logging on rank 0. :meth:`result` is what rank 0 returns to the driver."""
+
+    def __init__(self, config: dict) -> None:
+        self.rank, self.world_size = worker_setup(config)
+        self.parts, self.history = worker_callbacks(config, self.rank)
+
+    on_fit_start = _forward("on_fit_start")
+    on_train_epoch_start = _forward("on_train_epoch_start")
+    on_train_batch_start = _forward("on_train_batch_start")
+    on_train_batch_end = _forward("on_train_batch_end")
+    on_validation_epoch_start = _forward("on_validation_epoch_start")
+    on_train_epoch_end = _forward("on_train_epoch_end")
+
+    def state_dict(self) -> dict:
+        return self.history.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history.load_state_dict(state_dict)
+
+    def result(self, trainer: pl.Trainer) -> dict | None:
+        """Rank 0's return value (``Result.return_value``): every epoch and the precision used; ``None`` elsewhere."""
+        return worker_result(trainer, self.history, self.rank)
 
 
 # --------------------------------------------------------------------------- driver side
