@@ -1,7 +1,9 @@
-"""Exercise checks for Lab 06 (streaming data, lean inference): the top-k + confidence-threshold step.
+"""Exercise checks for Lab 06 (streaming data, lean inference): the top-k + confidence-threshold step,
+and the data- vs compute-bound verdict against all workers.
 
-The reference is ``torch.topk`` on the probabilities (an independent implementation; the student
-writes theirs with NumPy or torch), with the threshold applied to the top-1 probability.
+The top-k reference is ``torch.topk`` on the probabilities (an independent implementation; the student
+writes theirs with NumPy or torch), with the threshold applied to the top-1 probability. The verdict's
+reference compares seconds per global step instead of rates.
 """
 from __future__ import annotations
 
@@ -76,3 +78,44 @@ def check_top_k(fn: Callable[[np.ndarray, int, float], dict], k: int = 3, thresh
                                  f"'confident' should be {bool(want['confident'][wrong])} (top-1 >= threshold).")
     ok(f"top-{k} classes and probabilities, most probable first; confident = top-1 >= {threshold} "
        f"({int(want['confident'].sum())} of {len(probs)} test rows)")
+
+
+# --------------------------------------------------------------------------- data- or compute-bound
+def reference_bound_verdict(data_ips: float, compute_ips: float, world_size: int) -> dict[str, Any]:
+    """Seconds per global step: the pipeline needs ``world_size`` batches' worth of images per step, the
+    workers need one batch's time; data-bound when the pipeline's time is the longer (a tie: compute-bound)."""
+    batch = 1.0                                            # any batch size: it cancels
+    data_s = world_size * batch / data_ips                 # the pipeline makes one batch for every worker
+    compute_s = batch / compute_ips                        # the workers train theirs side by side
+    return {"verdict": "data-bound" if data_s > compute_s else "compute-bound",
+            "demand_ips": world_size * batch / compute_s, "workers_fed": compute_s / (batch / data_ips)}
+
+
+#: (data_ips, compute_ips per worker, world_size): the cases the check runs; one where a single worker's
+#: compute is below the pipeline but all workers' is above, one exact tie, and the reverse.
+VERDICT_CASES = ((850.0, 110.0, 1), (850.0, 110.0, 8), (300.0, 200.0, 2), (400.0, 200.0, 2), (90.0, 120.0, 1),
+                 (1000.0, 40.0, 4))
+
+
+def check_bound_verdict(fn: Callable[[float, float, int], dict]) -> None:
+    """Check ``fn(data_ips, compute_ips, world_size)`` → ``{"verdict", "demand_ips", "workers_fed"}``:
+    data-bound when the pipeline's rate is below ``compute_ips × world_size`` (a tie is compute-bound),
+    ``demand_ips`` that product, ``workers_fed`` = ``data_ips / compute_ips``."""
+    for data_ips, compute_ips, world in VERDICT_CASES:
+        got = call_student(fn, data_ips, compute_ips, world, what="your verdict function")
+        want = reference_bound_verdict(data_ips, compute_ips, world)
+        if not isinstance(got, dict) or not {"verdict", "demand_ips", "workers_fed"} <= set(got):
+            have = sorted(got) if isinstance(got, dict) else type(got).__name__
+            raise AssertionError(f"return a dict with keys 'verdict', 'demand_ips' and 'workers_fed'; got {have}.")
+        case = f"pipeline {data_ips:g} img/s, {world} worker(s) at {compute_ips:g} img/s each"
+        if not np.isclose(float(got["demand_ips"]), want["demand_ips"]):
+            hint = (" — that is one worker's rate: all the workers draw from the one pipeline, multiply by world_size"
+                    if np.isclose(float(got["demand_ips"]), compute_ips) and world > 1 else "")
+            raise AssertionError(f"{case}: demand_ips should be {want['demand_ips']:g}, got {got['demand_ips']}{hint}.")
+        if got["verdict"] != want["verdict"]:
+            tie = " (a tie: the pipeline keeps up, so compute-bound)" if np.isclose(data_ips, want["demand_ips"]) else ""
+            raise AssertionError(f"{case}: the run is {want['verdict']}{tie}; your function says {got['verdict']!r}.")
+        if not np.isclose(float(got["workers_fed"]), want["workers_fed"]):
+            raise AssertionError(f"{case}: the pipeline could feed {want['workers_fed']:.3g} such workers "
+                                 f"(data_ips / compute_ips); got {got['workers_fed']}.")
+    ok(f"data- vs compute-bound against all workers' demand ({len(VERDICT_CASES)} cases, a tie included)")

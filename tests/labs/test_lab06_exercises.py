@@ -70,3 +70,44 @@ def test_check_probabilities_have_confident_and_unsure_rows_and_no_ties():
     top1 = probs.max(1)
     assert (top1 >= 0.8).any() and (top1 < 0.8).any()
     assert all(len(set(row.tolist())) == len(row) for row in probs)
+
+
+# --------------------------------------------------------------------------- data- or compute-bound
+def _verdict(data_ips, compute_ips, world_size):
+    """A right answer, written differently from the reference: rates, not seconds per step."""
+    demand = compute_ips * world_size
+    return {"verdict": ["compute-bound", "data-bound"][int(data_ips < demand)], "demand_ips": demand,
+            "workers_fed": data_ips / compute_ips}
+
+
+def test_bound_verdict_right_answer_passes(capsys):
+    exercises.check_bound_verdict(_verdict)
+    assert "compute-bound" in one_check_line(capsys)
+
+
+def test_bound_verdict_stub_and_plausible_wrong_answers_fail():
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_bound_verdict(stub)
+
+    def one_worker(data_ips, compute_ips, world_size):       # the issue's bug: one worker's compute vs the pipeline
+        return _verdict(data_ips, compute_ips, 1)
+    with pytest.raises(AssertionError, match="multiply by world_size"):
+        exercises.check_bound_verdict(one_worker)
+
+    def tie_is_data_bound(data_ips, compute_ips, world_size):
+        return {**_verdict(data_ips, compute_ips, world_size),
+                "verdict": "data-bound" if data_ips <= compute_ips * world_size else "compute-bound"}
+    with pytest.raises(AssertionError, match="a tie"):
+        exercises.check_bound_verdict(tie_is_data_bound)
+
+    def fed_by_demand(data_ips, compute_ips, world_size):
+        return {**_verdict(data_ips, compute_ips, world_size), "workers_fed": data_ips / (compute_ips * world_size)}
+    with pytest.raises(AssertionError, match="could feed"):
+        exercises.check_bound_verdict(fed_by_demand)
+
+
+def test_verdict_cases_tell_one_worker_from_all_workers():
+    """Some case changes its verdict when the world size is forgotten, so that mistake cannot pass."""
+    flips = [c for c in exercises.VERDICT_CASES
+             if exercises.reference_bound_verdict(*c)["verdict"] != exercises.reference_bound_verdict(c[0], c[1], 1)["verdict"]]
+    assert flips

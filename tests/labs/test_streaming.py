@@ -1,8 +1,11 @@
 """labkit.labs.streaming (Lab 06): files → rows, the decode + augment batch function with a corrupt file in the
-stream, once-per-epoch shard coverage under Ray Data, inference output schema and the size estimate."""
+stream, seeded augmentation and order, once-per-epoch shard coverage under Ray Data, the backpressure arithmetic,
+inference output schema and the size estimate, and the lab's worker function's length."""
 from __future__ import annotations
 
+import ast
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,7 +47,7 @@ def test_listing_labels_come_from_the_class_folders(tmp_path):
             _image_rows(root / split / cls, 2 + k)
     listing = streaming.list_image_files("alzheimer", data="real", data_dir=root, progress=False)
     assert listing.synthetic is False and listing.mode == "L" and listing.classes == sorted(CLASSES)
-    for split in ("train", "val"):
+    for split in ("train", "test"):
         paths, labels = listing.splits[split]
         assert [listing.classes[y] for y in labels] == [p.split("/")[-2] for p in paths]
     rows = listing.items("train", shuffle_seed=1)
@@ -73,6 +76,67 @@ def test_eval_decode_is_deterministic_and_train_decode_augments(tmp_path):
     assert not np.array_equal(augmented, plain(cols)["image"])
     batch = plain.collate([{k: v[i] for k, v in cols.items()} for i in range(3)])
     assert tuple(batch["image"].shape) == (3, 1, 32, 32) and batch["id"].tolist() == [0, 1, 2]
+
+
+def test_a_rows_draw_fixes_its_augmentation_whatever_the_batch(tmp_path):
+    cols = _columns(_image_rows(tmp_path, 8))
+    draw = np.linspace(0.01, 0.99, 8)
+    step = streaming.DecodeAugment(32, "L", train=True)
+    whole = step({**cols, "draw": draw})["image"]
+    assert np.array_equal(whole, step({**cols, "draw": draw})["image"]), "same draws, different images"
+    half = step({k: v[4:] for k, v in {**cols, "draw": draw}.items()})["image"]
+    assert np.array_equal(whole[4:], half), "a row's augmentation depends on its batch"
+    other = step({**cols, "draw": (draw + 0.37) % 1})["image"]
+    assert not np.array_equal(whole, other), "other draws should augment differently"
+    plain = streaming.DecodeAugment(32, "L")({**cols, "draw": draw})["image"]
+    assert not np.array_equal(whole, plain), "train=True with a draw must augment"
+
+
+def test_in_flight_bytes_and_idle_seconds():
+    made_at, made_bytes = np.array([0.0, 0.0, 1.0, 2.0]), np.array([10, 10, 10, 10])
+    used_at, used_bytes = np.array([0.5, 1.5, 2.5]), np.array([10, 10, 20])
+    flight = streaming.in_flight_bytes(made_at, made_bytes, used_at, used_bytes, np.array([0.0, 0.6, 1.0, 1.6, 2.0, 3.0]))
+    assert flight.tolist() == [20, 10, 20, 10, 20, 0]
+    # tasks [0,1] and [0.5,2] overlap; [3,4] starts after a 1 s gap; [6,7] after 2 s
+    assert streaming.idle_seconds(np.array([0, 0.5, 3, 6.0]), np.array([1, 2, 4, 7.0])) == pytest.approx(3.0)
+    assert streaming.idle_seconds(np.array([]), np.array([])) == 0.0
+
+
+def test_stamped_adds_start_and_end_times(tmp_path):
+    out = streaming.Stamped(streaming.DecodeAugment(16, "L"))(_columns(_image_rows(tmp_path, 3)))
+    assert len(out["started_at"]) == len(out["made_at"]) == 3 and (out["made_at"] >= out["started_at"]).all()
+
+
+def test_replace_folder_leaves_only_the_new_files(tmp_path):
+    final = tmp_path / "inference"
+    final.mkdir()
+    (final / "old.parquet").write_bytes(b"x" * 10)
+    new = tmp_path / ".inference.writing"
+    new.mkdir()
+    (new / "a.parquet").write_bytes(b"y" * 7)
+    assert streaming.replace_folder(new, final) == final
+    assert [p.name for p in final.iterdir()] == ["a.parquet"] and not new.exists()
+    assert streaming.folder_bytes(final) == 7
+
+
+# --------------------------------------------------------------------------- the lab's worker reads as its lesson
+#: Ray's own "get started" training function is ~40 lines; Lab 06's keeps its lesson (model, step, the shard's
+#: batches) in view and its instrumentation behind streaming.WorkerMeter, within this many lines.
+MAX_WORKER_LINES = 52
+
+
+def test_lab06_worker_function_is_short_and_uses_one_hook():
+    source = (Path(__file__).resolve().parents[2] / "labs" / "06_streaming_data.py").read_text()
+    fn = next(node for node in ast.walk(ast.parse(source))
+              if isinstance(node, ast.FunctionDef) and node.name == "train_loop_per_worker")
+    lines = fn.end_lineno - fn.lineno + 1
+    assert lines <= MAX_WORKER_LINES, f"train_loop_per_worker is {lines} lines; move instrumentation into the hook"
+    text = ast.get_source_segment(source, fn)
+    assert text.count("streaming.WorkerMeter(") == 1
+    for taught in ("get_dataset_shard", "iter_torch_batches", "prepare_model", "backward", "optimizer.step"):
+        assert taught in text, f"the taught line with {taught} left the worker function"
+    for plumbing in ("all_gather", "perf_counter", "Checkpoint", "ray.train.report", "synchronize"):
+        assert plumbing not in text, f"{plumbing} belongs in the hook, not the lesson"
 
 
 # --------------------------------------------------------------------------- inference outputs
@@ -145,6 +209,37 @@ def test_each_epoch_sees_every_row_of_each_shard_once(ray_local, tmp_path):
         assert sorted(parts[0] + parts[1]) == list(range(45)), f"epoch {epoch}: shards miss or share rows"
 
 
+def _seeded(ray, rows, seed):
+    from ray.data.expressions import random
+
+    return (ray.data.from_items(rows, override_num_blocks=6).randomize_block_order(seed=seed)
+            .with_column("draw", random(seed=seed))
+            .map_batches(streaming.DecodeAugment(16, "L", train=True), batch_size=5))
+
+
+def _epoch(ds):
+    out = ds.take_all()
+    return [r["id"] for r in out], np.stack([r["image"] for r in out])
+
+
+def test_seed_fixes_block_order_and_augmentation_and_each_epoch_differs(ray_local, tmp_path):
+    ctx = ray_local.data.DataContext.get_current()
+    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        rows = _image_rows(tmp_path, 30)
+        first, again = _seeded(ray_local, rows, 3), _seeded(ray_local, rows, 3)
+        ids1, img1 = _epoch(first)
+        ids1b, img1b = _epoch(again)
+        assert ids1 == ids1b and np.array_equal(img1, img1b), "the same seed gave another order or augmentation"
+        ids2, img2 = _epoch(first)                                   # the same dataset's next epoch
+        assert sorted(ids2) == sorted(ids1) == list(range(30))
+        assert ids2 != ids1 or not np.array_equal(img2, img1), "every epoch repeated the first one"
+        ids_other, img_other = _epoch(_seeded(ray_local, rows, 4))
+        assert ids_other != ids1 or not np.array_equal(img_other, img1), "another seed changed nothing"
+    finally:
+        ctx.execution_options.preserve_order = old
+
+
 def test_a_corrupt_file_in_the_stream_warns_and_the_run_goes_on(ray_local, tmp_path):
     rows = _image_rows(tmp_path, 20, corrupt_at=7)
     ds = ray_local.data.from_items(rows, override_num_blocks=4).map_batches(
@@ -160,3 +255,15 @@ def test_a_corrupt_file_in_a_strict_stream_fails_naming_it(ray_local, tmp_path):
     with pytest.raises(Exception, match="img7.jpg") as err:
         ds.take_all()
     assert "not a readable image" in str(err.value)
+
+
+def test_the_cluster_writes_a_folder_and_filter_keeps_the_confident_rows(ray_local, tmp_path):
+    from ray.data.expressions import col
+
+    rows = [{"id": i, "confidence": float(c), "confident": bool(c >= 0.8)} for i, c in enumerate(np.linspace(0, 1, 40))]
+    ds = ray_local.data.from_items(rows, override_num_blocks=4).materialize()
+    ds.write_parquet(str(tmp_path / "all"))
+    ds.filter(expr=col("confident")).write_parquet(str(tmp_path / "confident"))
+    assert len(list((tmp_path / "all").glob("*.parquet"))) >= 2, "one file per block, written by the cluster"
+    assert sorted(pd.read_parquet(tmp_path / "all")["id"]) == list(range(40))
+    assert sorted(pd.read_parquet(tmp_path / "confident")["id"]) == [r["id"] for r in rows if r["confident"]]

@@ -8,8 +8,13 @@ The lesson (the Ray Data pipeline, the Ray Train worker function, the inference 
   the real data is absent, exactly as the other labs find it.
 - :class:`DecodeAugment` — the batch function Ray Data's ``map_batches`` and the DataLoader path both
   run: decode each file (PIL), resize, and (for training) flip/rotate — uint8 out, normalised on the
-  trainer's device. A file that does not decode is dropped with a warning naming it (``strict=True``:
-  a :class:`~labkit.data.cache.UnreadableImageError` naming it instead).
+  trainer's device. Each row's flip/rotation comes from its ``draw`` column when there is one (a seeded
+  ``ray.data.expressions.random``), so ``seed`` fixes the augmentation whichever task decodes the row.
+  A file that does not decode is dropped with a warning naming it (``strict=True``: a
+  :class:`~labkit.data.cache.UnreadableImageError` naming it instead).
+- :mod:`labkit.labs.streaming.meter` — :class:`WorkerMeter`, the training function's instrumentation behind
+  one name (waits for data, coverage across workers, reports, the GPU-synchronised trainer-alone timing),
+  and what the backpressure run and the inference folders need.
 - :func:`output_columns`, :func:`estimate_parquet_bytes`, :func:`write_parquet` — the three inference
   outputs the seed compared (predictions only / top-k / full probabilities), their size estimate and
   the bytes Parquet actually writes.
@@ -31,6 +36,7 @@ from labkit.data.cache import UnreadableImageError, decode_image, notice_box
 from labkit.data.images import scan_class_folders, stratified_subset
 from labkit.env import portable_path, resolve_path
 from labkit.files import atomic_path
+from labkit.labs.streaming.meter import Stamped, WorkerMeter, folder_bytes, idle_seconds, in_flight_bytes, replace_folder
 
 #: ``data`` layouts Lab 06 reads, with their default folders.
 LAYOUTS = {"alzheimer": "data/alzheimer", "lung": "data/lung", "tiny-imagenet": "data/tiny-imagenet"}
@@ -86,16 +92,18 @@ def _alzheimer(data: str, root: Path, progress: bool) -> tuple[Path, Path, bool,
     _, root, split_root, synthetic = alzheimer.locate_alzheimer(data, root, progress)
     if synthetic and progress:
         print(alzheimer.synthetic_notice(root))
-    return root, split_root, synthetic, {"train": "train", "val": "test"}
+    return root, split_root, synthetic, {"train": "train", "test": "test"}
 
 
 def list_image_files(layout: str = "alzheimer", data: str = "auto", data_dir: str | os.PathLike | None = None,
-                     max_train: int | None = None, max_val: int | None = None, seed: int = 0,
-                     progress: bool = True) -> FileListing:
+                     max_train: int | None = None, max_test: int | None = None, seed: int = 0,
+                     progress: bool = True, max_val: int | None = None) -> FileListing:
     """The image files of ``layout`` (``"alzheimer"``, ``"lung"`` or ``"tiny-imagenet"``) at ``data_dir``.
 
-    Splits ``"train"`` and ``"val"`` (Alzheimer: its ``test`` folder; lung: ``val``; Tiny ImageNet:
-    ``val``), capped to stratified subsets of ``max_train`` / ``max_val`` files fixed by ``seed``.
+    Splits ``"train"`` and ``"test"``: the held-out files nothing is tuned on (Alzheimer: its ``test``
+    folder; lung and Tiny ImageNet: their ``val`` folder, which this lab only scores), capped to
+    stratified subsets of ``max_train`` / ``max_test`` files fixed by ``seed`` (``max_val``: the old
+    name of ``max_test``).
     ``data="auto"`` writes the synthetic stand-in when the real data is absent and prints its notice.
     Nothing is decoded here: that is the pipeline's job.
     """
@@ -111,7 +119,8 @@ def list_image_files(layout: str = "alzheimer", data: str = "auto", data_dir: st
         if synthetic and progress:
             print(notice_box([line.format(root=root) for line in lung.NOTICE_LINES]))
         classes, mode = list(lung.CLASSES), "L"
-        listed = {s: scan_class_folders(root, root / s, classes) for s in ("train", "val")}
+        listed = {"train": scan_class_folders(root, root / "train", classes),
+                  "test": scan_class_folders(root, root / "val", classes)}
     else:
         found, folder, synthetic = imagenet.find_or_write_imagenet(data, root, "auto", 10, progress)
         listing = {"ilsvrc": lambda: imagenet.list_ilsvrc(folder, root),
@@ -120,9 +129,11 @@ def list_image_files(layout: str = "alzheimer", data: str = "auto", data_dir: st
         if synthetic and progress:
             print(imagenet.standin_notice(folder, len(listing.keys)))
         root, classes, mode = folder, list(listing.names), "RGB"
-        listed = {s: (listing.files[s], listing.labels[s]) for s in ("train", "val")}
+        listed = {"train": (listing.files["train"], listing.labels["train"]),
+                  "test": (listing.files["val"], listing.labels["val"])}
     splits = {}
-    for split, cap in (("train", max_train), ("val", max_val)):
+    max_test = max_val if max_test is None else max_test
+    for split, cap in (("train", max_train), ("test", max_test)):
         files, labels = listed[split]
         keep = stratified_subset(labels, cap, seed)
         splits[split] = ([str(root / files[i]) for i in keep], np.asarray(labels)[keep].astype(np.int64))
@@ -156,8 +167,11 @@ class DecodeAugment:
     """The batch function of the pipeline: ``{"id", "path", "label"}`` columns → ``{"image" uint8
     [B,C,S,S], "label", "id"}``, augmented (random flip + rotation up to ``degrees``) when ``train``.
 
-    One class serves both paths: Ray Data builds it once per actor (``map_batches(DecodeAugment,
-    fn_constructor_kwargs=...)``) and calls it per batch; the DataLoader path uses :meth:`collate`.
+    One object serves both paths: the lab passes an instance to ``map_batches``, which Ray Data ships
+    to stateless **tasks** (a callable object, not a class: no actor pool) and calls per batch; the
+    DataLoader path uses :meth:`collate`. With a ``draw`` column (floats in [0, 1), one per row) each
+    row's flip/rotation is ``draw`` × the number of choices, so a seeded draw fixes the augmentation
+    whichever task or process decodes the row; without one, ``seed`` seeds this object's generator.
     """
 
     def __init__(self, image_size: int, mode: str = "L", train: bool = False, degrees: float = 10.0,
@@ -167,13 +181,23 @@ class DecodeAugment:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, kept = decode_paths(list(batch["path"]), self.image_size, self.mode, self.strict)
-        if self.augment is not None and len(kept):
+        if self.augment is not None and len(kept) and "draw" in batch:
+            images = self.flip_rotate_drawn(images, np.asarray(batch["draw"], dtype=np.float64)[kept])
+        elif self.augment is not None and len(kept):
             images = self.augment.flip_rotate(torch.from_numpy(images)).numpy()
         out = {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)[kept],
                "id": np.asarray(batch["id"], dtype=np.int64)[kept]}
         if self.keep_path:
             out["path"] = np.asarray(batch["path"])[kept]
         return out
+
+    def flip_rotate_drawn(self, images: np.ndarray, draw: np.ndarray) -> np.ndarray:
+        """Flip/rotate each image by the choice its ``draw`` (in [0, 1)) picks among the augmenter's maps."""
+        b, c, h, w = images.shape
+        maps = self.augment.index_maps(h, w, torch.device("cpu"))
+        choice = torch.from_numpy(np.minimum((draw * len(maps)).astype(np.int64), len(maps) - 1))
+        flat = torch.cat([torch.from_numpy(images).reshape(b, c, h * w), torch.zeros(b, c, 1, dtype=torch.uint8)], 2)
+        return torch.gather(flat, 2, maps[choice].unsqueeze(1).expand(b, c, h * w)).view(b, c, h, w).numpy()
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """``collate_fn`` for a ``DataLoader`` over :meth:`FileListing.items`: the same work, as tensors."""
@@ -238,5 +262,6 @@ def write_parquet(path: str | os.PathLike, columns: dict[str, Any], compression:
     return Path(path).stat().st_size
 
 
-__all__ = ["DecodeAugment", "FileListing", "LAYOUTS", "decode_paths", "estimate_parquet_bytes", "list_image_files",
-           "output_columns", "output_table", "payload_bytes", "write_parquet", "UnreadableImageError"]
+__all__ = ["DecodeAugment", "FileListing", "LAYOUTS", "WorkerMeter", "decode_paths", "estimate_parquet_bytes",
+           "folder_bytes", "idle_seconds", "in_flight_bytes", "list_image_files", "output_columns", "output_table",
+           "payload_bytes", "replace_folder", "Stamped", "write_parquet", "UnreadableImageError"]
