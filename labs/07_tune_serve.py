@@ -117,7 +117,7 @@ grace_period = 2
 replicas = 2
 max_batch_size = 16
 batch_wait_timeout_s = 0.01
-load_requests = 400           # per configuration of the load test (>= 200: a p99 that means something)
+load_requests = 400           # per configuration of the load test (200 or more for a p99 that means something)
 quantize = True               # int8 (torchao) next to fp32
 image_size = 128
 device = "auto"               # for the Tune trials and the re-training; the endpoint serves on CPU replicas

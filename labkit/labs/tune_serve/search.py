@@ -44,7 +44,8 @@ def lookalike_groups(images: torch.Tensor, per_group: int = 8, thumb: int = 16, 
         raise ValueError(f"lookalike_groups: need images [N, C, H, W] with N >= 2, got shape {tuple(images.shape)}.")
     if per_group < 1 or thumb < 2:
         raise ValueError(f"lookalike_groups: per_group={per_group} must be >= 1 and thumb={thumb} >= 2.")
-    small = F.adaptive_avg_pool2d(images.float().mean(1, keepdim=True), thumb).flatten(1).numpy()
+    small = torch.cat([F.adaptive_avg_pool2d(chunk.float().mean(1, keepdim=True), thumb).flatten(1)
+                       for chunk in images.split(1024)]).numpy()      # in chunks: 5000 floats images are 300+ MB
     small = (small - small.mean(1, keepdims=True)) / (small.std(1, keepdims=True) + 1e-6)
     k = max(2, min(len(small), len(small) // per_group))
     dims = max(1, min(components, small.shape[1], len(small) - 1))
