@@ -123,7 +123,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "05_federated": {"rounds": 3, "local_epochs": 1, "image_size": 32, "batch_size": 32, "max_patches": 1400},
     "06_streaming_data": {"epochs": 4, "image_size": 64, "max_train": 1200, "max_test": 300},
     "07_tune_serve": {"num_samples": 4, "max_epochs": 4, "grace_period": 1, "image_size": 48, "max_train": 1000,
-                      "max_test": 300, "replicas": 2, "load_requests": 100},
+                      "max_test": 300, "replicas": 2, "load_requests": 60},
 }
 _QUICK_DEFAULT = {"epochs": 2, "image_size": 64, "max_train": 800, "max_test": 300}
 

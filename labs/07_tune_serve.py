@@ -32,7 +32,7 @@
 #   **open-loop** load test (requests on a schedule; p50/p95/p99 latency, requests/s, the batch sizes that
 #   formed); answer bad requests with a 4xx and keep serving.
 #
-# **Run time**: quick mode (`quick=True`: 4 trials × ≤ 4 epochs at 48 px, 1000 training images, 100 requests per
+# **Run time**: quick mode (`quick=True`: 4 trials × ≤ 4 epochs at 48 px, 1000 training images, 60 requests per
 # load test) ≈ 1.5 min on 2 CPU cores; the full configuration (12 trials × up to 10 epochs at 128 px, 400 requests
 # per load test) ≈ 1 h on 2 CPU cores, minutes on a GPU.
 
@@ -489,7 +489,7 @@ print(f"chosen configuration re-trained ({chosen_epoch} epochs), on test: accura
 # `torch.export` captures the fp32 model as a graph (an `ExportedProgram`, saved as `.pt2`) that runs without
 # the Python class — what a serving runtime or an ahead-of-time compiler takes. It is not smaller; it is
 # portable. Latency: median of a few timed calls after warm-up, one thread, per image, **at the batch sizes the
-# endpoint will run** — `@serve.batch` forms batches of 1 up to `max_batch_size` images, so we time 1, 2, 4, …,
+# endpoint will run** — `@serve.batch` forms batches of 1 up to `max_batch_size` images, so we time 1, 4, 16, …,
 # `max_batch_size`.
 
 # %%
@@ -505,7 +505,7 @@ exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.expo
 
 files = {"fp32": out_dir / "model_fp32.pt", "int8 (torchao, linear layers)": out_dir / "model_int8.pt",
          "fp32 (torch.export)": out_dir / "model_fp32.pt2"}
-served_sizes = sorted({1, cfg.max_batch_size, *(2 ** i for i in range(1, 12) if 2 ** i < cfg.max_batch_size)})
+served_sizes = sorted({1, cfg.max_batch_size, *(4 ** i for i in range(1, 6) if 4 ** i < cfg.max_batch_size)})
 timing_batch = normalise.cpu()(test_x[:cfg.max_batch_size].repeat(-(-cfg.max_batch_size // len(test_x)), 1, 1, 1)
                                [:cfg.max_batch_size])
 rows, preds = [], {}
@@ -683,8 +683,8 @@ print(f"{'a good one afterwards':<22} HTTP {status}: {answer['predictions'][0]['
 # replica's batches can fill). Requests whose turn comes after the time cap are not sent, and the table says how
 # many (`cut`); nothing is hidden in an `ok/requests` ratio.
 #
-# **Two measurements per configuration.** A **burst** (`2 × replicas × max_batch_size` requests at once, which
-# also warms the replicas up) measures its *capacity*: the most answers per second it gives. Then the open-loop
+# **Two measurements per configuration**, after a few warm-up requests. A **burst** (`replicas × max_batch_size`
+# requests at once) measures its *capacity*: the most answers per second it gives. Then the open-loop
 # run offers every configuration the **same** rate — 80 % of the capacity of `/classify` (batching, `replicas`
 # replicas), the first one measured — and measures latency. A configuration that cannot keep up with that rate
 # answers fewer requests per second than offered, and its latencies grow while the run lasts.
@@ -695,7 +695,9 @@ in_flight = 2 * cfg.replicas * cfg.max_batch_size
 load_rows, formed, rate = [], [], None
 for n, batch in configs:                      # /classify first: its capacity sets the rate offered to all
     target = base + route(n, batch)
-    burst = serving.load_test(target, bodies, requests=in_flight, rate_per_s=math.inf, max_in_flight=in_flight)
+    serving.load_test(target, bodies, requests=8, rate_per_s=math.inf, max_in_flight=8)          # warm-up
+    burst = serving.load_test(target, bodies, requests=cfg.replicas * cfg.max_batch_size, rate_per_s=math.inf,
+                              max_in_flight=in_flight)
     if rate is None:
         rate = 0.8 * burst.requests_per_s
         time_cap = max(30.0, 3 * cfg.load_requests / rate)
