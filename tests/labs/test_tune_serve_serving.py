@@ -168,4 +168,4 @@ def test_decode_round_trip_and_limits():
 
 def test_load_test_refuses_other_hosts():
     with pytest.raises(ValueError, match="only targets this machine"):
-        serving.load_test("http://example.org/classify", [b"{}"], requests=1)
+        serving.load_test("http://example.org/classify", [b"{}"], requests=1, rate_per_s=1)
