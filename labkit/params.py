@@ -122,7 +122,7 @@ QUICK: dict[str, dict[str, Any]] = {
                     "depth": 2, "heads": 4, "dim": 64, "mlp_dim": 128},
     "05_federated": {"rounds": 3, "local_epochs": 1, "image_size": 32, "batch_size": 16, "max_patches": 1200},
     "06_streaming_data": {"epochs": 3, "image_size": 48, "max_train": 2400, "max_test": 300, "lr_schedule": "cosine"},
-    "07_tune_serve": {"num_samples": 4, "max_epochs": 3, "grace_period": 1, "image_size": 48, "max_train": 1000,
+    "07_tune_serve": {"num_samples": 4, "max_epochs": 4, "grace_period": 1, "image_size": 48, "max_train": 1000,
                       "max_test": 300, "replicas": 2, "load_requests": 60},
 }
 _QUICK_DEFAULT = {"epochs": 2, "image_size": 64, "max_train": 800, "max_test": 300}

@@ -1,18 +1,132 @@
-"""Exercise checks for Lab 07 (tune, compress, serve): the endpoint's top-k answer."""
+"""Exercise checks for Lab 07 (tune, compress, serve): the resumable trial's checkpoint and restore, and
+the endpoint's top-k answer."""
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from labkit.exercises import call_student, ok
 
 CLASSES = ["MildDemented", "ModerateDemented", "NonDemented", "VeryMildDemented"]
 
+# --------------------------------------------------------------------------- checkpoint and restore
+#: The check's little training run: epochs in all, the epoch after which it is "interrupted", batches per epoch.
+EPOCHS, STOP_AFTER, BATCHES = 4, 2, 5
 
+
+def _toy(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A small model with BatchNorm buffers, AdamW (moments) and a one-cycle schedule (a position)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.03, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.03, total_steps=EPOCHS * BATCHES)
+    return model, optimizer, scheduler
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(BATCHES * 16, 6, generator=g)
+    return x, (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 1).long()
+
+
+def _epoch(model, optimizer, scheduler, epoch: int) -> None:
+    """One epoch as the lab's trainable runs it: data order and dropout drawn from seeds fixed per epoch."""
+    x, y = _data()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(100 + epoch))
+    torch.manual_seed(1000 + epoch)
+    model.train()
+    for idx in order.view(BATCHES, -1):
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def _moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for s in optimizer.state_dict()["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+
+def check_resume(save: Callable[..., Any], restore: Callable[..., Any]) -> None:
+    """Check ``save(folder, model, optimizer, scheduler, epoch)`` and ``restore(folder, model, optimizer,
+    scheduler) -> first epoch to train``.
+
+    The reference is a run that is never interrupted: a small model (with BatchNorm) trained
+    ``EPOCHS`` epochs with AdamW and a one-cycle schedule. The check trains ``STOP_AFTER`` epochs,
+    calls ``save``, copies the folder elsewhere and deletes the original (a new process on another
+    machine sees only the files), builds a *fresh* model, optimizer and scheduler (other initial
+    weights), calls ``restore`` and trains from the epoch it returns. Resuming is right when the
+    result equals the uninterrupted run's weights, buffers and learning rate.
+    """
+    ref_model, ref_opt, ref_sched = _toy(seed=0)
+    for epoch in range(1, EPOCHS + 1):
+        _epoch(ref_model, ref_opt, ref_sched, epoch)
+
+    model, optimizer, scheduler = _toy(seed=0)
+    for epoch in range(1, STOP_AFTER + 1):
+        _epoch(model, optimizer, scheduler, epoch)
+    saved_model, saved_sched = copy.deepcopy(model.state_dict()), scheduler.state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        first_folder, moved = Path(tmp) / "checkpoint", Path(tmp) / "elsewhere"
+        first_folder.mkdir()
+        call_student(save, first_folder, model, optimizer, scheduler, STOP_AFTER, what="your save_trial")
+        files = [p for p in first_folder.rglob("*") if p.is_file()]
+        if not files:
+            raise AssertionError("save_trial wrote nothing into the folder it was given; Tune keeps only that "
+                                 "folder (tune.Checkpoint.from_directory), so save the state there.")
+        for path in filter(zipfile.is_zipfile, files):          # torch.save's files must load without running code
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001  (what weights_only refuses: pickled objects)
+                raise AssertionError(f"{path.name} cannot be read with torch.load(..., weights_only=True): it holds "
+                                         f"pickled objects. Save state_dict()s, numbers and tensors, not the model or "
+                                         f"optimizer objects.") from None
+        shutil.copytree(first_folder, moved)
+        shutil.rmtree(first_folder)
+        del model, optimizer, scheduler                         # the resumed trial starts from the files alone
+        model, optimizer, scheduler = _toy(seed=1)              # other initial weights than the saved ones
+        first = call_student(restore, moved, model, optimizer, scheduler, what="your restore_trial")
+        if not _same(model.state_dict(), saved_model):
+            raise AssertionError("after restore_trial the model's weights or BatchNorm buffers differ from the saved "
+                                 "ones; save model.state_dict() and load it with model.load_state_dict(...).")
+        if not _moments(optimizer):
+            raise AssertionError("after restore_trial AdamW has no moment estimates: a resumed Adam restarts with zero "
+                                 "moments and takes other steps than the uninterrupted run. Save optimizer.state_dict() "
+                                 "and load it with optimizer.load_state_dict(...).")
+        if scheduler.state_dict().get("last_epoch") != saved_sched.get("last_epoch"):
+            raise AssertionError(f"after restore_trial the learning-rate schedule is at step "
+                                 f"{scheduler.state_dict().get('last_epoch')}, the saved one was at step "
+                                 f"{saved_sched.get('last_epoch')}: the schedule restarted. Save scheduler.state_dict() "
+                                 f"and load it with scheduler.load_state_dict(...).")
+        if not isinstance(first, int) or isinstance(first, bool) or first != STOP_AFTER + 1:
+            hint = (" — that is the epoch already trained: it would run twice" if first == STOP_AFTER else "")
+            raise AssertionError(f"restore_trial returned {first!r} after a checkpoint saved at the end of epoch "
+                                 f"{STOP_AFTER}; return the first epoch still to train, {STOP_AFTER + 1}{hint}.")
+    for epoch in range(first, EPOCHS + 1):
+        _epoch(model, optimizer, scheduler, epoch)
+    if not _same(model.state_dict(), ref_model.state_dict()) or not math.isclose(
+            scheduler.get_last_lr()[0], ref_sched.get_last_lr()[0], rel_tol=1e-9, abs_tol=1e-12):
+        raise AssertionError("the resumed run ends with other weights or another learning rate than the run that "
+                             "never stopped; save and restore everything that changes while training (model, "
+                             "optimizer and scheduler state, the epoch).")
+    ok("checkpoint and restore: a resumed trial ends exactly where the uninterrupted one does")
+
+
+# --------------------------------------------------------------------------- the endpoint's answer
 def reference_top_k(probs: Sequence[float], classes: Sequence[str], k: int) -> dict[str, Any]:
     """The answer built with plain Python: indices sorted by (−probability, index), the first
     ``min(k, len(classes))`` kept, probabilities as Python floats."""
@@ -76,4 +190,4 @@ def check_top_k(fn: Callable[[Any, Sequence[str], int], dict]) -> None:
     ok("top-k answer: most likely first, ties by class index, k clipped, JSON-ready floats")
 
 
-__all__ = ["check_top_k", "reference_top_k"]
+__all__ = ["check_resume", "check_top_k", "reference_top_k"]

@@ -1,7 +1,10 @@
-"""labkit.exercises.lab07: the top-k check passes a right answer (printing one ✓ line) and explains wrong ones."""
+"""labkit.exercises.lab07: the checkpoint/restore check and the top-k check pass right answers (printing one ✓ line)
+and explain wrong ones: the stub and plausible mistakes (no optimizer or schedule state, the epoch off by one,
+pickled objects; unsorted or unclipped top-k, NumPy floats)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,63 @@ import torch
 from checks import one_check_line, stub
 
 from labkit.exercises import lab07 as exercises
+
+
+def _save(folder, model, optimizer, scheduler, epoch):
+    """A right answer written differently from the lab's: one file per object, the epoch as JSON."""
+    folder = Path(folder)
+    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    (folder / "epoch.json").write_text(json.dumps({"done": epoch}))
+
+
+def _restore(folder, model, optimizer, scheduler):
+    folder = Path(folder)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return json.loads((folder / "epoch.json").read_text())["done"] + 1
+
+
+def test_resume_right_answer_passes(capsys):
+    exercises.check_resume(_save, _restore)
+    assert "checkpoint and restore" in one_check_line(capsys)
+
+
+def test_resume_wrong_answers_fail_with_a_hint():
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_resume(stub, _restore)
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        exercises.check_resume(_save, stub)
+
+    def weights_only(folder, model, optimizer, scheduler):      # the most common slip: the model alone
+        model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True))
+        return json.loads((Path(folder) / "epoch.json").read_text())["done"] + 1
+    with pytest.raises(AssertionError, match="moment estimates"):
+        exercises.check_resume(_save, weights_only)
+
+    def no_schedule(folder, model, optimizer, scheduler):
+        model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
+        return json.loads((Path(folder) / "epoch.json").read_text())["done"] + 1
+    with pytest.raises(AssertionError, match="schedule restarted"):
+        exercises.check_resume(_save, no_schedule)
+
+    def same_epoch(folder, model, optimizer, scheduler):
+        return _restore(folder, model, optimizer, scheduler) - 1
+    with pytest.raises(AssertionError, match="would run twice"):
+        exercises.check_resume(_save, same_epoch)
+
+    def pickled_objects(folder, model, optimizer, scheduler, epoch):
+        torch.save({"model": model, "epoch": epoch}, Path(folder) / "state.pt")
+    with pytest.raises(AssertionError, match="weights_only"):
+        exercises.check_resume(pickled_objects, _restore)
+
+    def nothing_saved(folder, model, optimizer, scheduler, epoch):
+        pass
+    with pytest.raises(AssertionError, match="wrote nothing"):
+        exercises.check_resume(nothing_saved, _restore)
 
 
 def _top_k(probs, classes, k):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import urllib.request
 
@@ -47,21 +48,21 @@ def endpoint(tmp_path_factory):
             self.model.load_state_dict(state)
             self.model.eval()
             self.normalise, self.classes, self.max_bytes = batch_transform(train=False), classes, max_bytes
-            self.sizes = []
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
         async def predict(self, images):
-            self.sizes.append(len(images))
             with torch.inference_mode():
-                return self.model(self.normalise(torch.stack(images))).float().softmax(1).tolist()
+                probs = self.model(self.normalise(torch.stack(images))).float().softmax(1).tolist()
+            return [(p, len(images)) for p in probs]
 
         async def __call__(self, request: Request):
             try:
                 images = serving.decode_request(await request.body(), SIZE, self.max_bytes)
             except serving.RequestError as err:
                 return JSONResponse(err.answer(), status_code=err.status)
-            probs = await asyncio.gather(*(self.predict(im) for im in images))
-            return {"predictions": [reference_top_k(p, self.classes, 3) for p in probs], "batch_sizes": self.sizes[-4:]}
+            answers = await asyncio.gather(*(self.predict(im) for im in images))
+            return {"predictions": [reference_top_k(p, self.classes, 3) for p, _ in answers],
+                    "batch_sizes": [b for _, b in answers]}
 
     ds = load_alzheimer(data="auto", image_size=SIZE, max_train=8, max_test=12, seed=0, progress=False)
     port = serving.free_port()
@@ -118,16 +119,41 @@ def test_bad_requests_get_4xx_with_a_message_and_serving_goes_on(endpoint, what,
     assert ok == 200 and answer["predictions"][0]["class"] in endpoint["ds"].classes
 
 
-def test_load_test_counts_and_percentiles(endpoint):
+def test_load_test_counts_percentiles_and_batch_sizes(endpoint):
     bodies = [serving.request_body([im]) for im in endpoint["ds"]["test"].images[:4]]
-    res = serving.load_test(endpoint["url"], bodies, requests=12, concurrency=3, time_limit_s=60)
-    assert res.requests == 12 and res.ok == 12 and res.errors == 0
-    assert 0 < res.p50_ms <= res.p95_ms <= res.p99_ms and res.requests_per_s > 0
-    bad = serving.load_test(endpoint["url"], [b""], requests=3, concurrency=1, time_limit_s=60)
-    assert bad.ok == 0 and bad.errors == 3 and np.isnan(bad.p50_ms)
+    res = serving.load_test(endpoint["url"], bodies, requests=12, rate_per_s=40, seed=1, time_limit_s=60)
+    assert res.requests == 12 and res.ok == 12 and res.errors == 0 and res.cut == 0
+    assert 0 < res.p50_ms <= res.p95_ms <= res.p99_ms and res.requests_per_s > 0 and res.offered_per_s == 40
+    assert len(res.batch_sizes) == 12 and all(1 <= b <= 8 for b in res.batch_sizes), res.batch_sizes
+    assert 1 <= res.mean_batch_per_pass <= res.mean_batch_size <= res.max_batch_formed <= 8
+    assert "batch_sizes" not in res.row(x=1) and res.row(x=1)["x"] == 1
+    bad = serving.load_test(endpoint["url"], [b""], requests=3, rate_per_s=math.inf, time_limit_s=60)
+    assert bad.ok == 0 and bad.errors == 3 and np.isnan(bad.p50_ms) and np.isnan(bad.mean_batch_size)
+
+
+def test_time_cap_cuts_and_says_so(endpoint):
+    """Six requests at 2/s are due at 0, 0.5, … 2.5 s; with a 1 s cap those due after it are never sent."""
+    body = [serving.request_body([endpoint["ds"]["test"].images[0]])]
+    res = serving.load_test(endpoint["url"], body, requests=6, rate_per_s=2, arrivals="fixed", time_limit_s=1.0)
+    assert res.cut >= 3 and res.ok + res.errors + res.cut == 6 and res.ok >= 1, res
 
 
 # --------------------------------------------------------------------------- pure parts, no server
+def test_schedule_is_open_loop_and_checked():
+    fixed = serving.schedule(5, 10, "fixed")
+    assert np.allclose(fixed, [0, 0.1, 0.2, 0.3, 0.4])
+    poisson = serving.schedule(4000, 50, "poisson", seed=3)
+    gaps = np.diff(poisson)
+    assert poisson[0] == 0 and (gaps >= 0).all() and abs(gaps.mean() - 1 / 50) < 0.002
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.1, "exponential gaps: spread equal to the mean"
+    assert np.array_equal(poisson, serving.schedule(4000, 50, "poisson", seed=3))
+    assert not serving.schedule(3, math.inf).any()
+    with pytest.raises(ValueError, match="rate_per_s"):
+        serving.schedule(3, 0)
+    with pytest.raises(ValueError, match="arrivals"):
+        serving.schedule(3, 1, "bursty")
+
+
 def test_decode_round_trip_and_limits():
     img = torch.randint(0, 256, (1, SIZE, SIZE), dtype=torch.uint8)
     out = serving.decode_request(serving.request_body([img, img]), SIZE)
@@ -142,4 +168,4 @@ def test_decode_round_trip_and_limits():
 
 def test_load_test_refuses_other_hosts():
     with pytest.raises(ValueError, match="only targets this machine"):
-        serving.load_test("http://example.org/classify", [b"{}"], requests=1)
+        serving.load_test("http://example.org/classify", [b"{}"], requests=1, rate_per_s=1)

@@ -8,8 +8,9 @@ notebook; this module keeps what every endpoint repeats:
   → uint8 tensors ``[1, H, W]``, or a :class:`RequestError` carrying a 4xx status and a message
   that names the problem (empty body, body over the size limit, not JSON, not an image, wrong size).
 - :func:`encode_png` / :func:`request_body` — the client side: a uint8 image → base64 PNG → body.
-- :func:`load_test` — a bounded load test against ``127.0.0.1`` only: a fixed number of requests,
-  a time cap, a few concurrent clients; p50/p95/p99 latency and requests per second.
+- :func:`load_test` — an open-loop load test against ``127.0.0.1`` only: requests sent on a schedule
+  (Poisson or fixed rate) whatever the answers, a time cap whose cut is counted; p50/p95/p99 latency,
+  requests per second and the batch sizes the server formed.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import base64
 import binascii
 import io
 import json
+import math
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -144,20 +146,31 @@ def post(url: str, body: bytes, timeout_s: float = 30.0) -> tuple[int, dict]:
 
 @dataclass
 class LoadResult:
-    """What one load test measured (latencies in milliseconds)."""
+    """What one open-loop load test measured (latencies in milliseconds, from each request's *scheduled* send
+    time). ``requests`` were planned; ``cut`` of them were never sent because the time cap had passed, so
+    ``ok + errors + cut == requests``. ``mean_batch_size`` is the batch size the answered requests rode in
+    (a request's view, from the answers' ``batch_size``); ``mean_batch_per_pass`` the mean size of the
+    forward passes (each batch counted once: answered requests / Σ 1/size). NaN when the answers carry none."""
 
     requests: int
     ok: int
     errors: int
+    cut: int
     seconds: float
+    offered_per_s: float
     p50_ms: float
     p95_ms: float
     p99_ms: float
     requests_per_s: float
+    max_send_lag_ms: float
+    mean_batch_size: float
+    mean_batch_per_pass: float
+    max_batch_formed: int
+    batch_sizes: list[int] = field(default_factory=list, repr=False)
 
     def row(self, **labels: Any) -> dict[str, Any]:
-        """A table row: ``labels`` first, then the measurements."""
-        return {**labels, **self.__dict__}
+        """A table row: ``labels`` first, then the measurements (the per-request batch sizes left out)."""
+        return {**labels, **{k: v for k, v in self.__dict__.items() if k != "batch_sizes"}}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -165,48 +178,85 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
 
 
-def load_test(url: str, bodies: Sequence[bytes], requests: int, concurrency: int = 8,
-              time_limit_s: float = 30.0, timeout_s: float = 30.0) -> LoadResult:
-    """Send ``requests`` POSTs (cycling through ``bodies``) from ``concurrency`` threads to a loopback
-    ``url``; stop early once ``time_limit_s`` has passed. Latency percentiles come from the answered
-    requests; requests/s is answered requests over the wall time of the whole test."""
+def schedule(requests: int, rate_per_s: float, arrivals: str = "poisson", seed: int = 0) -> np.ndarray:
+    """Send times (seconds from the start) of ``requests`` requests offered at ``rate_per_s`` on average:
+    ``"poisson"`` (independent arrivals: exponential gaps, as many users acting alone), ``"fixed"`` (one every
+    ``1 / rate_per_s`` s) or, with ``rate_per_s=inf``, all at once (a burst)."""
+    if requests < 1 or not rate_per_s > 0:
+        raise ValueError(f"schedule: need requests >= 1 (got {requests}) and rate_per_s > 0 (got {rate_per_s}).")
+    if arrivals not in ("poisson", "fixed"):
+        raise ValueError(f"schedule: arrivals={arrivals!r}; use 'poisson' or 'fixed'.")
+    if math.isinf(rate_per_s):
+        return np.zeros(requests)
+    if arrivals == "fixed":
+        return np.arange(requests) / rate_per_s
+    gaps = np.random.default_rng(seed).exponential(1 / rate_per_s, requests)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+
+
+def load_test(url: str, bodies: Sequence[bytes], requests: int, rate_per_s: float, arrivals: str = "poisson",
+              seed: int = 0, max_in_flight: int = 64, time_limit_s: float = 60.0, timeout_s: float = 30.0) -> LoadResult:
+    """An **open-loop** load test of a loopback ``url``: ``requests`` POSTs (cycling through ``bodies``) sent on
+    a schedule fixed in advance (:func:`schedule`), whatever the server answers.
+
+    A closed loop (N clients, each waiting for its answer before sending again) slows down with the server
+    and so hides how slow it is (*coordinated omission*). Here the send times do not depend on the answers;
+    up to ``max_in_flight`` requests are open at once, and a request that must wait for a free sender still
+    has its latency counted from its scheduled time. Requests whose turn comes after ``time_limit_s`` are not
+    sent and are counted as ``cut``; those sent are waited for (at most ``timeout_s`` each). Answers carrying
+    ``"batch_sizes"`` (the batch each image rode in) give the formed batch sizes.
+    """
     check_loopback(url)
-    if requests < 1 or concurrency < 1 or not bodies:
-        raise ValueError(f"load_test: need requests >= 1 (got {requests}), concurrency >= 1 (got {concurrency}) "
-                         f"and at least one body.")
-    lock, counter = threading.Lock(), iter(range(requests))
+    if not bodies or max_in_flight < 1:
+        raise ValueError(f"load_test: need at least one body and max_in_flight >= 1 (got {max_in_flight}).")
+    times = schedule(requests, rate_per_s, arrivals, seed)
+    lock = threading.Lock()
     latencies: list[float] = []
-    errors = [0]
-    deadline = time.perf_counter() + time_limit_s
+    sizes: list[int] = []
+    lags: list[float] = []
+    counts = {"errors": 0, "cut": 0}
+    start = time.perf_counter() + 0.05
+    deadline = start + time_limit_s
 
-    def client() -> None:
-        while time.perf_counter() < deadline:
+    def send(i: int) -> None:
+        due = start + times[i]
+        now = time.perf_counter()
+        if now > deadline:
             with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            tick = time.perf_counter()
-            try:
-                status, _ = post(url, bodies[i % len(bodies)], timeout_s)
-            except OSError:
-                status = 0
-            took = (time.perf_counter() - tick) * 1000
-            with lock:
-                if status == 200:
-                    latencies.append(took)
-                else:
-                    errors[0] += 1
+                counts["cut"] += 1
+            return
+        try:
+            status, answer = post(url, bodies[i % len(bodies)], timeout_s)
+        except OSError:
+            status, answer = 0, {}
+        took = (time.perf_counter() - due) * 1000
+        with lock:
+            lags.append(max(0.0, now - due) * 1000)
+            if status == 200:
+                latencies.append(took)
+                sizes.extend(int(b) for b in answer.get("batch_sizes", []) if isinstance(b, int))
+            else:
+                counts["errors"] += 1
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(client) for _ in range(concurrency)]:
+    with ThreadPoolExecutor(max_in_flight) as pool:
+        futures = []
+        for i, t in enumerate(times):
+            wait = start + t - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            futures.append(pool.submit(send, i))
+        for future in futures:
             future.result()
     seconds = time.perf_counter() - start
-    return LoadResult(requests=len(latencies) + errors[0], ok=len(latencies), errors=errors[0], seconds=seconds,
+    per_pass = len(sizes) / sum(1 / b for b in sizes) if sizes else float("nan")
+    return LoadResult(requests=requests, ok=len(latencies), errors=counts["errors"], cut=counts["cut"],
+                      seconds=seconds, offered_per_s=float(rate_per_s),
                       p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95),
-                      p99_ms=percentile(latencies, 99), requests_per_s=len(latencies) / seconds if seconds else 0.0)
-
+                      p99_ms=percentile(latencies, 99), requests_per_s=len(latencies) / seconds if seconds else 0.0,
+                      max_send_lag_ms=max(lags, default=0.0),
+                      mean_batch_size=float(np.mean(sizes)) if sizes else float("nan"), mean_batch_per_pass=per_pass,
+                      max_batch_formed=max(sizes, default=0), batch_sizes=sizes)
 
 
 __all__ = ["MAX_BODY_BYTES", "MAX_IMAGES", "RequestError", "encode_png", "request_body", "decode_request",
-           "check_loopback", "post", "LoadResult", "load_test", "percentile", "free_port"]
+           "check_loopback", "post", "LoadResult", "schedule", "load_test", "percentile", "free_port"]
