@@ -21,11 +21,11 @@ from labkit.course.run import format_runs
 from labkit.distributed import ray_daemon_pids
 
 pytestmark = pytest.mark.slow
-#: What the quick run (3 epochs, 2 workers, fixed seed, stand-in data: majority rate 0.50, chance 0.25)
-#: must beat: a model that learned nothing scores the majority rate in accuracy and chance in balanced
-#: accuracy, whatever it answers.
-ACC_MARGIN = 0.05
-BALANCED_MARGIN = 0.05
+#: What the quick run (3 epochs, 2 workers, Lab 01's global batch, fixed seed, stand-in data: majority rate 0.50,
+#: chance 0.25) must beat (issue 29): a model that learned nothing scores the majority rate in accuracy and chance
+#: in balanced accuracy, whatever it answers.
+ACC_MARGIN = 0.15
+BALANCED_MARGIN = 0.20
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "labs" / "02_ray.ipynb"
 
@@ -104,6 +104,7 @@ def test_quick_lab_records_two_workers_and_every_epoch(quick_run):
         assert e["val_images"] == record.params["max_test"]       # ... and the test set, once
         assert e["loss"] > 0
         assert e["lr"] == pytest.approx(record.params["lr"])      # lr_scaling="none": the lr as given
+        assert "resume" not in e                                   # a fresh run: no resume note
         assert e["sync_s"] is not None                             # all-reduce was timed
     assert record.final["restarts"] == 0 and record.final["workers"] == 2
     assert record.env["precision"] in ("bf16", "fp16", "fp32") and record.params["amp"] == "auto"
@@ -113,18 +114,23 @@ def test_quick_lab_records_two_workers_and_every_epoch(quick_run):
 
 def test_quick_lab_compares_with_lab01_and_keeps_the_last_checkpoints(quick_run):
     nb, record, results_dir, _ = quick_run
-    runs = [row["run"] for row in record.final["comparison"]]
-    assert len(runs) == 2 and runs[0].startswith("Lab 01")
-    versus = record.final["vs_lab01"]            # the difference is judged against the test-sample noise
-    assert versus["noise"] >= 0 and versus["verdict"] == ("within noise" if abs(versus["acc_diff"]) <=
-                                                         versus["noise"]
-                                                         else "beyond noise")
+    from labkit import metrics
+
+    rows = record.final["comparison"]
+    assert len(rows) == 2 and rows[0]["run"].startswith("Lab 01")
+    assert rows[0]["global_batch"] == rows[1]["global_batch"] == record.params["batch_size"]   # the same global batch
+    versus = record.final["vs_lab01"]            # balanced accuracy, paired on the same test images
+    assert versus["metric"] == "balanced_acc" and versus["paired_images"] == record.params["max_test"]
+    assert versus["low"] <= versus["high"] and versus["verdict"] == metrics.interval_verdict(versus["low"], versus["high"])
+    base = results.latest("01_baseline", results_dir)
+    assert versus["diff"] == pytest.approx(record.final["balanced_acc"] - base.final["balanced_acc"])
     assert f"→ {versus['verdict']}" in all_output(nb)
     assert (results_dir / "02_ray" / "training_comparison.png").is_file()
     assert "02_ray/training_comparison.png" in record.artifacts
     kept = sorted(p.name for p in Path(record.final["run_dir"]).glob("epoch*"))
     assert len(kept) == 2 and kept[-1].startswith(f"epoch{len(record.epochs):03d}")
     assert all_output(nb).count("✓") >= 4                        # every exercise check passed
+    assert "not implemented yet" not in all_output(nb)             # the solutions trained, not the fallback
 
 
 def test_quick_lab_leaves_no_ray_processes(quick_run):
