@@ -622,11 +622,12 @@ else:
         print("The Lab 01 record holds no test predictions for these test images (an older record, or other data): "
               "re-run Lab 01 with the same data to compare image by image.")
     else:
-        low, high = metrics.paired_interval(paired["y_true"], paired["lab02"], paired["lab01"], seed=cfg.seed)
+        low, high = metrics.paired_interval(paired["y_true"], paired["lab02"], paired["lab01"],
+                                            metric=metrics.balanced_accuracy, seed=cfg.seed)
         if (paired["y_true"] != paired["y_true_lab01"]).any():
             print("Warning: some test files carry another label in the Lab 01 record (other classes?): compare with care.")
-        diff = (metrics.summarize(paired["y_true"], paired["lab02"], len(ds.classes))["balanced_acc"]
-                - metrics.summarize(paired["y_true"], paired["lab01"], len(ds.classes))["balanced_acc"])
+        diff = (metrics.balanced_accuracy(paired["y_true"], paired["lab02"])
+                - metrics.balanced_accuracy(paired["y_true"], paired["lab01"]))
         versus = {"metric": "balanced_acc", "diff": diff, "low": low, "high": high, "paired_images": len(paired),
                   "verdict": metrics.interval_verdict(low, high)}
         print(f"balanced accuracy, Lab 02 − Lab 01 on the same {len(paired)} test images: {diff:+.3f}, "

@@ -1,10 +1,10 @@
 """Plumbing around the Ray Train worker function of Lab 02 (the function itself lives in the notebook).
 
-Lab 02 defines ``train_loop_per_worker`` in a notebook cell: Lab 01's loop plus the Ray calls. What
-every such worker repeats, and what the tests call directly, is here: checkpoint save/restore
-(the files inside a ``ray.train.Checkpoint``), the all-reduce timer (a DDP communication hook),
-the one-time crash of the fault-tolerance demo, attempt counting, the node of each rank, quiet worker logs and the
-progress relay (worker writes ``progress.json``, the driver draws ``tqdm`` bars from it).
+Lab 02 defines ``train_loop_per_worker`` in a notebook cell: Lab 01's loop plus the Ray calls, with labkit's
+instrumentation behind one :class:`WorkerHook`. Here: checkpoint save/restore (the files inside a
+``ray.train.Checkpoint``), the all-reduce timer (a DDP communication hook), the one-time crash of the
+fault-tolerance demo, attempt counting, the node of each rank, quiet worker logs and the progress relay
+(worker writes ``progress.json``, the driver draws ``tqdm`` bars from it).
 """
 from __future__ import annotations
 
@@ -339,24 +339,12 @@ def check_global_batch(batch_size: int, workers: int | Sequence[int]) -> None:
 
 class WorkerHook:
     """Everything labkit adds to Lab 02's worker function, behind one object, so that the function in the
-    notebook reads as its lesson — Lab 01's loop, the Ray calls and fault tolerance::
-
-        hook = worker.WorkerHook(config, rank, world_size, device)
-        with hook.quiet():                                  # the driver already showed the data notices
-            ds = distributed.prepare_data(config)
-        done, history = hook.resume(checkpoint, model, optimizer, scaler)
-        for epoch in hook.epochs(done):
-            sums = train_epoch(model, hook.batches(train_loader, epoch), ...)
-            row = hook.row(epoch, all_reduce_epoch(sums, val, hook.sync_s, device), optimizer)
-            ray.train.report(row, checkpoint=..., checkpoint_dir_name=hook.checkpoint_name(epoch))
-
-    It quiets Ray Train's per-report log line, gives a CPU worker the cores Ray reserved for it, counts
-    the worker group's starts (rank 0, :func:`record_attempt`), gathers every rank's node
-    (:func:`worker_nodes`), times DDP's gradient all-reduce (:class:`AllReduceTimer`), crashes one worker
-    once for ``fail_at_epoch`` (:func:`crash_halfway`), relays progress to the driver (:class:`ProgressFile`,
-    one line per epoch) and restores a checkpoint keeping the learning rate this run scaled for its own
-    number of workers (:func:`restore` with ``lr``), saying so in the history row's ``resume`` field.
-    """
+    notebook reads as its lesson (Lab 01's loop, the Ray calls, fault tolerance). Made once after
+    ``get_context()``, it quiets Ray Train's per-report log line, gives a CPU worker the cores Ray reserved,
+    counts the group's starts (:func:`record_attempt`), gathers every rank's node (:func:`worker_nodes`);
+    :meth:`resume` restores a checkpoint at *this* run's scaled LR and starts the all-reduce timer
+    (:class:`AllReduceTimer`) and progress relay (:class:`ProgressFile`); :meth:`epochs`, :meth:`batches`
+    (with the ``fail_at_epoch`` crash, :func:`crash_halfway`) and :meth:`row` do the per-epoch bookkeeping."""
 
     def __init__(self, config: dict, rank: int, world_size: int, device: torch.device) -> None:
         quiet_ray_worker_logs()
@@ -371,11 +359,7 @@ class WorkerHook:
         self.progress: ProgressFile | None = None
         self.first, self.setup_s, self.note, self.last_row = 1, 0.0, "", None
 
-    @contextmanager
-    def quiet(self) -> Iterator[None]:
-        """Silence ``print`` for a block (:func:`quiet_prints`)."""
-        with quiet_prints():
-            yield
+    quiet = staticmethod(quiet_prints)                             # ``with hook.quiet():`` silences print
 
     def resume(self, checkpoint: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                scaler: Any = None) -> tuple[int, list[dict]]:

@@ -40,3 +40,20 @@ def test_the_workers_use_the_exercise_answer_and_shuffle_from_seed():
     text = LAB.read_text()
     assert "scale_lr = exercises.lr_rule_for_run(my_scale_lr)" in text
     assert text.index("scale_lr = exercises.lr_rule_for_run") < text.index("def train_loop_per_worker(")
+
+
+def test_the_bootstrapped_balanced_accuracy_is_scikit_learns():
+    """Lab 02 bootstraps ``metrics.balanced_accuracy`` (fast) in place of scikit-learn's: the same number."""
+    import warnings
+
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score
+
+    from labkit import metrics
+
+    rng = np.random.default_rng(0)
+    for n, k in ((400, 4), (37, 3), (50, 5)):
+        y, p = rng.integers(0, k, n), rng.integers(0, k + 1, n)          # a predicted class no image has
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert abs(metrics.balanced_accuracy(y, p) - balanced_accuracy_score(y, p)) < 1e-12
