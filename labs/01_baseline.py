@@ -345,9 +345,15 @@ plotting.plot_history(history, out_dir / "training_curves.png", title="Lab 01 ba
 #
 # The next cell prints the trained model's accuracy, **balanced accuracy** and **macro-F1** beside that
 # **majority-class rate** and chance (1 / number of classes), then per-class precision, recall and F1 (scikit-learn).
+#
+# First one detail of BatchNorm. In `eval()` mode it normalises with *running* statistics, averaged during training
+# over batches seen with *earlier* weights; after the last steps they can trail the final weights (in a short run
+# that alone can cost many points of test accuracy). `torch.optim.swa_utils.update_bn` recomputes them with
+# the final weights in one pass over the training images (no gradients, no test data involved).
 
 # %% tags=["nbval-check-output", "labkit-result"]
-final = val                                            # the last epoch's evaluation: the trained model
+torch.optim.swa_utils.update_bn((normalise(x.to(dev)) for x, _ in train_loader), model)  # BatchNorm statistics
+final = evaluate(model, test_loader, loss_fn)
 y_true, y_pred = final["y_true"], final["y_pred"]
 scores = metrics.summarize(y_true, y_pred, num_classes=len(ds.classes), train_labels=train_labels)
 for name in ("acc", "balanced_acc", "macro_f1", "majority_rate", "chance"):

@@ -374,7 +374,10 @@ scale_lr = exercises.lr_rule_for_run(my_scale_lr)
 # %% [markdown]
 # Now the function every worker runs. It is Lab 01's loop plus the Ray lines, each marked `# RAY:`:
 # - `ray.train.get_context()` / `ray.train.torch.get_device()`: this worker's rank, the number of workers, its device;
-# - `ray.train.torch.prepare_model` moves the model to the worker's device and wraps it in DDP;
+# - `ray.train.torch.prepare_model` moves the model to the worker's device and wraps it in DDP. DDP would copy rank
+#   0's BatchNorm running statistics to every rank before each step; we turn that off (`broadcast_buffers=False`) and
+#   average all ranks' statistics after each epoch (`worker.average_buffers`): they then describe the whole global
+#   batch, as Lab 01's do, not only rank 0's half of it;
 # - a `DistributedSampler` gives each worker its own slice of the training set, shuffled from `seed`, and
 #   `sampler.set_epoch(epoch)` a new shuffle each epoch. (`ray.train.torch.prepare_data_loader(loader)` would add
 #   this sampler for you, but always shuffled from seed 0, whatever `seed` says: here the data order follows `seed`);
@@ -409,7 +412,7 @@ def train_loop_per_worker(config):
     scaler = env.grad_scaler(dtype, device)                        # only for fp16
     channels_last = env.use_channels_last(device, dtype)           # NHWC weights and images (GPUs, native bf16)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    model = ray.train.torch.prepare_model(model)                   # RAY: to the device, wrapped in DDP
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})  # RAY: DDP
     lr = scale_lr(config["lr"], world_size, config["lr_scaling"])  # exercise 3: your rule
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -428,7 +431,7 @@ def train_loop_per_worker(config):
         sampler.set_epoch(epoch)                                   # RAY/DDP: a new shuffle of the shards each epoch
         sums = train_epoch(model, hook.batches(train_loader, epoch), optimizer, loss_fn, device=device,
                            augment=augment, dtype=dtype, scaler=scaler, channels_last=channels_last)
-        worker.broadcast_buffers(model)                            # rank 0's BatchNorm statistics everywhere
+        worker.average_buffers(model)                              # BatchNorm statistics averaged over the ranks
         val = train.evaluate(train.unwrap(model), test_loader, loss_fn, device=device, transform=normalise,
                              amp_dtype=dtype)                      # (channels_last as in training)
         history.append(hook.row(epoch, all_reduce_epoch(sums, val, hook.sync_s, device), optimizer))
@@ -557,16 +560,22 @@ display(run.metrics_dataframe[["epoch", "loss", "val_acc", "attempt"]])
 
 # %% [markdown]
 # ## 8. Evaluate the trained model
-# The last checkpoint holds the final weights; load them into a fresh model here in the notebook and evaluate
-# it on the whole test set, in the workers' precision, with the metrics computed in fp32 from the logits.
+# The last checkpoint holds the final weights; load them into a fresh model here in the notebook, recompute its
+# BatchNorm statistics with those weights in one pass over the training images (`update_bn`, as Lab 01 does: the
+# running statistics trail the weights, and each rank's follow its own half of every batch), and evaluate it on the
+# whole test set, in the workers' precision, with the metrics computed in fp32 from the logits. (The per-epoch
+# `val_acc` above used the running statistics as they were.)
 # Read accuracy beside the **majority-class rate** (always answering the most common training class) and
 # balanced accuracy beside **chance** (1/K): a model that learned nothing scores exactly those.
 
 # %% tags=["nbval-check-output", "labkit-result"]
 dev = env.pick_device("cuda" if run.plan.use_gpu else "cpu")
 final_model = run.load_model(AlzheimerCNN(num_classes=len(ds.classes), image_size=cfg.image_size)).to(dev)
+normalise = batch_transform(train=False)               # BatchNorm statistics for the final weights, as in Lab 01
+torch.optim.swa_utils.update_bn((normalise(x.to(dev)) for x, _ in ds.loader("train", batch_size=cfg.batch_size)),
+                                final_model)
 test_loader = ds.loader("test", batch_size=cfg.batch_size)
-final = train.evaluate(final_model, test_loader, device=dev, transform=batch_transform(train=False),
+final = train.evaluate(final_model, test_loader, device=dev, transform=normalise,
                        amp_dtype=env.amp_dtype(cfg.amp, dev), return_outputs=True)
 y_true, y_pred = final["y_true"], final["y_pred"]
 scores = metrics.summarize(y_true, y_pred, num_classes=len(ds.classes), train_labels=ds.splits["train"].labels)

@@ -97,6 +97,21 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buf.data, src=0)
 
 
+def average_buffers(model: nn.Module) -> None:
+    """Average the BatchNorm running statistics over all ranks (floating buffers; counters come from rank 0;
+    no-op without a process group), so every rank evaluates and checkpoints the same model. With DDP's own
+    per-step buffer broadcast off, each rank's statistics follow its own batches during the epoch; their
+    average weighs every rank's images alike, as one process seeing the whole global batch would."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        for buf in unwrap(model).buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf.data, op=dist.ReduceOp.SUM)
+                buf.data.div_(world)
+            else:
+                dist.broadcast(buf.data, src=0)
+
+
 def worker_nodes() -> list[str]:
     """The Ray node each rank runs on (8-character node ids, indexed by rank): gathered from every rank, so
     rank 0's report says where the whole worker group ran (``recovery.story`` tells restarts from it)."""

@@ -323,6 +323,27 @@ def test_resume_with_another_worker_count_trains_at_the_newly_scaled_lr(tmp_path
     assert plain_opt.param_groups[0]["lr"] == 2e-3
 
 
+def _average_bn(rank: int, world_size: int, device) -> dict:
+    """A rank of the test below: BatchNorm statistics rank + 1 (mean) and 2 (rank + 1) (variance), averaged."""
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_mean.fill_(rank + 1.0)
+    bn.running_var.fill_(2.0 * (rank + 1))
+    bn.num_batches_tracked.fill_(10 + rank)
+    worker.average_buffers(bn)
+    return {"mean": bn.running_mean.tolist(), "var": bn.running_var.tolist(), "n": int(bn.num_batches_tracked)}
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_are_averaged_over_the_ranks():
+    """Lab 02 turns DDP's per-step broadcast of rank 0's buffers off and averages every rank's after an epoch."""
+    from labkit.distributed import ddp
+
+    assert ddp.launch(_average_bn, 2, device="cpu") == {"mean": [1.5, 1.5], "var": [3.0, 3.0], "n": 10}
+    bn = torch.nn.BatchNorm1d(2)
+    worker.average_buffers(bn)                                     # one process: nothing to average
+    assert bn.running_mean.tolist() == [0.0, 0.0]
+
+
 def test_the_global_batch_must_split_evenly_over_the_workers():
     worker.check_global_batch(32, 2)
     worker.check_global_batch(32, [1, 2, 4])
