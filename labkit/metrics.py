@@ -66,6 +66,15 @@ def accuracy_noise(acc_a: float, n_a: int, acc_b: float, n_b: int, z: float = 2.
     return float(z * np.sqrt(acc_a * (1 - acc_a) / n_a + acc_b * (1 - acc_b) / n_b))
 
 
+def balanced_accuracy(y_true, y_pred) -> float:
+    """The mean recall over the classes present in ``y_true``: scikit-learn's ``balanced_accuracy_score`` without
+    its input checks, fast enough to recompute a thousand times in :func:`paired_interval` (``metric=``)."""
+    y, p = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    classes, index = np.unique(y, return_inverse=True)
+    hits = np.bincount(index, weights=(y == p).astype(float), minlength=len(classes))
+    return float(np.mean(hits / np.bincount(index, minlength=len(classes))))
+
+
 def paired_interval(y_true, pred_a, pred_b, metric=balanced_accuracy_score, rounds: int = 1000,
                     seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """The ``level`` (95 %) bootstrap interval of ``metric(pred_a) − metric(pred_b)`` when both models were scored

@@ -35,3 +35,23 @@ def run_check_cell(lab: Path, **override) -> dict:
     namespace.update(override)
     exec(compile(check, str(lab), "exec"), namespace)
     return namespace
+
+
+def function_source(lab: Path, name: str) -> str:
+    """The source of the function ``name`` as a code cell of the lab's jupytext source defines it (top level)."""
+    to_python = TransformerManager().transform_cell
+    for cell in jupytext.read(lab).cells:
+        if cell.cell_type != "code" or f"def {name}(" not in cell.source:
+            continue
+        source = to_python(cell.source)
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.FunctionDef) and node.name == name:
+                return ast.get_source_segment(source, node, padded=True)
+    raise AssertionError(f"{lab.name} defines no function {name}() in a code cell")
+
+
+def code_lines(lab: Path, name: str) -> list[str]:
+    """The lines of code of the function ``name`` in ``lab``: neither blank nor only a comment (the ``def`` line
+    and the docstring count). A test bounds their number so that a taught function stays readable as its lesson."""
+    return [line for line in function_source(lab, name).splitlines()
+            if line.strip() and not line.strip().startswith("#")]

@@ -228,7 +228,8 @@ def story(history: Sequence[dict], attempts: int | None = None, left: dict[str, 
         names = sorted(set(nodes))
         where = f" on {len(names)} node{'s' if len(names) != 1 else ''} ({', '.join(names)})" if nodes else ""
         start = f"resumed from the checkpoint of epoch {previous}, trained" if previous else "trained"
-        lines.append(f"attempt {attempt}: {start} {_span(epochs)} with {_workers(rows[0].get('world_size'))}{where}")
+        note = f"; {rows[0]['resume']}" if rows[0].get("resume") else ""      # the LR it resumed with
+        lines.append(f"attempt {attempt}: {start} {_span(epochs)} with {_workers(rows[0].get('world_size'))}{where}{note}")
         previous = epochs[-1]
     seen = {a for a, _ in groups}
     for attempt in range(1, (attempts or 0) + 1):

@@ -17,6 +17,9 @@ next cell, tagged ``nbval-check-output``, calls the check::
 Write exercises as functions, as above: then the student copy still defines the name and the
 check cell reports "not implemented yet" instead of a ``NameError``.
 
+A lab's run then trains with the student's answer (:func:`answer_or_reference`): a wrong answer changes what
+trains, and an untouched stub falls back to the reference with a one-line notice, so a student copy runs to the end.
+
 Every check compares with an *independent* reference (a different formula, PyTorch's own class, a
 brute-force count), never with the function under test nor labkit's own implementation of it.
 """
@@ -79,3 +82,22 @@ def status_table() -> str:
     lines = [f"{q:<{width}}  {'✔ passed' if ok else '✘ not yet'}" for q, ok in STATUS.items()]
     done = sum(STATUS.values())
     return "\n".join([*lines, f"{done} of {len(STATUS)} exercise(s) pass"])
+
+
+#: What an untouched exercise returns instead of raising, where a stub must return something.
+STUB_MARKER = ...
+
+
+def answer_or_reference(fn: Callable, reference: Callable, probe: tuple, what: str) -> Callable:
+    """The function a lab's run uses: the student's ``fn``, right or wrong (the check cell has already said which),
+    unless it is still the untouched stub — calling it with ``probe`` raises ``NotImplementedError`` or returns
+    :data:`STUB_MARKER` — then ``reference``, with a one-line notice (so a student copy still runs to the end)."""
+    try:
+        untouched = fn(*probe) is STUB_MARKER
+    except NotImplementedError:
+        untouched = True
+    if untouched:
+        print(f"Note: {what} is not implemented yet, so this run uses the reference answer instead; complete the "
+              "exercise to train with yours.")
+        return reference
+    return fn

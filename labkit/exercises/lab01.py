@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from labkit.exercises import call_student, ok
+from labkit.exercises import answer_or_reference, call_student, ok
 
 
 def _as_counts(counts: Sequence[int] | Mapping[Any, int] | Any) -> torch.Tensor:
@@ -20,6 +20,34 @@ def _as_counts(counts: Sequence[int] | Mapping[Any, int] | Any) -> torch.Tensor:
     elif hasattr(counts, "tolist"):
         counts = counts.tolist()
     return torch.as_tensor(counts, dtype=torch.float64).flatten()
+
+
+def _reference_weights(n: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's "balanced" weights rescaled to mean 1 over the classes present (0 for absent ones)."""
+    if n.numel() == 0 or bool((n < 0).any()) or not bool((n > 0).any()) or not bool(torch.isfinite(n).all()):
+        raise ValueError(f"counts={n.tolist()}: need one non-negative count per class, at least one above 0.")
+    present = n > 0
+    classes = np.flatnonzero(present.numpy())
+    labels = np.repeat(classes, n[present].round().long().numpy())          # one label per training image
+    balanced = torch.as_tensor(compute_class_weight("balanced", classes=classes, y=labels), dtype=torch.float64)
+    want = torch.zeros_like(n)
+    want[present] = balanced / balanced.mean()
+    return want
+
+
+def class_weights_for_run(weights: Callable, counts: Sequence[int] | Mapping[Any, int]) -> torch.Tensor:
+    """The class weights Lab 01's loss uses: the student's ``weights(counts)`` as a float32 tensor — a wrong answer
+    changes what trains — or, while the exercise is the untouched stub, the reference weights (with a notice)."""
+    n = _as_counts(counts)
+    plain = [int(c) for c in n.round().long().tolist()]
+    fn = answer_or_reference(weights, lambda c: _reference_weights(_as_counts(c)).tolist(), (plain,),
+                             what="inverse_frequency_weights")
+    got = fn(plain)
+    got = torch.as_tensor(got.tolist() if hasattr(got, "tolist") else list(got), dtype=torch.float32).flatten()
+    if got.numel() != n.numel():
+        raise ValueError(f"inverse_frequency_weights returned {got.numel()} weights for {n.numel()} classes: "
+                         "return one weight per class (the check above says what is wrong).")
+    return got
 
 
 def check_class_weights(weights: Callable | Sequence[float] | torch.Tensor,
@@ -34,14 +62,8 @@ def check_class_weights(weights: Callable | Sequence[float] | torch.Tensor,
     mean is taken over the classes that have images.
     """
     n = _as_counts(counts)
-    if n.numel() == 0 or bool((n < 0).any()) or not bool((n > 0).any()) or not bool(torch.isfinite(n).all()):
-        raise ValueError(f"counts={n.tolist()}: need one non-negative count per class, at least one above 0.")
+    want = _reference_weights(n)
     present = n > 0
-    classes = np.flatnonzero(present.numpy())
-    labels = np.repeat(classes, n[present].round().long().numpy())          # one label per training image
-    balanced = torch.as_tensor(compute_class_weight("balanced", classes=classes, y=labels), dtype=torch.float64)
-    want = torch.zeros_like(n)
-    want[present] = balanced / balanced.mean()
     if callable(weights):
         weights = call_student(weights, [int(c) for c in n.round().long().tolist()], what="inverse_frequency_weights")
     try:

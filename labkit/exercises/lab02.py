@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from labkit.exercises import call_student, ok
+from labkit.exercises import answer_or_reference, call_student, ok
 
 
 def _reference_scale_lr(lr: float, world_size: int, rule: str = "none") -> float:
@@ -17,6 +17,12 @@ def _reference_scale_lr(lr: float, world_size: int, rule: str = "none") -> float
     if rule == "sqrt":
         return lr * math.sqrt(world_size)
     raise ValueError(f"rule={rule!r}: use 'none', 'linear' or 'sqrt'.")
+
+
+def lr_rule_for_run(fn: Callable[[float, int, str], float]) -> Callable[[float, int, str], float]:
+    """The LR rule Lab 02's workers use: the student's ``fn(lr, world_size, rule)`` — a wrong answer changes the
+    learning rate they train with — or, while the exercise is the untouched stub, the reference (with a notice)."""
+    return answer_or_reference(fn, _reference_scale_lr, (1e-3, 2, "linear"), what="my_scale_lr (exercise 3)")
 
 
 def check_lr_scaling(fn: Callable[[float, int, str], float]) -> None:

@@ -12,10 +12,11 @@ from labkit import results
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "labs" / "01_baseline.ipynb"
 pytestmark = pytest.mark.slow
-#: balanced accuracy must beat chance (1/4, what any constant answer scores) by this much. Quick runs on
-#: the stand-in scored 0.39-0.53 (seed 0, fp32, 2 CPU cores), so 0.10 leaves room for bf16 and other
-#: machines while still failing for a model that did not learn.
-BALANCED_MARGIN = 0.10
+#: Quick mode must learn (issue 29): accuracy at least the majority-class rate (what always answering the most
+#: common class scores) + ACC_MARGIN, balanced accuracy at least chance (1/K, what any constant answer scores)
+#: + BALANCED_MARGIN.
+ACC_MARGIN = 0.15
+BALANCED_MARGIN = 0.20
 
 
 def test_quick_run_writes_record_and_plots(course):
@@ -27,10 +28,17 @@ def test_quick_run_writes_record_and_plots(course):
         assert key in record.epochs[0]
     # the stand-in is learnable but not trivial: the trained CNN beats always answering the majority
     # class, and it is not perfect
-    assert record.final["majority_rate"] < record.final["test_acc"] < 1.0, record.final
+    assert record.final["majority_rate"] + ACC_MARGIN <= record.final["test_acc"] < 1.0, record.final
     # balanced accuracy is 1/K for any constant answer: the model must beat that by a stated margin
     assert record.final["chance"] == 0.25
-    assert record.final["balanced_acc"] > record.final["chance"] + BALANCED_MARGIN, record.final
+    assert record.final["balanced_acc"] >= record.final["chance"] + BALANCED_MARGIN, record.final
+    # the test predictions, image by image, for Lab 02's paired comparison; they give the recorded scores
+    pred = record.final["test_predictions"]
+    assert len(pred["files"]) == len(set(pred["files"])) == len(pred["y_true"]) == len(pred["y_pred"]) \
+        == sum(record.data["counts"]["test"].values())
+    from labkit import metrics
+    again = metrics.summarize(pred["y_true"], pred["y_pred"], num_classes=4)
+    assert again["acc"] == record.final["acc"] and again["balanced_acc"] == record.final["balanced_acc"]
     assert 0.0 <= record.final["macro_f1"] <= 1.0
     assert record.final["precision"] in ("fp32", "bf16", "fp16")
     assert record.env["precision"] == record.final["precision"]

@@ -21,11 +21,11 @@ from labkit.course.run import format_runs
 from labkit.distributed import ray_daemon_pids
 
 pytestmark = pytest.mark.slow
-#: What the quick run (3 epochs, 2 workers, fixed seed, stand-in data: majority rate 0.50, chance 0.25)
-#: must beat: a model that learned nothing scores the majority rate in accuracy and chance in balanced
-#: accuracy, whatever it answers.
-ACC_MARGIN = 0.05
-BALANCED_MARGIN = 0.05
+#: What the quick run (3 epochs, 2 workers, Lab 01's global batch, fixed seed, stand-in data: majority rate 0.50,
+#: chance 0.25) must beat (issue 29): a model that learned nothing scores the majority rate in accuracy and chance
+#: in balanced accuracy, whatever it answers.
+ACC_MARGIN = 0.15
+BALANCED_MARGIN = 0.20
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "labs" / "02_ray.ipynb"
 
@@ -68,13 +68,13 @@ def assert_no_ray_daemons(ray_dir: str) -> None:
     assert not alive, f"Ray daemons still running after the lab: {alive}"
 
 
-def assert_learned(record) -> None:
+def assert_learned(record, acc_margin: float = ACC_MARGIN, balanced_margin: float = BALANCED_MARGIN) -> None:
     """The run beats the majority-class rate in accuracy and chance in balanced accuracy by the margins above."""
     final = record.final
     for key in ("acc", "balanced_acc", "macro_f1", "majority_rate", "chance"):
         assert key in final, f"the record's final lacks {key}: {sorted(final)}"
-    assert final["acc"] >= final["majority_rate"] + ACC_MARGIN, final
-    assert final["balanced_acc"] >= final["chance"] + BALANCED_MARGIN, final
+    assert final["acc"] >= final["majority_rate"] + acc_margin, final
+    assert final["balanced_acc"] >= final["chance"] + balanced_margin, final
     assert final["test_acc"] == final["acc"]
 
 
@@ -104,6 +104,7 @@ def test_quick_lab_records_two_workers_and_every_epoch(quick_run):
         assert e["val_images"] == record.params["max_test"]       # ... and the test set, once
         assert e["loss"] > 0
         assert e["lr"] == pytest.approx(record.params["lr"])      # lr_scaling="none": the lr as given
+        assert "resume" not in e                                   # a fresh run: no resume note
         assert e["sync_s"] is not None                             # all-reduce was timed
     assert record.final["restarts"] == 0 and record.final["workers"] == 2
     assert record.env["precision"] in ("bf16", "fp16", "fp32") and record.params["amp"] == "auto"
@@ -113,18 +114,23 @@ def test_quick_lab_records_two_workers_and_every_epoch(quick_run):
 
 def test_quick_lab_compares_with_lab01_and_keeps_the_last_checkpoints(quick_run):
     nb, record, results_dir, _ = quick_run
-    runs = [row["run"] for row in record.final["comparison"]]
-    assert len(runs) == 2 and runs[0].startswith("Lab 01")
-    versus = record.final["vs_lab01"]            # the difference is judged against the test-sample noise
-    assert versus["noise"] >= 0 and versus["verdict"] == ("within noise" if abs(versus["acc_diff"]) <=
-                                                         versus["noise"]
-                                                         else "beyond noise")
+    from labkit import metrics
+
+    rows = record.final["comparison"]
+    assert len(rows) == 2 and rows[0]["run"].startswith("Lab 01")
+    assert rows[0]["global_batch"] == rows[1]["global_batch"] == record.params["batch_size"]   # the same global batch
+    versus = record.final["vs_lab01"]            # balanced accuracy, paired on the same test images
+    assert versus["metric"] == "balanced_acc" and versus["paired_images"] == record.params["max_test"]
+    assert versus["low"] <= versus["high"] and versus["verdict"] == metrics.interval_verdict(versus["low"], versus["high"])
+    base = results.latest("01_baseline", results_dir)
+    assert versus["diff"] == pytest.approx(record.final["balanced_acc"] - base.final["balanced_acc"])
     assert f"→ {versus['verdict']}" in all_output(nb)
     assert (results_dir / "02_ray" / "training_comparison.png").is_file()
     assert "02_ray/training_comparison.png" in record.artifacts
     kept = sorted(p.name for p in Path(record.final["run_dir"]).glob("epoch*"))
     assert len(kept) == 2 and kept[-1].startswith(f"epoch{len(record.epochs):03d}")
     assert all_output(nb).count("✓") >= 4                        # every exercise check passed
+    assert "not implemented yet" not in all_output(nb)             # the solutions trained, not the fallback
 
 
 def test_quick_lab_leaves_no_ray_processes(quick_run):
@@ -141,5 +147,8 @@ def test_a_worker_crash_is_survived_without_losing_an_epoch(tmp_path, data_dir, 
     assert record.final["restarts"] == 1
     assert (Path(record.final["run_dir"]) / "fail_at_epoch.done").is_file()
     assert "No Lab 01 record" in all_output(nb) and record.final.get("comparison") is None
-    assert_learned(record)                                          # the restart did not cost the result
+    # The restart did not cost the result: the model still learned. (Its run differs from the course run's after
+    # the restart — the restarted workers draw new augmentations — so it is held to "clearly learned", 0.10 above
+    # both floors; issue 29's quick-mode target is asserted on the course run above.)
+    assert_learned(record, acc_margin=0.10, balanced_margin=0.10)
     assert_no_ray_daemons(ray_dir)

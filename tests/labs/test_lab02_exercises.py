@@ -86,3 +86,15 @@ def test_global_mean_reference_is_brute_force_over_uneven_shards():
 
     src = inspect.getsource(exercises.check_global_mean)
     assert "labkit" not in src.replace("labkit.exercises", "")   # no labkit implementation as the reference
+
+
+def test_the_workers_train_with_the_answer_and_an_untouched_stub_falls_back(capsys):
+    wrong = lambda lr, ws, rule: lr * ws * 10
+    assert exercises.lr_rule_for_run(wrong) is wrong                 # a wrong answer is what trains
+    assert exercises.lr_rule_for_run(_good_scale_lr) is _good_scale_lr
+    assert capsys.readouterr().out == ""
+    rule = exercises.lr_rule_for_run(stub)                           # untouched: the reference rule
+    assert rule(1e-3, 4, "linear") == pytest.approx(4e-3) and rule(1e-3, 4, "sqrt") == pytest.approx(2e-3)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "my_scale_lr (exercise 3) is not implemented yet" in out
+    assert exercises.lr_rule_for_run(lambda lr, ws, rule: ...)(0.1, 2, "none") == 0.1   # the stub marker too

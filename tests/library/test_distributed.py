@@ -278,6 +278,79 @@ def test_checkpoint_restores_weights_optimizer_epoch_and_history(tmp_path):
         worker.restore(tmp_path / "nothing", fresh)
 
 
+def test_checkpoint_keeps_the_grad_scalers_state(tmp_path):
+    """fp16's GradScaler: its loss scale (and growth tracker) go into the checkpoint and come back."""
+    model, opt = tiny_model_and_optimizer(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=7)
+    scaler.scale(torch.ones(()))                                   # its first step creates the scale ...
+    scaler.update(new_scale=256.0)                                 # ... which backed off after overflows
+    worker.save_checkpoint(tmp_path, model, opt, epoch=1, history=[], scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu")                            # a restarted worker's scaler: 2**16
+    assert fresh.get_scale() != 256.0
+    worker.restore(tmp_path, model, opt, scaler=fresh)
+    assert fresh.get_scale() == 256.0 and fresh.state_dict() == scaler.state_dict()
+    worker.save_checkpoint(tmp_path / "fp32", model, opt, epoch=1, history=[])   # bf16/fp32: no scaler, no state
+    assert worker.load_checkpoint(tmp_path / "fp32")["scaler"] is None
+
+
+def test_resume_with_another_worker_count_trains_at_the_newly_scaled_lr(tmp_path):
+    """Saved by 2 workers at the linearly scaled LR 2e-3; resumed by 1 worker, whose optimizer was built at 1e-3:
+    ``optimizer.load_state_dict`` brings Adam's state back *and* the old LR, the hook puts the new one back, and
+    the history says so."""
+    model, opt = tiny_model_and_optimizer(0)
+    for group in opt.param_groups:
+        group["lr"] = 2e-3
+    worker.save_checkpoint(tmp_path / "ckpt", model, opt, epoch=1, history=[{"epoch": 1, "world_size": 2}])
+
+    fresh, fresh_opt = tiny_model_and_optimizer(1)
+    new_lr = scale_lr(1e-3, 1, "linear")
+    for group in fresh_opt.param_groups:
+        group["lr"] = new_lr
+    config = {"run_dir": str(tmp_path / "run"), "epochs": 3, "lr_scaling": "linear", "progress": False}
+    hook = worker.WorkerHook(config, rank=0, world_size=1, device=torch.device("cpu"))
+    done, history = hook.resume(tmp_path / "ckpt", fresh, fresh_opt)
+    assert done == 1 and [r["epoch"] for r in history] == [1]
+    assert [g["lr"] for g in fresh_opt.param_groups] == [new_lr] * len(fresh_opt.param_groups)   # read back
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]  # Adam's state came back
+    assert list(hook.epochs(done)) == [2, 3]
+    row = hook.row(2, {"loss": 1.0}, fresh_opt)
+    assert row["lr"] == new_lr and row["world_size"] == 1
+    assert "lr 0.001 for 1 worker(s), newly scaled" in row["resume"] and "0.002 with 2 worker(s)" in row["resume"]
+    assert "resume" not in hook.row(3, {"loss": 0.9}, fresh_opt)  # said once, on the first epoch after resuming
+    # without the hook's lr, load_state_dict would have brought the old LR back
+    plain, plain_opt = tiny_model_and_optimizer(1)
+    worker.restore(tmp_path / "ckpt", plain, plain_opt)
+    assert plain_opt.param_groups[0]["lr"] == 2e-3
+
+
+def _average_bn(rank: int, world_size: int, device) -> dict:
+    """A rank of the test below: BatchNorm statistics rank + 1 (mean) and 2 (rank + 1) (variance), averaged."""
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_mean.fill_(rank + 1.0)
+    bn.running_var.fill_(2.0 * (rank + 1))
+    bn.num_batches_tracked.fill_(10 + rank)
+    worker.average_buffers(bn)
+    return {"mean": bn.running_mean.tolist(), "var": bn.running_var.tolist(), "n": int(bn.num_batches_tracked)}
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_are_averaged_over_the_ranks():
+    """Lab 02 turns DDP's per-step broadcast of rank 0's buffers off and averages every rank's after an epoch."""
+    from labkit.distributed import ddp
+
+    assert ddp.launch(_average_bn, 2, device="cpu") == {"mean": [1.5, 1.5], "var": [3.0, 3.0], "n": 10}
+    bn = torch.nn.BatchNorm1d(2)
+    worker.average_buffers(bn)                                     # one process: nothing to average
+    assert bn.running_mean.tolist() == [0.0, 0.0]
+
+
+def test_the_global_batch_must_split_evenly_over_the_workers():
+    worker.check_global_batch(32, 2)
+    worker.check_global_batch(32, [1, 2, 4])
+    with pytest.raises(ParameterError, match=r"'batch_size' = 32 .* workers=3.*-p batch_size 33"):
+        worker.check_global_batch(32, [1, 3])
+
+
 def test_the_crash_happens_once_halfway_through_the_epoch_on_the_last_rank(tmp_path, monkeypatch):
     class Crashed(Exception):
         pass
@@ -305,12 +378,15 @@ def test_attempts_are_counted_across_restarts(tmp_path):
     assert worker.count_attempts(tmp_path / "run") == 3
 
 
-def run_local_mode(config: dict):
-    """The notebook's training function under Ray Train's local mode (one process, no cluster)."""
+def run_local_mode(config: dict, scale_lr=None):
+    """The notebook's training function under Ray Train's local mode (one process, no cluster), with the LR rule
+    the notebook gives it (its exercise answer, or ``scale_lr``)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    fn = notebook_namespace("train_epoch", "all_reduce_epoch", "train_loop_per_worker")["train_loop_per_worker"]
+    ns = notebook_namespace("my_scale_lr", "train_epoch", "all_reduce_epoch", "train_loop_per_worker")
+    ns["scale_lr"] = scale_lr or ns["exercises"].lr_rule_for_run(ns["my_scale_lr"])   # the notebook's own cell
+    fn = ns["train_loop_per_worker"]
     trainer = TorchTrainer(fn, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=0), run_config=RunConfig(name="local-test"))
     return trainer.fit().return_value
@@ -325,21 +401,25 @@ def test_training_function_resumes_after_the_last_checkpointed_epoch(lab_cfg, tm
     plan = distributed.plan_scaling(1, "cpu", node_cpus=[1], gpus=0)
     config = distributed.worker_config(lab_cfg, plan, tmp_path / "run", progress=False)
 
-    # A checkpoint "from before the crash": epoch 1 finished, with its history row.
+    # A checkpoint "from before the crash": epoch 1 finished with 2 workers at the linearly scaled LR.
     torch.manual_seed(0)
     model = AlzheimerCNN(num_classes=4, image_size=32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    earlier = {"epoch": 1, "loss": 9.99, "attempt": 1}
+    optimizer = torch.optim.Adam(model.parameters(), lr=2 * config["lr"])
+    earlier = {"epoch": 1, "loss": 9.99, "attempt": 1, "world_size": 2}
     worker.save_checkpoint(tmp_path / "ckpt", model, optimizer, epoch=1, history=[earlier])
 
-    history = run_local_mode({**config, "epochs": 2, "resume_from": str(tmp_path / "ckpt")})
+    # resumed with 1 worker: the optimizer's state comes back, the LR is the one scaled for 1 worker
+    history = run_local_mode({**config, "epochs": 2, "lr_scaling": "linear", "resume_from": str(tmp_path / "ckpt")})
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[0] == earlier                    # the finished epoch is kept, not retrained
     assert history[1]["loss"] != earlier["loss"] and 0.0 <= history[1]["val_acc"] <= 1.0
     assert history[1]["images"] == 48 and history[1]["val_images"] == 24
-    assert history[1]["lr"] == pytest.approx(scale_lr(1e-3, 1, "none"))
+    assert history[1]["lr"] == pytest.approx(scale_lr(1e-3, 1, "linear"))
+    assert "newly scaled" in history[1]["resume"] and "with 2 worker(s)" in history[1]["resume"]
 
-    fresh = run_local_mode({**config, "epochs": 1})
+    # the workers train at the LR of the notebook's rule (exercise 3), right or wrong
+    fresh = run_local_mode({**config, "epochs": 1}, scale_lr=lambda lr, world_size, rule: 7e-4)
+    assert fresh[0]["lr"] == pytest.approx(7e-4) and "resume" not in fresh[0]
     assert [row["epoch"] for row in fresh] == [1] and fresh[0]["attempt"] == 2
     assert fresh[0]["nodes"] == ["local"]
     import ray

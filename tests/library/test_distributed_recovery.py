@@ -79,6 +79,8 @@ def test_story_tells_each_attempt_where_it_resumed_and_whether_an_epoch_was_lost
     assert "attempt 3: stopped before it finished an epoch" in text
     assert "node bbbb (127.0.0.1, 1 CPU) left the cluster during the run" in text
     assert lines[-1] == "every epoch from 1 to 3 trained exactly once: no finished epoch was lost"
+    resumed = [row(1, 1, 2, []), {**row(2, 2, 1, []), "resume": "lr 0.001 for 1 worker(s), newly scaled"}]
+    assert recovery.story(resumed).splitlines()[1].endswith("with 1 worker; lr 0.001 for 1 worker(s), newly scaled")
     repeated = recovery.story([row(1, 1, 2, []), row(2, 1, 2, []), row(2, 2, 2, []), row(4, 2, 2, [])])
     assert repeated.splitlines()[-1] == "epochs trained more than once: 2; epochs missing: 3"
 
