@@ -199,10 +199,19 @@ def inverse_frequency_weights(counts: list[int]) -> list[float]:
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
+# %% labkit={"points": 2, "question": "class_weights"} tags=["nbval-check-output"]
+from labkit.exercises import reported
 from labkit.exercises.lab01 import check_class_weights, class_weights_for_run
 train_counts = [int(c) for c in counts["train"]]
-check_class_weights(inverse_frequency_weights, train_counts)
+with reported("class_weights"):                     # ✔ or ✘ with a hint; Run All goes on either way
+    check_class_weights(inverse_frequency_weights, train_counts)
+
+# %% labkit={"hidden": "class_weights"} tags=["hidden-check"]
+import numpy as np
+for hidden_counts in ([7, 70, 700, 3], [1, 1, 1, 1], [250, 5]):
+    got = np.asarray(inverse_frequency_weights(list(hidden_counts)), dtype=float)
+    want = 1 / np.asarray(hidden_counts, dtype=float)
+    assert got.shape == want.shape and np.allclose(got, want / want.mean(), rtol=1e-4), hidden_counts
 
 # %% [markdown]
 # The loaders, the loss (weighted by your function when `class_weights=True`), the optimizer and — for fp16 only —
@@ -397,6 +406,15 @@ for name in ("class_distribution", "samples", "training_curves", "confusion_matr
     record.add_artifact(out_dir / f"{name}.png")
 path = results.save(record)
 print("saved", path)
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

@@ -240,9 +240,17 @@ def my_shard(dataset_len, world_size, rank):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-exercises.check_sampler_shard(my_shard, 5, 2, 1)
-exercises.check_sampler_shard(my_shard, n_train, 2, 1)
+# %% labkit={"points": 1, "question": "sampler_shard"} tags=["nbval-check-output"]
+from labkit.exercises import reported
+from labkit.exercises.lab02 import check_sampler_shard
+with reported("sampler_shard"):                     # ✔ or ✘ with a hint; Run All goes on either way
+    check_sampler_shard(my_shard, 5, 2, 1)
+    check_sampler_shard(my_shard, n_train, 2, 1)
+
+# %% labkit={"hidden": "sampler_shard"} tags=["hidden-check"]
+from torch.utils.data import DistributedSampler
+for n, ws, r in ((10, 3, 2), (7, 4, 3), (1, 2, 1)):
+    assert list(my_shard(n, ws, r)) == list(DistributedSampler(range(n), num_replicas=ws, rank=r, shuffle=False)), (n, ws, r)
 
 # %% [markdown]
 # ## 5. The model
@@ -339,8 +347,15 @@ def my_global_mean(pairs):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-exercises.check_global_mean(my_global_mean)
+# %% labkit={"points": 1, "question": "global_mean"} tags=["nbval-check-output"]
+from labkit.exercises import reported
+from labkit.exercises.lab02 import check_global_mean
+with reported("global_mean"):
+    check_global_mean(my_global_mean)
+
+# %% labkit={"hidden": "global_mean"} tags=["hidden-check"]
+assert abs(my_global_mean([(1.5, 2), (0.0, 0), (4.5, 1)]) - 2.0) < 1e-9
+assert abs(my_global_mean([(0.0, 0), (3.0, 4)]) - 0.75) < 1e-9
 
 # %% [markdown]
 # **Exercise 3 — the learning-rate scaling rule.** When the global batch grows with the workers (each worker keeps
@@ -361,8 +376,16 @@ def my_scale_lr(lr, world_size, rule="none"):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-exercises.check_lr_scaling(my_scale_lr)
+# %% labkit={"points": 2, "question": "lr_scaling"} tags=["nbval-check-output"]
+from labkit.exercises import reported
+from labkit.exercises.lab02 import check_lr_scaling
+with reported("lr_scaling"):
+    check_lr_scaling(my_scale_lr)
+
+# %% labkit={"hidden": "lr_scaling"} tags=["hidden-check"]
+import math
+assert math.isclose(my_scale_lr(0.01, 9, "sqrt"), 0.03) and math.isclose(my_scale_lr(0.01, 9, "linear"), 0.09)
+assert math.isclose(my_scale_lr(0.01, 9), 0.01) and math.isclose(my_scale_lr(0.5, 1, "linear"), 0.5)
 
 # %% [markdown]
 # The workers use your rule. (An untouched exercise falls back to the reference rule, with a one-line notice, so the
@@ -698,6 +721,15 @@ for name in plots:
     record.add_artifact(out_dir / f"{name}.png")
 path = results.save(record)
 print("saved", path)
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

@@ -136,8 +136,51 @@ REPO = Path(__file__).resolve().parents[2]
 LAB_NOTEBOOKS = sorted((REPO / "labs").glob("[0-9][0-9]_*.ipynb"))
 
 
+def _reports(lab: Path) -> bool:
+    """Whether a lab's exercise checks report (``with reported(...)``) instead of stopping Run All."""
+    return any("reported(" in c.source for c in nbformat.read(lab, as_version=4).cells if c.cell_type == "code")
+
+
+def test_no_hidden_check_reaches_a_student_copy():
+    """Hidden checks (kept back for ``labkit grade``) are in the instructor's labs and in no committed student copy."""
+    hidden = {}
+    for lab in LAB_NOTEBOOKS:
+        cells = nbformat.read(lab, as_version=4).cells
+        hidden[lab.name] = [c.source for c in cells if "hidden-check" in c.metadata.get("tags", [])]
+    assert any(hidden.values()), "no lab declares a hidden check"
+    for lab in LAB_NOTEBOOKS:
+        copy = nbformat.read(REPO / "student" / lab.name, as_version=4)
+        text = "\n".join(c.source for c in copy.cells)
+        assert not [c for c in copy.cells if "hidden-check" in c.metadata.get("tags", []) or
+                    "hidden" in c.metadata.get("labkit", {})], lab.name
+        assert not [src for src in hidden[lab.name] if src.strip() in text], f"{lab.name}: a hidden check's code is in student/"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("lab", LAB_NOTEBOOKS, ids=[p.stem for p in LAB_NOTEBOOKS])
+@pytest.mark.parametrize("lab", [p for p in LAB_NOTEBOOKS if _reports(p)], ids=lambda p: p.stem)
+def test_a_reporting_student_copy_runs_to_the_end_and_lists_its_exercises(lab, tmp_path, monkeypatch):
+    """A lab whose checks report: the untouched student copy runs to the end (the run falls back to the reference
+    answer where it needs one), every check says ✘, and the last table shows no exercise passed."""
+    import papermill as pm
+
+    folder = tmp_path / "labs"
+    folder.mkdir()
+    shutil.copy2(lab, folder / lab.name)
+    write_student_versions(folder, tmp_path / "student")
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lks", dir="/tmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    pm.execute_notebook(str(tmp_path / "student" / lab.name), str(tmp_path / "out.ipynb"), parameters={"quick": True},
+                        progress_bar=False, cwd=str(REPO), kernel_name="python3")
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    texts = ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells if c.cell_type == "code"]
+    checks = [t for c, t in zip([c for c in nb.cells if c.cell_type == "code"], texts) if "reported(" in c.source]
+    assert checks and all(t.startswith("✘ ") and "not implemented yet" in t for t in checks), checks
+    assert any(f"0 of {len(checks)} exercise(s) pass" in t for t in texts), texts[-3:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lab", [p for p in LAB_NOTEBOOKS if not _reports(p)], ids=lambda p: p.stem)
 def test_student_copy_runs_up_to_the_first_exercise_check_and_stops_there(lab, tmp_path, monkeypatch):
     """A student opening their copy gets through every cell before the first exercise, and the first
     error is that exercise's check saying what to do — not a NameError or a crash elsewhere."""
