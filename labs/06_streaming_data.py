@@ -317,7 +317,7 @@ pd.DataFrame(throughput).T.round(2)
 # task running) between them — the flow control the seed wrote by hand.
 
 # %%
-SLOW_BATCHES = 16
+SLOW_BATCHES = 8 if cfg.quick else 16                                   # quick mode: a shorter demonstration
 slow_step_s = 2 * cfg.batch_size / throughput["Ray Data preprocessing alone"]["images_per_s"]
 
 
@@ -326,7 +326,7 @@ def slow_consumer(budget_mb: float) -> dict:
     ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(object_store_memory=int(budget_mb * 2**20))
     try:
         ds = image_pipeline("train", train=True, stamp=True)             # decode stamps its start and end
-        ds = ds.limit((SLOW_BATCHES + 16) * cfg.batch_size)              # the slow part, then a short drain
+        ds = ds.limit(2 * SLOW_BATCHES * cfg.batch_size)                 # the slow part, then a short drain
         t0, made, consumed = time.time(), [], []
         for i, batch in enumerate(ds.iter_batches(batch_size=cfg.batch_size, prefetch_batches=1)):
             if i < SLOW_BATCHES:

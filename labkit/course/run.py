@@ -318,11 +318,15 @@ def run_labs(labs: Sequence[str] | None = None, *, quick: bool = False, paramete
     env = {"LABKIT_RESULTS": str(root), "LABKIT_QUICK": "1" if quick else os.environ.get("LABKIT_QUICK")}
     width = max(len(p.stem) for p in paths)
     with contextlib.ExitStack() as stack:
-        shared = stack.enter_context(course_cluster(paths, params, echo)) if shared_ray else None
-        stack.enter_context(environ(**env, **{COURSE_CLUSTER_VAR: shared}))
+        stack.enter_context(environ(**env))
+        shared, started = None, not shared_ray
         for i, path in enumerate(paths, 1):
+            if not started and uses_ray(path):   # started just before the first Ray lab: no start-up load on the others
+                started = True
+                shared = stack.enter_context(course_cluster(paths[i - 1:], params, echo))
             out = root / "executed" / f"{path.stem}.ipynb"
-            run = run_lab(path, out, params, progress=show_bar, timeout=timeout)
+            with environ(**{COURSE_CLUSTER_VAR: shared}):
+                run = run_lab(path, out, params, progress=show_bar, timeout=timeout)
             runs.append(run)
             status = "ok" if run.ok else "FAILED"
             echo(f"[{i}/{len(paths)}] {run.lab:<{width}}  {status:<6}  {format_seconds(run.seconds):>8}"
