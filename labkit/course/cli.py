@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="how far a trained result may move between the submission and the re-run (default: 0.05)")
     grade.add_argument("--address", default=None, metavar="ADDR",
                        help="grade as Ray tasks on the cluster at ADDR (e.g. 127.0.0.1:6379), one per submission")
+    grade.add_argument("--quick", action="store_true",
+                       help="re-run every submission in quick mode (LABKIT_QUICK=1), whatever its parameters say")
     grade.add_argument("--labs-dir", metavar="DIR", default="labs", help="folder of the instructor's labs (default: labs)")
 
     student = sub.add_parser("student", formatter_class=fmt, help="write student copies of the labs",
@@ -235,7 +237,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs {args.jobs}: give how many submissions to grade at once, 1 or more.")
     results, paths = grade(args.submissions, args.lab, args.out, jobs=args.jobs, timeout=args.timeout,
                            cell_timeout=args.cell_timeout, tolerance=args.tolerance, address=args.address,
-                           labs_dir=args.labs_dir)
+                           labs_dir=args.labs_dir, quick=args.quick)
     print(f"{len(results)} submission(s) graded: {paths['grades']}, {paths['feedback']}/, {paths['summary']}")
     return 0
 

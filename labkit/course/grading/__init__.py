@@ -42,12 +42,13 @@ def find_lab(lab: str, labs_dir: str | Path = "labs") -> Path:
 
 def grade(submissions: str | Path, lab: str, out: str | Path, *, jobs: int | None = None,
           timeout: float = DEFAULT_TIMEOUT_S, cell_timeout: float = DEFAULT_CELL_TIMEOUT_S, tolerance: float = 0.05,
-          address: str | None = None, labs_dir: str | Path = "labs",
+          address: str | None = None, labs_dir: str | Path = "labs", quick: bool = False,
           echo: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Grade every submission of ``lab`` under ``submissions`` into ``out``; returns the results and the paths.
 
     Everything is checked before the first notebook runs (the lab, its rubric, every submission readable), so a
-    bad argument grades nothing; ``out`` is replaced whole when grading ends."""
+    bad argument grades nothing; ``out`` is replaced whole when grading ends. ``quick`` re-runs every submission in
+    quick mode (``LABKIT_QUICK=1``), whatever its parameters say."""
     for name, value in (("--timeout", timeout), ("--cell-timeout", cell_timeout)):
         if not value > 0:
             raise ValueError(f"{name} {value!r}: give the seconds a notebook (or cell) may run, e.g. {name} 600.")
@@ -62,7 +63,7 @@ def grade(submissions: str | Path, lab: str, out: str | Path, *, jobs: int | Non
     scratch = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
     try:
         results = grade_all(found, lab_path, scratch, timeout=timeout, cell_timeout=cell_timeout, tolerance=tolerance,
-                            jobs=jobs, address=address, echo=echo)
+                            jobs=jobs, address=address, quick=quick, echo=echo)
         with atomic_path(out) as tmp:
             write_gradebook(tmp, results, rubric)
             for result in results:

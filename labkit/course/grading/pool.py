@@ -99,11 +99,14 @@ def loopback_only_prefix() -> tuple[str, ...]:
 
 
 def grade_one(submission: str, student: str, lab: str, scratch_root: str, timeout: float,
-              cell_timeout: float, tolerance: float, submission_path: str = "") -> dict[str, Any]:
+              cell_timeout: float, tolerance: float, submission_path: str = "", quick: bool = False,
+              home: str = "") -> dict[str, Any]:
     """Grade one submission in a process of its own (see the module docstring); returns its result dict.
 
     ``submission`` and ``lab`` are the notebooks' text (JSON), so a Ray task can run this on any node, shared
-    file system or not; ``scratch_root`` is used where it exists (else the node's temporary folder)."""
+    file system or not; ``scratch_root`` is used where it exists (else the node's temporary folder). ``quick``
+    re-runs in quick mode (``LABKIT_QUICK=1``); ``home``, where it exists, is the course folder whose ``data/`` the
+    submission reads (its results always go to the scratch folder)."""
     root = scratch_root if os.path.isdir(scratch_root) else tempfile.gettempdir()
     scratch = Path(tempfile.mkdtemp(prefix=f"{re.sub(r'[^A-Za-z0-9_-]', '_', student)[:20]}-", dir=root))
     out = scratch / "result.json"
@@ -113,8 +116,12 @@ def grade_one(submission: str, student: str, lab: str, scratch_root: str, timeou
     ray_tmp = tempfile.mkdtemp(prefix="lkg", dir="/tmp")       # short: Ray's socket paths are length-limited
     child_env = {**os.environ, "LABKIT_RESULTS": str(scratch / "results"), "RAY_TMPDIR": ray_tmp,
                  "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
-    for name in ("RAY_ADDRESS", "LABKIT_COURSE_RAY_ADDRESS", "JPY_PARENT_PID"):
+    for name in ("RAY_ADDRESS", "LABKIT_COURSE_RAY_ADDRESS", "JPY_PARENT_PID", "LABKIT_QUICK"):
         child_env.pop(name, None)
+    if quick:
+        child_env["LABKIT_QUICK"] = "1"
+    if home and os.path.isdir(home):
+        child_env["LABKIT_HOME"] = home
     prefix = loopback_only_prefix()
     cmd = [*prefix, sys.executable, "-m", "labkit.course.grading.execute", str(scratch / "submission.ipynb"),
            str(lab_path), str(out), "--timeout", str(timeout), "--cell-timeout", str(cell_timeout),
@@ -166,12 +173,16 @@ def default_jobs(cpus_per_submission: int = 2, memory_gb_per_submission: float =
 
 def grade_all(submissions: Sequence[Submission], lab_path: Path, scratch_root: Path, *, timeout: float,
               cell_timeout: float, tolerance: float, jobs: int = 1, address: str | None = None,
-              cpus_per_submission: int = 1, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              cpus_per_submission: int = 1, quick: bool = False,
+              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Grade every submission, ``jobs`` at a time on this machine, or as Ray tasks on the cluster at ``address``
     (each asks for ``cpus_per_submission`` CPUs, so the cluster runs as many at once as it has room for)."""
     lab = Path(lab_path).read_text(encoding="utf-8")
+    from labkit.env import project_root
+
+    home = str(project_root())
     args = [(s.path.read_text(encoding="utf-8"), s.student, lab, str(scratch_root), timeout, cell_timeout, tolerance,
-             str(s.path)) for s in submissions]
+             str(s.path), quick, home) for s in submissions]
     results: list[dict[str, Any]] = []
 
     def done(result: dict[str, Any]) -> None:
