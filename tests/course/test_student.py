@@ -30,7 +30,11 @@ EXERCISES = [
      "lab01.check_class_weights(my_class_weights([717, 52, 2560, 1792]), [717, 52, 2560, 1792])"),
     ("def my_fedavg(states, sizes):\n    # BEGIN SOLUTION\n    total = sum(sizes)\n    out = {}\n"
      "    for k, first in states[0].items():\n"
-     "        mean = sum(s[k].double() * (n / total) for s, n in zip(states, sizes))\n"
+     "        second = k.endswith('running_var')   # pooled: E[x^2] = var + mean^2 averaged, minus the pooled mean^2\n"
+     "        mean = sum((s[k].double() + (s[k[:-3] + 'mean'].double() ** 2 if second else 0)) * (n / total)\n"
+     "                   for s, n in zip(states, sizes))\n"
+     "        if second:\n"
+     "            mean = mean - sum(s[k[:-3] + 'mean'].double() * (n / total) for s, n in zip(states, sizes)) ** 2\n"
      "        out[k] = (mean if first.is_floating_point() else mean.round()).to(first.dtype)\n"
      "    return out\n"
      "    # END SOLUTION",
