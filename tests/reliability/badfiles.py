@@ -16,12 +16,16 @@ from PIL import Image
 
 # ----------------------------------------------------------------------------- single files
 GOOD_VALUE = 90          # the gray level of every good image
+#: Side of the test images: the breast layout's real patch size (a smaller patch is a slide-border patch there,
+#: padded with white); the other layouts resize it like any image.
+SIDE = 50
 
 
 def good(path: Path, value: int = GOOD_VALUE, fmt: str | None = None) -> Path:
     """A small valid image (gray ``value``); format from the suffix unless ``fmt``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (24, 24), (value,) * 3).save(path, fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"))
+    kind = fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    Image.new("RGB", (SIDE, SIDE), (value,) * 3).save(path, kind)
     return path
 
 
@@ -43,9 +47,9 @@ OPAQUE_RGB = (200, 40, 40)
 
 
 def rgba_png(path: Path) -> Path:
-    arr = np.zeros((32, 32, 4), np.uint8)
-    arr[:, :16] = (*OPAQUE_RGB, 255)
-    arr[:, 16:] = (255, 255, 255, 0)
+    arr = np.zeros((SIDE, SIDE, 4), np.uint8)
+    arr[:, :SIDE // 2] = (*OPAQUE_RGB, 255)
+    arr[:, SIDE // 2:] = (255, 255, 255, 0)
     Image.fromarray(arr, "RGBA").save(path, "PNG")
     return path
 
@@ -55,8 +59,8 @@ LOW16, HIGH16 = 10_000, 60_000
 
 
 def gray16_png(path: Path) -> Path:
-    arr = np.full((32, 32), LOW16, np.uint16)
-    arr[:, 16:] = HIGH16
+    arr = np.full((SIDE, SIDE), LOW16, np.uint16)
+    arr[:, SIDE // 2:] = HIGH16
     im = Image.fromarray(arr)
     assert im.mode.startswith("I;16")
     im.save(path, "PNG")
@@ -65,7 +69,7 @@ def gray16_png(path: Path) -> Path:
 
 def cmyk_jpeg(path: Path) -> Path:
     """Pure red in CMYK (print workflows save JPEGs like this)."""
-    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(path, "JPEG", quality=95)
+    Image.new("CMYK", (SIDE, SIDE), (0, 255, 255, 0)).save(path, "JPEG", quality=95)
     return path
 
 

@@ -156,6 +156,11 @@ def test_a_class_folder_with_an_unexpected_name_is_refused_naming_it(layout):
     else:                                  # 'Mild Demented' where 'MildDemented' belongs (lung: its first class)
         expected = layout.class_dir
         layout.class_dir.rename(layout.class_dir.parent / "Mild Demented")
+    if layout.kind == "breast":            # the IDC archive holds odd folders: skipped, and the notice names them
+        ds = layout.load()
+        notes = " ".join(getattr(ds, "notes", []) or [])
+        assert f"'{expected.name}'" in notes and f"{expected.parent.name}/" in notes, notes   # which folder, where
+        return
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         layout.load()
     assert expected.name in str(err.value), "the error names the folder"
