@@ -116,10 +116,10 @@ def test_a_poisoned_image_cache_is_ignored_and_rebuilt(hostile, tmp_path):
 def _torch_load_calls(source: str) -> list[tuple[int, str]]:
     """``(line, text)`` of every ``torch.load(...)`` call in ``source`` that lacks ``weights_only=True``."""
     bad = []
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:   # a notebook cell with magics: fall back to the text
-        return [(source[:m.start()].count("\n") + 1, m.group(0)) for m in re.finditer(r"torch\.load\([^)]*\)", source)
+    try:    # a notebook cell's magics (``%%writefile script.py``, ``!cmd``) are blanked: the rest is Python
+        tree = ast.parse("\n".join("" if ln.lstrip().startswith(("%", "!")) else ln for ln in source.splitlines()))
+    except SyntaxError:   # not Python at all: fall back to the text, the rest of each line that calls torch.load
+        return [(source[:m.start()].count("\n") + 1, m.group(0)) for m in re.finditer(r"torch\.load\(.*", source)
                 if not re.search(r"weights_only\s*=\s*True", m.group(0))]
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"

@@ -9,7 +9,8 @@
 - :mod:`.execute` runs one submission, then the instructor's checks in its kernel (fresh check modules, strict),
   and compares its trained results with the re-run;
 - :mod:`.gradebook` writes ``grades.csv`` (otter-grader's ``final_grades.csv`` columns and max-points row, plus
-  runs / reproduces / total / max / percent / status), ``feedback/<student>.md`` and ``summary.png``.
+  runs / reproduces / total / max / percent / status), ``feedback/<student>.md`` and ``summary.png``; the details
+  of each result in ``results/<student>.json``.
 
 The output folder is written whole or not at all.
 """
@@ -23,7 +24,7 @@ from typing import Any, Callable
 from labkit.course.grading.gradebook import write_gradebook
 from labkit.course.grading.pool import default_jobs, find_submissions, grade_all
 from labkit.course.grading.questions import read_rubric
-from labkit.files import atomic_path
+from labkit.files import atomic_path, write_json
 
 #: Defaults: a quick lab runs in 1-3 minutes on 2 cores; a hung cell is stopped after 10 minutes.
 DEFAULT_TIMEOUT_S = 1800.0
@@ -66,6 +67,8 @@ def grade(submissions: str | Path, lab: str, out: str | Path, *, jobs: int | Non
                             jobs=jobs, address=address, quick=quick, echo=echo)
         with atomic_path(out) as tmp:
             write_gradebook(tmp, results, rubric)
+            for result in results:          # the details behind each row (status, reasons, machines, Ray node)
+                write_json(tmp / "results" / f"{result['student']}.json", result)
             for result in results:
                 graded = Path(result.get("scratch", "")) / "graded.ipynb"
                 if graded.is_file():
