@@ -140,6 +140,18 @@ REPO = Path(__file__).resolve().parents[2]
 LAB_NOTEBOOKS = sorted((REPO / "labs").glob("[0-9][0-9]_*.ipynb"))
 
 
+def _student_copy(lab: Path, tmp_path: Path, monkeypatch) -> Path:
+    """``lab``'s student copy in ``tmp_path/student``, with results and Ray's files in this test's folders."""
+    folder = tmp_path / "labs"
+    folder.mkdir()
+    shutil.copy2(lab, folder / lab.name)
+    write_student_versions(folder, tmp_path / "student")
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lks", dir="/tmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path / "student" / lab.name
+
+
 def _reports(lab: Path) -> bool:
     """Whether a lab's exercise checks report (``with reported(...)``) instead of stopping Run All."""
     return any("reported(" in c.source for c in nbformat.read(lab, as_version=4).cells if c.cell_type == "code")
@@ -167,13 +179,7 @@ def test_a_reporting_student_copy_runs_to_the_end_and_lists_its_exercises(lab, t
     answer where it needs one), every check says ✘, and the last table shows no exercise passed."""
     import papermill as pm
 
-    folder = tmp_path / "labs"
-    folder.mkdir()
-    shutil.copy2(lab, folder / lab.name)
-    write_student_versions(folder, tmp_path / "student")
-    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lks", dir="/tmp"))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _student_copy(lab, tmp_path, monkeypatch)
     pm.execute_notebook(str(tmp_path / "student" / lab.name), str(tmp_path / "out.ipynb"), parameters={"quick": True},
                         progress_bar=False, cwd=str(REPO), kernel_name="python3")
     nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
@@ -190,13 +196,7 @@ def test_student_copy_runs_up_to_the_first_exercise_check_and_stops_there(lab, t
     error is that exercise's check saying what to do — not a NameError or a crash elsewhere."""
     import papermill as pm
 
-    folder = tmp_path / "labs"
-    folder.mkdir()
-    shutil.copy2(lab, folder / lab.name)
-    write_student_versions(folder, tmp_path / "student")
-    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="lks", dir="/tmp"))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _student_copy(lab, tmp_path, monkeypatch)
     with pytest.raises(pm.PapermillExecutionError) as err:
         pm.execute_notebook(str(tmp_path / "student" / lab.name), str(tmp_path / "out.ipynb"),
                             parameters={"quick": True}, progress_bar=False, cwd=str(REPO), kernel_name="python3")

@@ -147,7 +147,7 @@ def grade_notebook(submission: Path, rubric: Rubric, *, timeout: float, cell_tim
                 raise TimeoutError from None          # interrupted at the limit: a KeyboardInterrupt reply
             return f"{exc.ename}: {' '.join(str(exc.evalue).split())[:200]}"
 
-    alive = True
+    alive, reset = True, reset_source()
     with client.setup_kernel():
         code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
         i, cell = 0, nbformat.v4.new_code_cell("")
@@ -173,7 +173,7 @@ def grade_notebook(submission: Path, rubric: Rubric, *, timeout: float, cell_tim
                 result["questions"][question.name] = {"passed": False, "message": "not graded: the kernel died"}
                 continue
             try:
-                for source in [reset_source(), *question.public, *question.hidden]:
+                for source in [reset, *question.public, *question.hidden]:
                     probe = nbformat.v4.new_code_cell(source)
                     nb.cells.append(probe)                 # nbclient writes outputs into nb.cells[index] ...
                     try:
