@@ -104,7 +104,7 @@ def test_every_lab_runs_cleanly_in_quick_mode(course):
 #: How many labs the CI regrade re-executes end to end (the quickest ones); ``LABKIT_REGRADE_ALL=1`` (or
 #: ``make regrade``) re-executes every lab. Every lab's comparison rules are still checked in CI, without
 #: re-execution, by ``test_every_lab_checks_a_trained_result_and_would_catch_it_moved``.
-CI_REGRADE_LABS = 2
+CI_REGRADE_LABS = 1
 
 
 def _regrade_sample(runs: list) -> list:

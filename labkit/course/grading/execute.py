@@ -125,6 +125,7 @@ def grade_notebook(submission: Path, rubric: Rubric, *, timeout: float, cell_tim
             cell.outputs, cell.execution_count = [], None
     client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3", force_raise_errors=True,
                             kernel_manager_class=CurrentEnvKernelManager, interrupt_on_timeout=True,
+                            shutdown_kernel="immediate",   # killed when grading ends: nothing of the student's waits
                             resources={"metadata": {"path": str(scratch)}})
     result: dict[str, Any] = {"status": "ok", "reason": "", "ran_to_end": False, "questions": {}, "cells_run": 0}
     deadline = time.monotonic() + timeout
