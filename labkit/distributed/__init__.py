@@ -16,39 +16,31 @@ what surrounds them (Lab 04 uses the same pieces)::
 - :func:`ray_cluster` — a context manager: ``ray.init`` for a local cluster sized to this machine,
   or the cluster at ``address`` / ``$RAY_ADDRESS`` (checked first, so a wrong address fails in
   seconds), quiet logs, and ``ray.shutdown()`` on the way out, also when training fails.
-- :func:`worker_config`, :class:`RayRun`, :func:`speedup_table` — the worker's config with absolute
-  paths, the outcome of a run (history, timings, Ray's ``Result``) and a scaling table.
+- :func:`worker_config`, :class:`RayRun`, :func:`speedup_table` (in ``runs.py``, re-exported here) — the
+  worker's config with absolute paths, the outcome of a run (history, timings, Ray's ``Result``) and a scaling
+  table; :class:`ScalingPlan` and :func:`plan_scaling` are in ``scaling.py``.
 """
 from __future__ import annotations
 
 import copyreg
 import importlib
 import logging
-import math
 import os
 import socket
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 # Ray reads this when it is first imported: hide two harmless warnings that a busy machine triggers.
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX",
                       "Failed to query Ray Train Controller actor state|has constructor arguments in the object store")
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from labkit.data.alzheimer import load_alzheimer
-from labkit.distributed import local_ray, recovery, worker  # noqa: E402
-from labkit.env import resolve_path  # noqa: E402
+from labkit.distributed import local_ray, recovery, worker  # noqa: E402,F401  (labs use distributed.recovery/.worker)
 from labkit.errors import ParameterError  # noqa: E402
 from labkit.params import Rule  # noqa: E402
-from labkit.results import lab_dir  # noqa: E402
-
-LAB = "02_ray"
 
 
 def _pickle_torch_classes_by_reference() -> None:
@@ -80,91 +72,7 @@ RULES: dict[str, Rule] = {
 }
 
 
-# --------------------------------------------------------------------------- sizing the run
-@dataclass(frozen=True)
-class ScalingPlan:
-    """How a run is laid out: ``workers`` processes on CPU (gloo), on one GPU each (NCCL), or sharing
-    fewer GPUs (``gpu_share`` < 1 of one GPU each, gloo)."""
-
-    workers: int
-    use_gpu: bool
-    backend: str              # "gloo" (CPU, or GPUs shared by several workers) or "nccl" (one GPU per worker)
-    cpus_per_worker: int      # CPU cores Ray reserves for each worker (= its torch threads on CPU)
-    notice: str = ""          # why the plan differs from what was asked, if it does
-    gpu_share: float = 1.0    # the fraction of one GPU Ray reserves for each worker (when use_gpu)
-
-    def resources(self) -> dict[str, float]:
-        """``resources_per_worker`` for ``ScalingConfig``."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpu_share} if self.use_gpu else {})}
-
-    def describe(self) -> str:
-        """One line for the notebook."""
-        where = (("1 GPU" if self.gpu_share == 1 else f"{self.gpu_share:g} of a GPU") if self.use_gpu
-                 else f"{self.cpus_per_worker} CPU core(s)")
-        return f"{self.workers} worker(s), {where} each, backend {self.backend}"
-
-
-def cpus_per_worker(node_cpus: Sequence[int], workers: int) -> int:
-    """The most CPU cores every worker can get when ``workers`` workers are packed onto nodes with
-    ``node_cpus`` cores (a worker lives on one node); 0 when not even one core each fits."""
-    best = 0
-    for c in range(1, max(node_cpus, default=0) + 1):
-        if sum(n // c for n in node_cpus) >= workers:
-            best = c
-    return best
-
-
-def plan_scaling(workers: int, device: str = "auto", *, node_cpus: Sequence[int], gpus: int,
-                 where: str = "this machine") -> ScalingPlan:
-    """Choose CPU/gloo or GPU/NCCL and the cores per worker for ``workers`` workers.
-
-    ``node_cpus`` lists the CPU cores of each node and ``gpus`` counts the GPUs (see
-    :func:`machine_resources` / :func:`cluster_resources`). Rules:
-
-    - One GPU or more per worker (``device`` "auto" or "cuda"): one GPU each, NCCL.
-    - Fewer GPUs than workers, but at least one (e.g. ``workers=2`` on Colab's one GPU): the workers
-      **share** the GPUs — Ray reserves a fraction of a GPU for each — and all-reduce with gloo,
-      because NCCL needs its own GPU per process (two ranks on one GPU fail with "Duplicate GPU
-      detected"). The plan's notice says so; use ``workers <= gpus`` for NCCL.
-    - No GPU: CPU workers with gloo (``device="cuda"`` then raises).
-    - More workers than CPU cores raises :class:`ParameterError` at once (each worker needs a core;
-      Ray would otherwise wait for resources that never come).
-    """
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ParameterError(f"workers={workers!r}: need an integer >= 1 (one model replica per worker), "
-                             "e.g. -p workers 2.")
-    name = str(device).lower()
-    notice, share = "", 1.0
-    if name == "cpu":
-        use_gpu = False
-    elif name == "mps":
-        use_gpu, notice = False, "device='mps': Ray Train workers cannot share Apple's MPS device; training on CPU workers."
-    elif name == "auto" or name.startswith("cuda"):
-        use_gpu = gpus > 0
-        if not use_gpu and name.startswith("cuda"):
-            raise ParameterError(f"device={device!r}: {where} has no GPU. Use device='auto' or 'cpu' to train on CPU "
-                                 "workers.")
-        if use_gpu and gpus < workers:
-            per_gpu = math.ceil(workers / gpus)
-            share = math.floor(10_000 / per_gpu) / 10_000      # Ray counts GPU fractions in 1/10,000ths
-            notice = (f"Notice: {workers} workers but {gpus} GPU(s) on {where}: the workers share the GPU(s), "
-                      f"{share:g} of a GPU each, and all-reduce with gloo (NCCL needs one GPU per worker: sharing "
-                      "fails with 'Duplicate GPU detected'). gloo copies gradients through host memory, so this "
-                      "shows how the code scales, not how fast it would be on separate GPUs; use "
-                      f"workers <= {gpus} to train with NCCL.")
-    else:
-        raise ParameterError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'mps'.")
-
-    total = sum(node_cpus)
-    per_worker = cpus_per_worker(node_cpus, workers)
-    if per_worker == 0:
-        raise ParameterError(
-            f"workers={workers}, but {where} has {total} CPU core(s) for Ray and every worker needs at least one "
-            f"(Ray would wait forever for the missing {workers - total}). Use workers <= {total} "
-            f"(e.g. -p workers {max(total, 1)}), or connect to a bigger Ray cluster with address=... / RAY_ADDRESS.")
-    shared = use_gpu and share < 1
-    return ScalingPlan(workers=workers, use_gpu=use_gpu, backend="nccl" if use_gpu and not shared else "gloo",
-                       cpus_per_worker=per_worker, notice=notice, gpu_share=share)
+from labkit.distributed.scaling import ScalingPlan, cpus_per_worker, plan_scaling  # noqa: E402,F401  (re-exported)
 
 
 def machine_resources() -> dict[str, Any]:
@@ -343,97 +251,13 @@ def _course_cluster() -> str | None:
     return course
 
 
-# --------------------------------------------------------------------------- the trainer
-def worker_config(cfg: dict, plan: ScalingPlan, run_dir: Path, progress: bool = True,
-                  resume_from: str | os.PathLike | None = None) -> dict:
-    """The ``train_loop_config`` every worker receives: the lab's parameters with absolute paths
-    (Ray workers run in their own working directory) and the cores each worker may use."""
-    keys = ("epochs", "batch_size", "lr", "lr_scaling", "image_size", "data", "max_train", "max_test", "seed",
-            "fail_at_epoch", "amp")
-    config = {k: cfg.get(k) for k in keys}
-    config.update(data_dir=str(resolve_path(cfg.get("data_dir", "data/alzheimer")).resolve()),
-                  lr_scaling=cfg.get("lr_scaling") or "none", data=cfg.get("data") or "auto",
-                  amp=cfg.get("amp", "auto"), run_dir=str(run_dir), threads=plan.cpus_per_worker, progress=progress,
-                  resume_from=str(resume_from) if resume_from else None)
-    return config
-
-
-@dataclass
-class RayRun:
-    """The outcome of one ``trainer.fit()`` (see :meth:`from_result`): per-epoch history, timings and Ray's ``Result``."""
-
-    history: list[dict]
-    plan: ScalingPlan
-    run_dir: Path
-    fit_seconds: float                 # trainer.fit(), from the call to its return
-    cluster: dict = field(default_factory=dict)
-    restarts: int = 0
-    result: Any = None                 # ray.train.Result
-
-    @property
-    def checkpoint(self):
-        """The latest checkpoint (``ray.train.Checkpoint``) of the run."""
-        return self.result.checkpoint if self.result is not None else None
-
-    @property
-    def metrics_dataframe(self) -> pd.DataFrame | None:
-        """Ray's own table of reported metrics: in Train V2 only those reported with a checkpoint
-        that is still kept (the last ``keep`` epochs); :attr:`history` has every epoch."""
-        return self.result.metrics_dataframe if self.result is not None else None
-
-    @classmethod
-    def from_result(cls, result: Any, plan: ScalingPlan, run_dir: Path, fit_seconds: float,
-                    cluster: dict | None = None) -> "RayRun":
-        """Collect ``trainer.fit()``'s ``Result``: the history is the worker function's return value
-        (every epoch, also those whose checkpoint was deleted); restarts come from the attempt log. The run
-        folder is marked finished (``resume="last"`` skips it from now on)."""
-        history = list(result.return_value or [])
-        recovery.mark_finished(run_dir, history[-1]["epoch"] if history else 0)
-        return cls(history=history, plan=plan, run_dir=Path(run_dir), fit_seconds=fit_seconds,
-                   cluster=dict(cluster or {}), result=result, restarts=max(worker.count_attempts(run_dir) - 1, 0))
-
-    def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Load the final weights (from :attr:`checkpoint`) into ``model`` and return it."""
-        worker.restore(self.checkpoint, model)
-        return model
-
-    def summary(self) -> dict:
-        """Headline numbers for the run record (``seconds`` = training time per epoch, as in Lab 01)."""
-        seconds = [r["seconds"] for r in self.history]
-        last = self.history[-1] if self.history else {}
-        return {"test_acc": last.get("val_acc"), "test_loss": last.get("val_loss"),
-                "total_seconds": sum(seconds), "seconds_per_epoch": sum(seconds) / max(len(seconds), 1),
-                "fit_seconds": self.fit_seconds, "init_seconds": self.cluster.get("init_seconds"),
-                "startup_seconds": self.fit_seconds - sum(r.get("epoch_s", 0.0) for r in self.history),
-                "restarts": self.restarts, "workers": self.plan.workers, "backend": self.plan.backend}
-
-
-def default_run_name() -> str:
-    """A new run folder name (Train V2 resumes a run whose name already exists, so names are unique)."""
-    return datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
-
-
-def new_run_dir(storage: str | os.PathLike | None = None, lab: str = LAB) -> Path:
-    """A fresh, absolute run folder ``storage/run-<time>`` (default ``results/<lab>/ray``) for
-    ``RunConfig(name=run_dir.name, storage_path=str(run_dir.parent))``."""
-    return Path(storage or lab_dir(lab) / "ray").resolve() / default_run_name()
-
-
-def prepare_data(cfg: dict):
-    """Load (and, the first time, write and cache) the dataset on the driver, before any worker
-    starts, so that the workers only read the cache instead of racing to write it."""
-    return load_alzheimer(data=cfg.get("data") or "auto", data_dir=cfg.get("data_dir", "data/alzheimer"),
-                          image_size=cfg["image_size"], max_train=cfg.get("max_train"),
-                          max_test=cfg.get("max_test"), seed=cfg.get("seed", 0), progress=False)
-
-
-def speedup_table(runs: Sequence[RayRun]) -> pd.DataFrame:
-    """Seconds per epoch, throughput, speedup and parallel efficiency of runs with different worker
-    counts, relative to the run with the fewest workers (efficiency 1 = perfect scaling)."""
-    rows = [{"workers": r.plan.workers, "seconds_per_epoch": r.summary()["seconds_per_epoch"],
-             "images_per_s": sum(h["images_per_s"] for h in r.history) / len(r.history)} for r in runs]
-    df = pd.DataFrame(rows).sort_values("workers").reset_index(drop=True)
-    base = df.iloc[0]
-    df["speedup"] = base["seconds_per_epoch"] / df["seconds_per_epoch"]
-    df["efficiency"] = df["speedup"] / (df["workers"] / base["workers"])
-    return df
+# The trainer's side (the worker config, run folders, RayRun) lives in runs.py; imported last, since it uses
+# this module's recovery and worker imports.
+from labkit.distributed.runs import (  # noqa: E402,F401  (re-exported)
+    RayRun,
+    default_run_name,
+    new_run_dir,
+    prepare_data,
+    speedup_table,
+    worker_config,
+)
