@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ SPLITS = ("train", "val", "test")
 XRAY_CLASSES = CLASSES[:5]
 OCT_CLASSES = CLASSES[5:]
 from labkit.data.cache import MARKER  # noqa: E402,F401  (one marker for every stand-in)
+
 #: (width, height) choices per modality, like the mixed sizes of the real files.
 XRAY_SIZES = ((256, 256), (299, 299), (320, 288), (240, 256))
 OCT_SIZES = ((384, 248), (320, 208), (256, 176), (352, 256))
@@ -247,16 +249,23 @@ def write_lung_standin(root: str | os.PathLike, train_per_class: int = 150, val_
     tik = time.perf_counter()
     with atomic_path(root) as tmp, tqdm(total=total, desc="writing synthetic lung stand-in", unit="img",
                                         disable=not progress) as bar:
+        jobs = []
         for s, (split, per_class) in enumerate(counts.items()):
             for c, (cls, n) in enumerate(per_class.items()):
-                folder = tmp / split / cls
-                folder.mkdir(parents=True)
-                rng = np.random.default_rng([seed, s, c])
-                sizes = XRAY_SIZES if cls in XRAY_CLASSES else OCT_SIZES
-                for i in range(n):
-                    size = sizes[rng.integers(len(sizes))]
-                    _save(render(cls, rng, size), folder, f"{cls}-{i:05d}", rng, cls in XRAY_CLASSES)
-                    bar.update(1)
+                (tmp / split / cls).mkdir(parents=True)
+                jobs.append((tmp / split / cls, cls, n, np.random.default_rng([seed, s, c])))
+
+        def write_class(folder: Path, cls: str, n: int, rng: np.random.Generator) -> None:
+            sizes = XRAY_SIZES if cls in XRAY_CLASSES else OCT_SIZES
+            for i in range(n):
+                size = sizes[rng.integers(len(sizes))]
+                _save(render(cls, rng, size), folder, f"{cls}-{i:05d}", rng, cls in XRAY_CLASSES)
+                bar.update(1)
+
+        # One generator per (split, class), so the bytes do not depend on the threads; NumPy and PIL release the
+        # GIL in their loops, so the classes render on every core.
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda job: write_class(*job), jobs))
         (tmp / MARKER).write_text(MARKER_TEXT + f"\nseed={seed} per_class={train_per_class}/{val_per_class}/"
                                                 f"{test_per_class}\n")
     if progress:
