@@ -1,26 +1,8 @@
 """ImageNet-style data for lab 03: ILSVRC, Tiny ImageNet or plain class folders — real when present,
 else a synthetic stand-in written in the Tiny ImageNet layout.
 
-Layouts found under ``data_dir`` (``layout="auto"``; ``data_dir`` may be the dataset folder or the
-folder that holds it):
-
-* ``ilsvrc``: ``[ILSVRC/]Data/CLS-LOC/train/<wnid>/*.JPEG`` and a flat ``Data/CLS-LOC/val/``
-  (a ``val/<wnid>/`` folder per class also works). Flat val labels come from, in this order:
-
-  1. ``LOC_val_solution.csv`` (Kaggle's ImageNet localization download; columns ``ImageId,
-     PredictionString``, the first token of ``PredictionString`` is the wnid);
-  2. ``ImageSets/CLS-LOC/val.txt`` (the image ids, first column — its second column is a running
-     number, NOT a class) plus one label per line in the same order, from either
-     ``ILSVRC2012_validation_ground_truth.txt`` with the devkit's ``meta.mat`` beside it (1-based
-     ILSVRC2012_IDs, which are *not* in wnid order: ``meta.mat`` maps them), or ``val_labels.txt``
-     (a wnid, or a 0-based index into ``LOC_synset_mapping.txt`` order = sorted wnids, per line).
-
-  These files are looked for in the ILSVRC folder, ``ImageSets/CLS-LOC/``, the devkit's ``data/``
-  folder and the folder above. Class names come from ``LOC_synset_mapping.txt`` or ``words.txt``.
-* ``tiny-imagenet``: ``[tiny-imagenet-200/]wnids.txt``, ``words.txt``, ``train/<wnid>/images/*.JPEG``,
-  ``val/images/*.JPEG`` with ``val/val_annotations.txt`` (file, wnid, box; tab-separated). The
-  unlabelled ``test/`` is ignored.
-* ``plain``: ``train/<class>/*`` and ``val/<class>/*``.
+The layouts (``ilsvrc``, ``tiny-imagenet``, ``plain``; ``layout="auto"`` finds which) and how each is listed
+are in :mod:`labkit.data.imagenet_layouts`.
 
 Images always come out as 3-channel uint8 (Tiny ImageNet mixes grayscale JPEGs in). Class names are
 the first synonym in ``words.txt`` when there is one. Decoded images are cached; a real dataset folder
