@@ -198,7 +198,7 @@ def test_student_page_keeps_outputs_only_where_the_student_does_not_edit():
     assert "/student/l.ipynb" in page.cells[0].source
     assert page.cells[1].outputs[0].text == "loaded ./data/a.png\n"
     assert page.cells[2].outputs == [] and page.cells[3].outputs == []
-    assert page.cells[4].outputs[0].data == {"text/plain": "100%|##| 5/5"}
+    assert page.cells[4].outputs == [], "a widget's output (loaded from a CDN, stuck at its first state) is left out"
     assert len(nb.cells) == 6 and nb.cells[2].outputs, "the executed notebook itself must not change"
 
 

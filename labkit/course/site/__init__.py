@@ -47,8 +47,16 @@ myst_heading_anchors = 3
 html_copy_source = False
 html_show_sourcelink = False
 exclude_patterns = ["_build", ".doctrees"]
+html_static_path = ["_static"]
+html_css_files = ["labkit-site.css"]
 suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure"]
 '''
+
+#: Wide tables (the summary has 12 columns) scroll sideways instead of wrapping every cell.
+CSS = """\
+article table.docutils th, article table.docutils td { white-space: nowrap; padding: 0.2rem 0.5rem; }
+article figure img { border: 1px solid var(--color-background-border); }
+"""
 
 
 def _plain_badges(nb: nbformat.NotebookNode, notebook: str) -> None:
@@ -126,10 +134,11 @@ def build_site(results_dir: str | os.PathLike | None = None, out: str | os.PathL
         page = results_page(infos, results / "SUMMARY.md", has_png, images)
         (src / "results.md").write_text(scrub(page, replacements), encoding="utf-8")
         (src / "conf.py").write_text(CONF, encoding="utf-8")
+        (src / "_static").mkdir(exist_ok=True)
+        (src / "_static" / "labkit-site.css").write_text(CSS, encoding="utf-8")
         status = build_main(["-b", "html", "-q", "-d", str(work / "doctrees"), str(src), str(html)])
         if status != 0:
             raise RuntimeError(f"sphinx-build failed (exit {status}); its messages are above.")
-        shutil.rmtree(html / "_static" / "results", ignore_errors=True)   # the figures are in _images/
         (html / ".buildinfo").unlink(missing_ok=True)
         (html / MARKER).write_text("built by `labkit site`; a new build replaces this folder\n", encoding="utf-8")
         _replace(out, html)

@@ -7,9 +7,9 @@ cell whose source the transform changed loses its outputs (they came from the so
 every exercise check cell (``metadata.labkit.question``: its output would show the solution's ✔). Every
 other cell keeps the outputs the course run produced.
 
-Outputs are made safe to publish: Jupyter widget views (tqdm bars) keep their text form only (a widget
-would load its JavaScript from a CDN), and absolute paths of the build machine are replaced by short
-relative ones.
+Outputs are made safe to publish: Jupyter widget views (tqdm bars) are left out (a widget would load
+its JavaScript from a CDN, and its text form is its first state, "0%"), and absolute paths of the
+build machine are replaced by short relative ones.
 """
 from __future__ import annotations
 
@@ -135,6 +135,8 @@ def student_page(executed: nbformat.NotebookNode, notebook: str, replacements: l
         if spans or "question" in (cell.metadata.get("labkit") or {}):
             counts["cleared"] += bool(cell.outputs)
             cell.outputs, cell.execution_count = [], None
+        # a widget (a tqdm bar) has only its first state as text ("0%| 0/100"): leave it out
+        cell.outputs = [o for o in cell.outputs if DROPPED_MIME[0] not in o.get("data", {})]
         for output in cell.outputs:
             _scrub_output(output, replacements)
         cell.outputs = [o for o in cell.outputs if o.get("output_type") not in ("display_data", "execute_result")

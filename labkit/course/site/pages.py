@@ -226,8 +226,8 @@ def results_page(labs: list[LabInfo], summary_md: Path, has_png: bool, images: d
                   "real datasets' layout. Their numbers show that a lab works, not how well a method does on "
                   "medical images: they are not medical results.", "```", ""]
     if has_png:
-        parts += ["```{figure} _static/results/summary.png", ":alt: each lab's metric beside its majority rate and "
-                  "chance, and time per epoch within each lab", "",
+        parts += ["```{figure} _static/results/summary.png", ":target: _static/results/summary.png",
+                  ":alt: each lab's metric beside its majority rate and chance, and time per epoch within each lab", "",
                   "Top: each lab's newest run, its metric and balanced accuracy beside its majority rate (dashed) "
                   "and chance (dotted); a bar that does not clear its ticks learned nothing useful. Bottom: time per "
                   "epoch within each lab (quick sizes differ between labs: compare within a panel only).", "```", ""]
@@ -239,7 +239,8 @@ def results_page(labs: list[LabInfo], summary_md: Path, has_png: bool, images: d
             parts += ["This lab saved no plots in this course run.", ""]
         for png in lab.figures:
             caption = CAPTIONS.get(png.stem, f"A plot the lab saved ({png.name}).")
-            parts += [f"```{{figure}} {images[png]}", f":alt: {png.stem.replace('_', ' ')}", "",
+            parts += [f"```{{figure}} {images[png]}", f":target: {images[png]}",
+                      f":alt: {png.stem.replace('_', ' ')}", "",
                       f"**{png.stem.replace('_', ' ')}**{label}. {caption}", "```", ""]
         for folder, name, columns in TABLES:
             path = lab.results / name
