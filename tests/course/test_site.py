@@ -216,6 +216,16 @@ def test_a_stale_executed_copy_shows_the_lab_as_it_is_now():
     assert page.cells[0].outputs[0].text == "1\n" and page.cells[2].outputs == [] and counts["stubbed"] == 1
 
 
+def test_site_refuses_to_replace_a_folder_it_did_not_build(tmp_path, capsys):
+    from labkit.course import cli
+
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert cli.main(["site", "--results", str(tmp_path / "results"), "--out", str(out), "--no-rerun"]) == 2
+    assert str(out) in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep me"
+
+
 # --- headless Chromium ------------------------------------------------------------------------------------
 
 def _chromium() -> str | None:

@@ -67,10 +67,15 @@ def _plain_badges(nb: nbformat.NotebookNode, notebook: str) -> None:
             cell.source = colab._BADGE_RE.sub(lambda m: link, cell.source)
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+        raise FileExistsError(f"--out {out}: exists and is not a site labkit built (no {MARKER} in it); "
+                              "give an empty or new folder, so that nothing else is replaced.")
+
+
 def _replace(out: Path, built: Path) -> None:
+    _check_out(out)
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists()):
-            raise FileExistsError(f"--out {out}: exists and is not a site labkit built; give an empty or new folder.")
         shutil.rmtree(out)
     os.replace(built, out)
 
@@ -89,6 +94,7 @@ def build_site(results_dir: str | os.PathLike | None = None, out: str | os.PathL
 
     results = results_root(results_dir)
     out = Path(out).expanduser().resolve() if out else results / "site"
+    _check_out(out)
     labs = available_labs(labs_dir)
     if not labs:
         raise FileNotFoundError(f"no lab notebooks (*.ipynb) in {resolve_path(labs_dir)}.")
