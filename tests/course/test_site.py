@@ -216,6 +216,14 @@ def test_a_stale_executed_copy_shows_the_lab_as_it_is_now():
     assert page.cells[0].outputs[0].text == "1\n" and page.cells[2].outputs == [] and counts["stubbed"] == 1
 
 
+def test_math_is_written_as_mathml_at_build_time():
+    from labkit.course.site.mathml import _mathml
+
+    inline, block = _mathml(r"\eta_k = \eta \cdot k", "inline"), _mathml(r"\frac{1}{K}", "block")
+    assert inline.startswith("<math") and "<msub>" in inline and 'display="block"' in block and "<mfrac>" in block
+    assert "math-source" in _mathml(r"\frac{", "inline") or _mathml(r"\frac{", "inline").startswith("<math")
+
+
 def test_site_refuses_to_replace_a_folder_it_did_not_build(tmp_path, capsys):
     from labkit.course import cli
 

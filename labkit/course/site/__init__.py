@@ -52,9 +52,11 @@ html_css_files = ["labkit-site.css"]
 suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure"]
 '''
 
-#: Wide tables (the summary has 12 columns) scroll sideways instead of wrapping every cell.
+#: Wide tables (the summary has 12 columns) scroll sideways instead of wrapping every cell; the second
+#: column (on the landing page: what a lab teaches) still wraps.
 CSS = """\
-article table.docutils th, article table.docutils td { white-space: nowrap; padding: 0.2rem 0.5rem; }
+article table.docutils th, article table.docutils td { padding: 0.2rem 0.5rem; }
+article table.docutils td:not(:nth-child(2)) { white-space: nowrap; }
 article figure img { border: 1px solid var(--color-background-border); }
 """
 
