@@ -1,8 +1,10 @@
 # The README's two commands:
 #   make course   set up .venv, run every lab in quick mode, write results/ (results/SUMMARY.md, summary.png)
 #   make test     set up .venv, run the linter (ruff) and the test suite (what CI runs: .ci/run)
-# Other targets: make regrade (the course, then every executed lab regraded with nbval), make setup, make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each
-# labs/NN_*.ipynb with its jupytext labs/NN_*.py source), make lock (rewrite constraints.txt), make clean.
+# Other targets: make site (the course website from the course run, built offline into results/site/: open
+# results/site/index.html), make regrade (the course, then every executed lab regraded with nbval), make setup,
+# make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each labs/NN_*.ipynb with its jupytext
+# labs/NN_*.py source), make lock (rewrite constraints.txt), make clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +15,7 @@ STAMP  := $(VENV)/.labkit-installed
 # so that the lock installs where it is made; or LOCK_CAPS=file.
 LOCK_CAPS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
 
-.PHONY: course test regrade setup lock lab student labs clean
+.PHONY: course test site regrade setup lock lab student labs clean
 
 course: $(STAMP)
 	$(BIN)/labkit run --quick
@@ -25,6 +27,10 @@ test: $(STAMP)
 # CI re-executes only the quickest labs under nbval (the budget); this regrades every lab.
 regrade: $(STAMP)
 	LABKIT_REGRADE_ALL=1 $(BIN)/python -m pytest tests/course/test_course_flow.py
+
+# Re-executes only the labs whose executed copy is missing or stale, then builds the site offline.
+site: $(STAMP)
+	$(BIN)/labkit site
 
 setup: $(STAMP)
 
@@ -57,4 +63,4 @@ labs: $(STAMP)
 	$(BIN)/labkit labs sync
 
 clean:
-	rm -rf results/executed results/0* results/SUMMARY.md results/summary.png
+	rm -rf results/executed results/0* results/SUMMARY.md results/summary.png results/site

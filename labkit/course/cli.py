@@ -26,6 +26,7 @@ commands:
   regrade   re-execute submitted notebooks with nbval and check that their checked outputs reproduce
   student   write student copies of the labs: solutions replaced by stubs, outputs cleared
   summary   write results/SUMMARY.md and results/summary.png from every run record
+  site      build the course website (every lab as a page, the results) into results/site/
   data      dataset helpers (data synth: write the synthetic Alzheimer MRI stand-in)
   labs      keep each lab notebook and its jupytext .py source in sync (labs sync, labs check)
 
@@ -34,7 +35,7 @@ Run `labkit COMMAND --help` for the options of a command.
 
 
 #: Modules of labkit[dev] (requirements-dev.txt) that some commands need; Colab installs without them.
-DEV_MODULES = {"papermill", "nbval", "jupytext", "pytest", "nbclient"}
+DEV_MODULES = {"papermill", "nbval", "jupytext", "pytest", "nbclient", "sphinx", "myst_nb", "furo", "latex2mathml"}
 
 
 def _wrap(text: str) -> str:
@@ -154,6 +155,23 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--results", metavar="DIR", default=None,
                          help="results folder (default: $LABKIT_RESULTS or <course>/results)")
 
+    site = sub.add_parser("site", formatter_class=fmt, help="build the course website into results/site/",
+                          description=_wrap("Build a static website of the course (Sphinx + myst-nb, offline): a landing "
+                                            "page, one page per lab and a results page. Each lab page is the student copy of "
+                                            "the lab's executed notebook (results/executed/), with the course run's outputs "
+                                            "for every cell a student does not edit; solutions and hidden checks never "
+                                            "appear. A lab whose executed copy is missing or older than the lab is "
+                                            "re-executed first (labkit run NN --quick). Open OUT/index.html in a browser "
+                                            "(file:// works) or serve it: python -m http.server -d OUT."),
+                          epilog="examples:\n  labkit site\n  labkit site --results /tmp/results --out /tmp/site")
+    site.add_argument("--results", metavar="DIR", default=None,
+                      help="results folder of a course run (default: $LABKIT_RESULTS or <course>/results)")
+    site.add_argument("--out", metavar="DIR", default=None, help="folder for the site (default: RESULTS/site; "
+                                                                 "a site built before is replaced)")
+    site.add_argument("--no-rerun", action="store_true",
+                      help="do not re-execute missing or stale labs; show them as they are (marked on the landing page)")
+    site.add_argument("--labs-dir", metavar="DIR", default="labs", help="folder of the labs (default: labs)")
+
     data = sub.add_parser("data", formatter_class=fmt, help="dataset helpers",
                           description=_wrap("Dataset helpers. `labkit data synth` writes the synthetic stand-in of the Kaggle "
                                             "Alzheimer MRI dataset (same folder layout) for offline use."))
@@ -261,6 +279,14 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_site(args: argparse.Namespace) -> int:
+    from labkit.course.site import build_site
+
+    index = build_site(args.results, args.out, labs_dir=args.labs_dir, rerun=not args.no_rerun)
+    print(f"site written: {index} (open it in a browser, or: python -m http.server -d {index.parent})")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command != "synth":
         print("labkit data: choose an action: synth (see `labkit data --help`)", file=sys.stderr)
@@ -287,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "labs":
             return _cmd_labs(args)
         return {"run": _cmd_run, "regrade": _cmd_regrade, "grade": _cmd_grade, "student": _cmd_student,
-                "summary": _cmd_summary}[args.command](args)
+                "summary": _cmd_summary, "site": _cmd_site}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from labkit.course import cli
 from labkit.course.run import find_labs, format_runs, parse_parameters, parse_value
 
 COMMANDS = {"run": "papermill", "regrade": "nbval", "student": "BEGIN SOLUTION", "summary": "SUMMARY.md",
-            "data": "synth", "data synth": "stand-in"}
+            "data": "synth", "data synth": "stand-in", "site": "student copy"}
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
