@@ -2,7 +2,8 @@
 #   make course   set up .venv, run every lab in quick mode, write results/ (results/SUMMARY.md, summary.png)
 #   make test     set up .venv, run the linter (ruff) and the test suite (what CI runs: .ci/run)
 # Other targets: make site (the course website from the course run, built offline into results/site/: open
-# results/site/index.html), make regrade (the course, then every executed lab regraded with nbval), make setup,
+# results/site/index.html), make regrade (the course, then every executed lab regraded with nbval), make
+# grade-check (labkit grade on real Lab 01 and 02 submissions, ~15 lab runs; CI grades a small lab instead), make setup,
 # make lab LAB=02 ARGS="-p workers 2", make student, make labs (sync each labs/NN_*.ipynb with its jupytext
 # labs/NN_*.py source), make lock (rewrite constraints.txt), make clean.
 
@@ -15,7 +16,7 @@ STAMP  := $(VENV)/.labkit-installed
 # so that the lock installs where it is made; or LOCK_CAPS=file.
 LOCK_CAPS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
 
-.PHONY: course test site regrade setup lock lab student labs clean
+.PHONY: course test site regrade grade-check setup lock lab student labs clean
 
 course: $(STAMP)
 	$(BIN)/labkit run --quick
@@ -27,6 +28,10 @@ test: $(STAMP)
 # CI re-executes only the quickest labs under nbval (the budget); this regrades every lab.
 regrade: $(STAMP)
 	LABKIT_REGRADE_ALL=1 $(BIN)/python -m pytest tests/course/test_course_flow.py
+
+# labkit grade on the real labs (issue 30's acceptance): ten Lab 01/02 submissions, --jobs 2 and --address.
+grade-check: $(STAMP)
+	LABKIT_GRADE_REAL_LABS=1 $(BIN)/python -m pytest tests/course/test_grade_labs.py
 
 # Re-executes only the labs whose executed copy is missing or stale, then builds the site offline.
 site: $(STAMP)
