@@ -142,3 +142,10 @@ def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_chec
     exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
     with pytest.raises((AssertionError, TypeError)):
         run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_run_uses_the_students_rule_or_the_reference_while_it_is_a_stub(capsys):
+    mine = lambda losses, keep: [len(losses)]  # noqa: E731  (wrong, but the student's: the run applies it)
+    assert exercises.kept_epochs_for_run(mine) is mine
+    assert exercises.kept_epochs_for_run(stub) is exercises.replay_checkpoint_manager
+    assert "my_kept_epochs (exercise 3) is not implemented yet" in capsys.readouterr().out

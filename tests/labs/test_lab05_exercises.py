@@ -150,3 +150,12 @@ def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_chec
     exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
     with pytest.raises((AssertionError, TypeError)):
         run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_rounds_use_the_students_fedavg_or_a_pooling_reference_while_it_is_a_stub(capsys):
+    mine = lambda states, sizes: states[0]  # noqa: E731  (wrong, but the student's: the rounds use it)
+    assert exercises.fedavg_for_run(mine) is mine
+    reference = exercises.fedavg_for_run(stub)
+    assert "fedavg (section 6) is not implemented yet" in capsys.readouterr().out
+    exercises.check_fedavg(reference)              # the fallback pools BatchNorm variances as the exercise asks
+    one_check_line(capsys)

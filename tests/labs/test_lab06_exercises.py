@@ -145,3 +145,12 @@ def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_chec
     exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
     with pytest.raises((AssertionError, TypeError)):
         run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_run_uses_the_students_functions_or_the_references_while_they_are_stubs(capsys):
+    mine_top, mine_verdict = (lambda p, k, t: {}), (lambda d, c, w: {})
+    assert exercises.top_k_for_run(mine_top) is mine_top and exercises.bound_verdict_for_run(mine_verdict) is mine_verdict
+    assert exercises.top_k_for_run(stub) is exercises.reference_top_k
+    assert exercises.bound_verdict_for_run(stub) is exercises.reference_bound_verdict
+    out = capsys.readouterr().out
+    assert "top_k_filter (section 4) is not implemented yet" in out and "bound_verdict is not implemented yet" in out

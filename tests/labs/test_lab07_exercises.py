@@ -165,3 +165,17 @@ def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_chec
     exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
     with pytest.raises((AssertionError, TypeError)):
         run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_trainable_and_endpoint_use_the_students_functions_or_the_references_while_stubs(capsys):
+    assert exercises.resume_for_run(_save, _restore) == (_save, _restore)
+    for save, restore in ((stub, stub), (_save, stub), (stub, _restore)):    # half a pair cannot read the other half
+        pair = exercises.resume_for_run(save, restore)
+        assert pair == (exercises._reference_save, exercises._reference_restore)
+    assert "restore_trial is not implemented yet" in capsys.readouterr().out
+    exercises.check_resume(*pair)
+    one_check_line(capsys)
+    mine = lambda probs, classes, k: {}  # noqa: E731
+    assert exercises.top_k_answer_for_run(mine) is mine
+    assert exercises.top_k_answer_for_run(stub) is exercises.reference_top_k
+    assert "top_k_answer (section 4) is not implemented yet" in capsys.readouterr().out
