@@ -91,7 +91,6 @@ from labkit.distributed import ddp
 from labkit.labs.ablations import recipe, sweep
 from labkit.labs.ablations import script as ablation_script
 from labkit.data.imagenet import load_imagenet
-from labkit.exercises import lab03 as exercises
 from labkit.files import write_text
 from labkit.models.resnet import BlurPool, resnet
 from labkit.models.summary import count_parameters
@@ -610,8 +609,24 @@ def my_epoch_order(dataset_len, world_size, rank, epoch, seed=0):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-exercises.check_epoch_order(my_epoch_order)
+# %% labkit={"points": 2, "question": "epoch_order"} tags=["nbval-check-output"]
+from labkit.exercises import lab03, reported
+with reported("epoch_order"):                       # ✔ or ✘ with a hint; Run All goes on either way
+    lab03.check_epoch_order(my_epoch_order)
+
+# %% labkit={"hidden": "epoch_order"} tags=["hidden-check"]
+def _hidden_epoch_order():
+    import torch
+    from torch.utils.data import DistributedSampler
+    for n, world, rank, epoch, seed in ((10, 3, 2, 1, 0), (13, 4, 3, 2, 5), (9, 1, 0, 4, 3), (11, 5, 0, 7, 11)):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        got = my_epoch_order(n, world, rank, epoch, seed)
+        got = got.tolist() if isinstance(got, torch.Tensor) else list(got)
+        assert [int(i) for i in got] == list(sampler), (n, world, rank, epoch, seed)
+
+
+_hidden_epoch_order()
 
 # %% [markdown]
 # **The same script, for a sweep.** Twelve rows × three seeds launched one `torchrun` each would pay the
@@ -719,8 +734,26 @@ def my_mixup(x, y, lam, num_classes):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-exercises.check_mixup_targets(my_mixup)
+# %% labkit={"points": 1, "question": "mixup_targets"} tags=["nbval-check-output"]
+from labkit.exercises import lab03, reported
+with reported("mixup_targets"):
+    lab03.check_mixup_targets(my_mixup)
+
+# %% labkit={"hidden": "mixup_targets"} tags=["hidden-check"]
+def _hidden_mixup_targets():
+    import torch
+    from torchvision.transforms import v2
+    for seed, classes, labels in ((3, 10, [1, 3, 0, 2, 3, 0, 2]), (4, 5, [4, 0])):   # not every class in the batch
+        torch.manual_seed(seed)
+        x, y = torch.rand(len(labels), 1, 5, 5), torch.tensor(labels)
+        x_ref, y_ref = v2.MixUp(alpha=1.0, num_classes=classes)(x, y)
+        lam = float(y_ref[0, y[0]])                                              # y[0] != y[-1]
+        x_got, y_got = (torch.as_tensor(t).float() for t in my_mixup(x.clone(), y.clone(), lam, classes))
+        assert y_got.shape == y_ref.shape and torch.allclose(y_got, y_ref, atol=1e-5), (classes, tuple(y_got.shape))
+        assert x_got.shape == x_ref.shape and torch.allclose(x_got, x_ref, atol=1e-5), classes
+
+
+_hidden_mixup_targets()
 
 # %% [markdown]
 # **Progressive resizing.** The seed trained ImageNet at 64 px for epochs 1–30 (batch 256), 128 px for 31–50
@@ -1051,6 +1084,15 @@ for name in ("samples.png", "mixup_cutmix.png", "onecycle.png", "ablations.png",
     if (out_dir / name).exists():
         record.add_artifact(out_dir / name)
 print("saved", results.save(record))
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

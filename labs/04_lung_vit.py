@@ -88,7 +88,6 @@ from labkit import distributed, env, metrics, plotting, results, train
 from labkit.distributed import recovery
 from labkit.labs.lung_vit import runner, tracking
 from labkit.data.augment import batch_transform
-from labkit.exercises import lab04 as checks
 from labkit.labs.lung_vit.lightning_module import ClassifierBase, cosine_warmup, decay_groups, no_decay_names
 from labkit.models import vit
 from labkit.models.cnn import AlzheimerCNN
@@ -245,8 +244,23 @@ def my_token_count(image_size, downsample):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-checks.check_token_count(my_token_count)
+# %% labkit={"points": 1, "question": "token_count"} tags=["nbval-check-output"]
+from labkit.exercises import lab04, reported
+with reported("token_count"):                       # ✔ or ✘ with a hint; Run All goes on either way
+    lab04.check_token_count(my_token_count)
+
+# %% labkit={"hidden": "token_count"} tags=["hidden-check"]
+def _hidden_token_count():
+    import torch
+    import torch.nn.functional as F
+    for size, down in ((30, 4), (50, 3), (40, 1), (7, 7)):     # sides that do not divide: the stem drops the rest
+        tokens = F.max_pool2d(torch.zeros(1, 1, size, size), down).numel()
+        got_tokens, got_ratio = (int(v) for v in my_token_count(size, down))
+        assert got_tokens == tokens, (size, down, got_tokens, tokens)
+        assert abs(got_ratio - (size * size) ** 2 / tokens ** 2) < 1, (size, down, got_ratio)
+
+
+_hidden_token_count()
 
 
 # %% [markdown]
@@ -264,8 +278,36 @@ def my_prenorm_block(x, block):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-checks.check_prenorm_block(my_prenorm_block)
+# %% labkit={"points": 2, "question": "prenorm_block"} tags=["nbval-check-output"]
+from labkit.exercises import lab04, reported
+with reported("prenorm_block"):
+    lab04.check_prenorm_block(my_prenorm_block)
+
+# %% labkit={"hidden": "prenorm_block"} tags=["hidden-check"]
+def _hidden_prenorm_block():
+    import torch
+    import torch.nn.functional as F
+    from labkit.models.vit import Block
+    torch.manual_seed(5)
+    block = Block(dim=12, heads=3, mlp_dim=20).eval()
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, 7, 12) * 2 - 1).requires_grad_()      # the block trains: gradients must reach its input
+    kept = x.detach().clone()
+    out = my_prenorm_block(x, block)
+    assert torch.equal(x.detach(), kept), "the input was changed in place"
+    ln = lambda norm, t: F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # noqa: E731
+    mid = kept + block.attn(ln(block.norm1, kept))
+    want = mid + block.mlp(ln(block.norm2, mid))
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-4)
+    assert out.requires_grad, "no gradient flows through the block (torch.no_grad() or .detach() inside?)"
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+_hidden_prenorm_block()
 
 # %% [markdown]
 # ## 5. The LightningModule: the steps, written here
@@ -476,11 +518,32 @@ def my_kept_epochs(val_losses, num_to_keep):
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-checks.check_kept_checkpoints(my_kept_epochs)
+# %% labkit={"points": 1, "question": "kept_checkpoints"} tags=["nbval-check-output"]
+from labkit.exercises import lab04, reported
+with reported("kept_checkpoints"):
+    lab04.check_kept_checkpoints(my_kept_epochs)
+
+# %% labkit={"hidden": "kept_checkpoints"} tags=["hidden-check"]
+def _hidden_kept_checkpoints():
+    def replay(losses, keep):          # Ray's bookkeeping, one report at a time: the best `keep`, and the latest
+        disk = []
+        for epoch in range(1, len(losses) + 1):
+            disk.append(epoch)
+            best = sorted(disk, key=lambda e: (losses[e - 1], e))[:keep]
+            disk = [e for e in disk if e in best or e == epoch]
+        return disk
+
+
+    for losses, keep in (([1.0, 0.8, 0.8, 0.9], 2), ([0.7], 1), ([0.6, 0.6, 0.9, 0.5, 0.7, 0.95, 0.8], 3),
+                         ([1.3, 1.1, 0.9, 1.2, 1.0, 1.4, 1.5, 1.05], 4)):   # repeated losses: a plateau
+        assert sorted(int(e) for e in my_kept_epochs(list(losses), keep)) == replay(losses, keep), (losses, keep)
+
+
+_hidden_kept_checkpoints()
 
 # %%
-print("your rule on this run:", my_kept_epochs(run.history["val_loss"].tolist(), 3),
+kept_rule = lab04.kept_epochs_for_run(my_kept_epochs)       # yours, or the reference while it is a stub
+print("your rule on this run:", kept_rule(run.history["val_loss"].tolist(), 3),
       "| Ray kept:", sorted(run.kept["epoch"]))
 
 # %% [markdown]
@@ -687,6 +750,15 @@ if run.mlflow_run_id and tracking.is_local(run.tracking_uri):
     record.add_artifact(out_dir / tracking.STORE_FILE)
 path = results.save(record)
 print("saved", path)
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

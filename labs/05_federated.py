@@ -293,9 +293,53 @@ def fedavg(states: list[dict[str, torch.Tensor]], num_samples: list[int]) -> dic
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-from labkit.exercises.lab05 import check_fedavg
-check_fedavg(fedavg)
+# %% labkit={"points": 2, "question": "fedavg"} tags=["nbval-check-output"]
+from labkit.exercises import lab05, reported
+with reported("fedavg"):                       # ✔ or ✘ with a hint; Run All goes on either way
+    lab05.check_fedavg(fedavg)
+
+# %% labkit={"hidden": "fedavg"} tags=["hidden-check"]
+def _hidden_fedavg():
+    import numpy as np
+    import torch
+    from torch import nn
+    # Two clients of a float64 model with two BatchNorm layers; their statistics are those of drawn activations.
+    rng, sizes = np.random.default_rng(3), [250, 750]
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2)).double()
+    states, acts = [], {}
+    for k, (n, shift) in enumerate(zip(sizes, (-1.0, 2.0))):
+        state = {}
+        for key, value in model.state_dict().items():
+            layer = key.rsplit(".", 1)[0]
+            if key.endswith("running_mean"):
+                acts.setdefault(layer, []).append(rng.normal(shift, 1.0 + k, (n, value.numel())))
+                state[key] = torch.from_numpy(acts[layer][-1].mean(0))
+            elif key.endswith("running_var"):
+                state[key] = torch.from_numpy(acts[layer][-1].var(0))
+            elif value.is_floating_point():
+                state[key] = torch.from_numpy(rng.normal(0, 1, tuple(value.shape)))
+            else:
+                state[key] = torch.tensor(10 + 7 * k)
+        states.append(state)
+    kept = [{key: v.clone() for key, v in s.items()} for s in states]
+    got = fedavg(states, sizes)
+    assert all(torch.equal(s[key], o[key]) for s, o in zip(states, kept) for key in o), "a client's state changed"
+    assert set(got) == set(kept[0])
+    for key, first in kept[0].items():
+        layer = key.rsplit(".", 1)[0]
+        if key.endswith(("running_mean", "running_var")):
+            pooled = np.concatenate(acts[layer])
+            want = pooled.mean(0) if key.endswith("running_mean") else pooled.var(0)
+        else:
+            want = np.average(np.stack([s[key].numpy() for s in kept]), axis=0, weights=sizes)
+        assert got[key].dtype == first.dtype, (key, got[key].dtype)     # float64 stays float64
+        if first.is_floating_point():
+            assert np.allclose(got[key].numpy(), want, rtol=1e-6, atol=1e-8), key
+        else:
+            assert int(got[key]) == round(float(want)), key
+
+
+_hidden_fedavg()
 
 # %% [markdown]
 # **FedBN, the named alternative** (Li et al., 2021): do not average BatchNorm at all. Each client keeps its own
@@ -373,6 +417,9 @@ def log_round(experiment: str, round_: int, m: dict, extra: dict) -> dict:
     return row
 
 
+aggregate = lab05.fedavg_for_run(fedavg)     # your fedavg (right or wrong), or the reference while it is a stub
+
+
 def run_fedavg(name: str, shards: list[np.ndarray], local_bn: bool = False):
     """FedAvg with one client per shard (indices into the training split); ``local_bn``: FedBN. Returns the
     best round's global state, the clients' own BatchNorm entries (FedBN, else None) and the history."""
@@ -401,8 +448,8 @@ def run_fedavg(name: str, shards: list[np.ndarray], local_bn: bool = False):
             failed += [names[k] for k, f in futures.items() if f not in done]
         if updates:                                                                          # 4. aggregate
             keep = (lambda k: k not in BN_KEYS) if local_bn else (lambda k: True)
-            new_state = fedavg([{k: v for k, v in u["state"].items() if keep(k)} for u in updates],
-                               [u["num_samples"] for u in updates])
+            new_state = aggregate([{k: v for k, v in u["state"].items() if keep(k)} for u in updates],
+                                  [u["num_samples"] for u in updates])
             global_model.load_state_dict(new_state, strict=not local_bn)
             if local_bn:
                 local.update({u["cid"]: {k: u["state"][k] for k in BN_KEYS} for u in updates})
@@ -618,6 +665,15 @@ for path in [out_dir / "samples.png", out_dir / "fedavg.png", out_dir / "per_hos
         record.add_artifact(path)
 print("saved", results.save(record))
 ray_stack.close()      # ray.shutdown()
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

@@ -183,9 +183,24 @@ def top_k_filter(probs: np.ndarray, k: int, threshold: float) -> dict:
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-from labkit.exercises.lab06 import check_top_k
-check_top_k(top_k_filter, cfg.top_k, cfg.confidence_threshold)
+# %% labkit={"points": 2, "question": "top_k"} tags=["nbval-check-output"]
+from labkit.exercises import lab06, reported
+with reported("top_k"):                       # ✔ or ✘ with a hint; Run All goes on either way
+    lab06.check_top_k(top_k_filter, cfg.top_k, cfg.confidence_threshold)
+
+# %% labkit={"hidden": "top_k"} tags=["hidden-check"]
+def _hidden_top_k():
+    import numpy as np
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.25, 0.45, 0.3], [0.3, 0.5, 0.2]])   # float64
+    for k, threshold in ((2, 0.5), (3, 0.7), (1, 0.45)):      # rows exactly at the threshold count as confident
+        out = top_k_filter(probs.copy(), k, threshold)
+        order = np.array([sorted(range(3), key=lambda c: -row[c])[:k] for row in probs])
+        assert np.array_equal(np.asarray(out["classes"]), order), (k, np.asarray(out["classes"]).tolist())
+        assert np.allclose(np.asarray(out["probs"]), np.take_along_axis(probs, order, 1)), k
+        assert np.asarray(out["confident"]).tolist() == [bool(r.max() >= threshold) for r in probs], (k, threshold)
+
+
+_hidden_top_k()
 
 # %% [markdown]
 # ## 5. The pipeline
@@ -501,9 +516,24 @@ def bound_verdict(data_ips: float, compute_ips: float, world_size: int) -> dict:
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-from labkit.exercises.lab06 import check_bound_verdict
-check_bound_verdict(bound_verdict)
+# %% labkit={"points": 1, "question": "bound_verdict"} tags=["nbval-check-output"]
+from labkit.exercises import lab06, reported
+with reported("bound_verdict"):
+    lab06.check_bound_verdict(bound_verdict)
+
+# %% labkit={"hidden": "bound_verdict"} tags=["hidden-check"]
+def _hidden_bound_verdict():
+    import math
+    for data_ips, compute_ips, world in ((299.6, 100.0, 3), (300.4, 100.0, 3), (1e4, 33.3, 16), (55.5, 18.5, 3)):
+        got = bound_verdict(data_ips, compute_ips, world)
+        demand = compute_ips * world
+        want = "data-bound" if data_ips < demand and not math.isclose(data_ips, demand) else "compute-bound"
+        assert got["verdict"] == want, (data_ips, compute_ips, world, got["verdict"])
+        assert math.isclose(float(got["demand_ips"]), demand, rel_tol=1e-9), (data_ips, compute_ips, world)
+        assert math.isclose(float(got["workers_fed"]), data_ips / compute_ips, rel_tol=1e-9), (data_ips, compute_ips, world)
+
+
+_hidden_bound_verdict()
 
 # %% [markdown]
 # ### The four throughputs
@@ -521,7 +551,7 @@ table.index.name = "path"
 with atomic_path(out_dir / "throughput.csv") as tmp:
     table.to_csv(tmp)
 data_ips = table.loc["Ray Data preprocessing alone", "images_per_s"]
-bound = bound_verdict(data_ips, float(last["compute_images_per_s"]), plan.workers)
+bound = lab06.bound_verdict_for_run(bound_verdict)(data_ips, float(last["compute_images_per_s"]), plan.workers)
 verdict = bound["verdict"]
 display(table.round(2))
 print(f"preprocessing {data_ips:.0f} img/s vs {plan.workers} worker(s) × {last['compute_images_per_s']:.0f} img/s "
@@ -609,10 +639,13 @@ print(f"balanced accuracy {final['balanced_acc']:.2f}  (accuracy {final['acc']:.
 # runs once for both folders. The driver only counts rows (`count()` reads block metadata).
 
 # %%
+top_k_rule = lab06.top_k_for_run(top_k_filter)   # yours, or the reference while it is a stub
+
+
 def lean(batch: dict) -> dict:
     """Keep the top-k classes and probabilities, and the confidence flag, of each row."""
     probs = np.stack(batch["probs"]).astype(np.float32)
-    top = top_k_filter(probs, cfg.top_k, cfg.confidence_threshold)
+    top = top_k_rule(probs, cfg.top_k, cfg.confidence_threshold)
     return {"path": np.asarray([str(p) for p in batch["path"]]), "id": batch["id"],
             "top_k_classes": np.asarray(top["classes"], dtype=np.int16),
             "top_k_probs": np.asarray(top["probs"], dtype=np.float32),
@@ -690,6 +723,15 @@ for path in [out_dir / "throughput.png", out_dir / "throughput.csv", out_dir / "
     record.add_artifact(path)
 print("saved", results.save(record))
 ray_stack.close()      # ray.shutdown()
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

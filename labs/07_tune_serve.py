@@ -206,9 +206,26 @@ def top_k_answer(probs, classes: list[str], k: int = 3) -> dict:
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-from labkit.exercises.lab07 import check_top_k
-check_top_k(top_k_answer)
+# %% labkit={"points": 1, "question": "top_k_answer"} tags=["nbval-check-output"]
+from labkit.exercises import lab07, reported
+with reported("top_k_answer"):                       # ✔ or ✘ with a hint; Run All goes on either way
+    lab07.check_top_k(top_k_answer)
+
+# %% labkit={"hidden": "top_k_answer"} tags=["hidden-check"]
+def _hidden_top_k_answer():
+    import json
+    import numpy as np
+    names = ["a", "b", "c", "d", "e"]
+    for probs, k, want in ((list(np.array([0.1, 0.2, 0.4, 0.2, 0.1], dtype=np.float32)), 3, ["c", "b", "d"]),  # NumPy scalars
+                           (np.array([0.4, 0.15, 0.15, 0.15, 0.15]), 2, ["a", "b"]),      # a tie for second place
+                           ([0.2, 0.2, 0.2, 0.2, 0.2], 5, names)):
+        answer = top_k_answer(probs, names, k)
+        json.dumps(answer)                                        # JSON-ready: plain Python floats
+        assert answer["class"] == want[0] and [e["class"] for e in answer["top_k"]] == want, (k, answer)
+        assert all(abs(e["probability"] - float(probs[names.index(e["class"])])) < 1e-6 for e in answer["top_k"])
+
+
+_hidden_top_k_answer()
 
 # %% [markdown]
 # ## 5. Start Ray
@@ -257,9 +274,57 @@ def restore_trial(folder, model: nn.Module, optimizer: torch.optim.Optimizer, sc
     # END SOLUTION
 
 
-# %% tags=["nbval-check-output"]
-from labkit.exercises.lab07 import check_resume
-check_resume(save_trial, restore_trial)
+# %% labkit={"points": 2, "question": "resume"} tags=["nbval-check-output"]
+from labkit.exercises import lab07, reported
+with reported("resume"):
+    lab07.check_resume(save_trial, restore_trial)
+
+# %% labkit={"hidden": "resume"} tags=["hidden-check"]
+def _hidden_resume():
+    import math
+    import shutil
+    import tempfile
+    from pathlib import Path
+    import torch
+    from torch import nn
+    # The lab's pair: SGD with momentum (a buffer per weight) and a cosine schedule, interrupted after epoch 1 of 3.
+    def build(seed):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        return net, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)
+
+
+    def epoch_of(net, opt, sched, epoch):
+        g = torch.Generator().manual_seed(epoch)
+        x = torch.randn(32, 4, generator=g)
+        y = (x[:, 0] * x[:, 1] > 0).long()
+        for idx in torch.randperm(32, generator=g).view(4, 8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+            sched.step()
+
+
+    ref = build(0)
+    for e in (1, 2, 3):
+        epoch_of(*ref, e)
+    run = build(0)
+    epoch_of(*run, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "a").mkdir()
+        save_trial(Path(tmp) / "a", *run, 1)
+        shutil.move(Path(tmp) / "a", Path(tmp) / "b")
+        run = build(7)
+        first = restore_trial(Path(tmp) / "b", *run)
+    assert first == 2, first
+    for e in range(first, 4):
+        epoch_of(*run, e)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(run[0].state_dict().values(), ref[0].state_dict().values()))
+    assert math.isclose(run[2].get_last_lr()[0], ref[2].get_last_lr()[0], rel_tol=1e-9, abs_tol=1e-12)
+
+
+_hidden_resume()
 
 # %% [markdown]
 # ### The trainable
@@ -278,6 +343,9 @@ check_resume(save_trial, restore_trial)
 # still deserialises its own copy of the tensors: Ray does not share torch tensors without copying by default).
 
 # %%
+save_checkpoint, restore_checkpoint = lab07.resume_for_run(save_trial, restore_trial)  # yours, or the reference pair
+
+
 def train_trial(config: dict, data: tuple) -> None:
     """One Tune trial: train AlzheimerCNN with `config`, report validation scores and a checkpoint every epoch."""
     torch.set_num_threads(config["threads"])
@@ -294,7 +362,7 @@ def train_trial(config: dict, data: tuple) -> None:
     checkpoint = tune.get_checkpoint()                  # set when Tune resumes this trial
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            first_epoch = restore_trial(folder, model, optimizer, scheduler)
+            first_epoch = restore_checkpoint(folder, model, optimizer, scheduler)
     counts = torch.bincount(y_fit, minlength=len(config["classes"]))
     weight = train.class_weights_from_counts(counts).to(trial_dev) if config["class_weights"] else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
@@ -315,7 +383,7 @@ def train_trial(config: dict, data: tuple) -> None:
                   "val_balanced_acc": float(balanced_accuracy_score(val["y_true"], val["y_pred"])),
                   "seconds": stats["seconds"]}
         with tempfile.TemporaryDirectory() as folder:
-            save_trial(folder, model, optimizer, scheduler, epoch)
+            save_checkpoint(folder, model, optimizer, scheduler, epoch)
             tune.report(scores, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -561,6 +629,9 @@ print(f"serving: {'int8' if serve_int8 else 'fp32'}")
 # its images rode in (`batch_sizes`): the load test reads them to show which batches actually formed.
 
 # %%
+endpoint_answer = lab07.top_k_answer_for_run(top_k_answer)     # yours, or the reference while it is a stub
+
+
 @serve.deployment
 class AlzheimerClassifier:
     def __init__(self, state: dict, image_size: int, classes: list[str], int8: bool, max_batch_size: int,
@@ -590,7 +661,7 @@ class AlzheimerClassifier:
         except serving.RequestError as err:
             return JSONResponse(err.answer(), status_code=err.status)
         answers = await asyncio.gather(*(self.predict(image) for image in images))
-        return {"predictions": [top_k_answer(p, self.classes, self.k) for p, _ in answers],
+        return {"predictions": [endpoint_answer(p, self.classes, self.k) for p, _ in answers],
                 "batch_sizes": [size for _, size in answers]}
 
 
@@ -807,6 +878,15 @@ for path in [trials_csv, out_dir / "trials.png", quant_csv, latency_csv, batch_c
         record.add_artifact(path)
 print("saved", results.save(record))
 ray_stack.close()      # serve.shutdown(), then ray.shutdown()
+
+# %% [markdown]
+# ## Your exercises
+# Each exercise's check above said ✔ or ✘; here they are together. When your notebook is graded (`labkit grade`),
+# the same checks run again, with a few more the instructor keeps back.
+
+# %%
+from labkit.exercises import status_table
+print(status_table())
 
 # %% [markdown]
 # ## Take-aways

@@ -55,3 +55,47 @@ def code_lines(lab: Path, name: str) -> list[str]:
     and the docstring count). A test bounds their number so that a taught function stays readable as its lesson."""
     return [line for line in function_source(lab, name).splitlines()
             if line.strip() and not line.strip().startswith("#")]
+
+
+def question_cells(lab: Path) -> dict[str, dict]:
+    """The lab's graded questions, from its jupytext source: ``{question: {"points", "public": source, "hidden":
+    [sources]}}`` (``hidden`` lists the cells of ``metadata.labkit.hidden`` naming that question, in order)."""
+    out: dict[str, dict] = {}
+    cells = [c for c in jupytext.read(lab).cells if c.cell_type == "code"]
+    for cell in cells:
+        meta = cell.metadata.get("labkit", {})
+        if "question" in meta:
+            out[meta["question"]] = {"points": meta.get("points"), "public": cell.source, "hidden": []}
+    for cell in cells:
+        name = cell.metadata.get("labkit", {}).get("hidden")
+        if name is not None:
+            out.setdefault(name, {"points": None, "public": None, "hidden": []})["hidden"].append(cell.source)
+    return out
+
+
+def run_hidden_checks(lab: Path, question: str, namespace: dict) -> None:
+    """Run the hidden check cells of ``question`` in ``namespace`` (holding the answer under test, as the graded
+    kernel does); an ``AssertionError`` (or any error) means the answer fails them."""
+    hidden = question_cells(lab)[question]["hidden"]
+    assert hidden, f"{lab.name} has no hidden check for {question!r}"
+    for source in hidden:
+        exec(compile(TransformerManager().transform_cell(source), f"{lab.name}:hidden:{question}", "exec"), namespace)
+
+
+def answer_namespace(lab: Path, *functions: str, source: str | None = None) -> dict:
+    """A namespace like the lab's kernel for an exercise: the usual imports, ``cfg`` (the parameters' defaults) and
+    either the lab's own ``functions`` (its solutions) or, with ``source``, the answer written there."""
+    import math
+    import types
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    namespace: dict = {"__name__": "__main__", "math": math, "np": np, "torch": torch, "nn": nn, "Path": Path,
+                       "cfg": types.SimpleNamespace(**lab_cells(lab)[2])}
+    for name in functions:
+        exec(compile(function_source(lab, name), f"{lab.name}:{name}", "exec"), namespace)
+    if source is not None:
+        exec(compile(source, f"{lab.name}:answer", "exec"), namespace)
+    return namespace

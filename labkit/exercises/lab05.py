@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labkit.exercises import call_student, ok
+from labkit.exercises import answer_or_reference, call_student, ok
 
 #: Samples per client in the check, and each client's ``num_batches_tracked``: the weighted mean
 #: (37*600 + 5*100 + 13*300) / 1000 = 26.6 rounds to 27.
@@ -131,3 +131,27 @@ def check_fedavg(fn: Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[in
         raise AssertionError("with a single client, FedAvg must return that client's state unchanged.")
     ok(f"FedAvg: weighted average of {len(states)} clients by sample count ({sizes}); BatchNorm statistics pooled "
        f"(the variance of all clients' activations together, checked against the pooled data)")
+
+
+def _pooled_fedavg(states: Sequence[Mapping[str, torch.Tensor]], num_samples: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The aggregation the exercise asks for, from the clients' states alone (no activations): weighted averages in
+    float64, BatchNorm variances pooled as ``sum_k w_k (var_k + mean_k**2) - mean**2``, counters rounded."""
+    w = torch.as_tensor(num_samples, dtype=torch.float64) / float(sum(num_samples))
+
+    def avg(key: str, square: bool = False) -> torch.Tensor:
+        return sum(wk * (s[key].double() ** 2 if square else s[key].double()) for wk, s in zip(w, states))
+
+    out = {}
+    for key, first in states[0].items():
+        value = avg(key)
+        if key.endswith("running_var") and key[:-3] + "mean" in states[0]:
+            mean_key = key[:-3] + "mean"
+            value = value + avg(mean_key, square=True) - avg(mean_key) ** 2
+        out[key] = value.to(first.dtype) if first.is_floating_point() else value.round().to(first.dtype)
+    return out
+
+
+def fedavg_for_run(fn: Callable) -> Callable:
+    """The aggregation Lab 05's rounds use: the student's ``fn(states, num_samples)`` — a wrong answer changes what
+    the server averages — or, while the exercise is the untouched stub, the reference (with a notice)."""
+    return answer_or_reference(fn, _pooled_fedavg, ([{"w": torch.zeros(1)}], [1]), what="fedavg (section 6)")

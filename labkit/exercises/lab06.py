@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from labkit.exercises import call_student, ok
+from labkit.exercises import answer_or_reference, call_student, ok
 
 
 def _probabilities(rows: int = 64, classes: int = 6, seed: int = 0) -> np.ndarray:
@@ -119,3 +119,16 @@ def check_bound_verdict(fn: Callable[[float, float, int], dict]) -> None:
             raise AssertionError(f"{case}: the pipeline could feed {want['workers_fed']:.3g} such workers "
                                  f"(data_ips / compute_ips); got {got['workers_fed']}.")
     ok(f"data- vs compute-bound against all workers' demand ({len(VERDICT_CASES)} cases, a tie included)")
+
+
+def top_k_for_run(fn: Callable[[np.ndarray, int, float], dict]) -> Callable[[np.ndarray, int, float], dict]:
+    """What Lab 06's inference actors call: the student's ``fn(probs, k, threshold)``, or, while the exercise is the
+    untouched stub, :func:`reference_top_k` (with a notice), so a student copy runs to the end."""
+    probe = (np.array([[0.6, 0.4]], dtype=np.float32), 1, 0.5)
+    return answer_or_reference(fn, reference_top_k, probe, what="top_k_filter (section 4)")
+
+
+def bound_verdict_for_run(fn: Callable[[float, float, int], dict]) -> Callable[[float, float, int], dict]:
+    """The verdict Lab 06's throughput table uses: the student's ``fn``, or :func:`reference_bound_verdict` while the
+    exercise is the untouched stub (with a notice)."""
+    return answer_or_reference(fn, reference_bound_verdict, (100.0, 50.0, 1), what="bound_verdict")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labkit.exercises import call_student, ok
+from labkit.exercises import answer_or_reference, call_student, ok
 
 CLASSES = ["MildDemented", "ModerateDemented", "NonDemented", "VeryMildDemented"]
 
@@ -190,4 +190,36 @@ def check_top_k(fn: Callable[[Any, Sequence[str], int], dict]) -> None:
     ok("top-k answer: most likely first, ties by class index, k clipped, JSON-ready floats")
 
 
-__all__ = ["check_resume", "check_top_k", "reference_top_k"]
+def top_k_answer_for_run(fn: Callable[[Any, Sequence[str], int], dict]) -> Callable[[Any, Sequence[str], int], dict]:
+    """What Lab 07's deployment answers with: the student's ``fn(probs, classes, k)``, or :func:`reference_top_k`
+    while the exercise is the untouched stub (with a notice), so a student copy runs to the end."""
+    return answer_or_reference(fn, reference_top_k, ([0.6, 0.4], ["a", "b"], 1), what="top_k_answer (section 4)")
+
+
+def _reference_save(folder, model: nn.Module, optimizer, scheduler, epoch: int) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch}, Path(folder) / "trial.pt")
+
+
+def _reference_restore(folder, model: nn.Module, optimizer, scheduler) -> int:
+    state = torch.load(Path(folder) / "trial.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1
+
+
+def resume_for_run(save: Callable[..., Any], restore: Callable[..., Any]) -> tuple[Callable, Callable]:
+    """The ``(save_trial, restore_trial)`` Lab 07's trainable uses: the student's pair, or — while either is the
+    untouched stub — the reference pair (with a notice; one of each would not read the other's files)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if answer_or_reference(save, _reference_save, (Path(tmp), *_toy(seed=0), 1), what="save_trial") is not save:
+            return _reference_save, _reference_restore
+        if answer_or_reference(restore, _reference_restore, (Path(tmp), *_toy(seed=1)),
+                               what="restore_trial") is not restore:
+            print("  (and the reference save_trial with it: the two must read each other's files)")
+            return _reference_save, _reference_restore
+    return save, restore
+
+
+__all__ = ["check_resume", "check_top_k", "reference_top_k", "resume_for_run", "top_k_answer_for_run"]

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from labcells import LABS, answer_namespace, question_cells, run_hidden_checks
 
+import labkit.exercises as exercise_kit
 from labkit.exercises import lab03
 
 
@@ -76,3 +78,36 @@ def test_mixup_typical_mistakes_fail_with_a_hint(wrong, hint):
 def test_mixup_stub_says_not_implemented():
     with pytest.raises(AssertionError, match="not implemented yet"):
         lab03.check_mixup_targets(_stub)
+
+
+# --------------------------------------------------------------------------- hidden checks (labkit grade)
+LAB = next(p for p in LABS if p.name.startswith("03_"))
+SOLUTION = {'epoch_order': ['my_epoch_order'], 'mixup_targets': ['my_mixup']}
+#: For each question, a plausible wrong answer that its public check lets through.
+WRONG = {
+    "epoch_order": """
+def my_epoch_order(dataset_len, world_size, rank, epoch, seed=0):
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    order = torch.randperm(dataset_len, generator=g).tolist()
+    padded = order + order[: dataset_len % world_size]       # pads by the remainder, not up to a multiple
+    return padded[rank::world_size]
+""",
+    "mixup_targets": """
+def my_mixup(x, y, lam, num_classes):
+    one_hot = nn.functional.one_hot(y).float()                # as many classes as the batch happens to hold
+    return lam * x + (1 - lam) * x.roll(1, 0), lam * one_hot + (1 - lam) * one_hot.roll(1, 0)
+""",
+}
+
+
+@pytest.mark.parametrize("question", sorted(SOLUTION))
+def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question, monkeypatch):
+    """Each hidden check (kept back for `labkit grade`, never in a student copy) passes the lab's solution and
+    fails a plausible wrong answer that the public check lets through: the reason it exists."""
+    monkeypatch.setattr(exercise_kit, "STRICT", True)               # the public check raises, as in grading
+    run_hidden_checks(LAB, question, answer_namespace(LAB, *SOLUTION[question]))
+    wrong = answer_namespace(LAB, source=WRONG[question])
+    exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
+    with pytest.raises((AssertionError, TypeError)):
+        run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not

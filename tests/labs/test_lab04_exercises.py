@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from checks import one_check_line, stub
+from labcells import LABS, answer_namespace, question_cells, run_hidden_checks
 
+import labkit.exercises as exercise_kit
 from labkit.exercises import lab04 as exercises
 
 
@@ -104,3 +106,46 @@ def test_replay_matches_rays_own_rule_on_examples():
     assert exercises.replay_checkpoint_manager([1.9, 1.5, 1.2, 1.0, 0.9], 3) == [3, 4, 5]
     assert exercises.replay_checkpoint_manager([1.2, 0.8, 0.9, 1.1, 0.85, 1.0], 3) == [2, 3, 5, 6]
     assert exercises.replay_checkpoint_manager([0.5, 0.6], 3) == [1, 2]
+
+
+# --------------------------------------------------------------------------- hidden checks (labkit grade)
+LAB = next(p for p in LABS if p.name.startswith("04_"))
+SOLUTION = {'token_count': ['my_token_count'], 'prenorm_block': ['my_prenorm_block'], 'kept_checkpoints': ['my_kept_epochs']}
+#: For each question, a plausible wrong answer that its public check lets through.
+WRONG = {
+    "token_count": """
+def my_token_count(image_size, downsample):
+    tokens = image_size * image_size // downsample ** 2       # pixels / patch area: right only when sides divide
+    return tokens, downsample ** 4
+""",
+    "prenorm_block": """
+def my_prenorm_block(x, block):
+    with torch.no_grad():                                     # "it is only a forward pass"
+        x = x + block.attn(block.norm1(x))
+        return x + block.mlp(block.norm2(x))
+""",
+    "kept_checkpoints": """
+def my_kept_epochs(val_losses, num_to_keep):
+    best = [val_losses.index(v) + 1 for v in sorted(val_losses)[:num_to_keep]]   # a repeated loss maps to one epoch
+    return sorted(set(best) | {len(val_losses)})
+""",
+}
+
+
+@pytest.mark.parametrize("question", sorted(SOLUTION))
+def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question, monkeypatch):
+    """Each hidden check (kept back for `labkit grade`, never in a student copy) passes the lab's solution and
+    fails a plausible wrong answer that the public check lets through: the reason it exists."""
+    monkeypatch.setattr(exercise_kit, "STRICT", True)               # the public check raises, as in grading
+    run_hidden_checks(LAB, question, answer_namespace(LAB, *SOLUTION[question]))
+    wrong = answer_namespace(LAB, source=WRONG[question])
+    exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
+    with pytest.raises((AssertionError, TypeError)):
+        run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_run_uses_the_students_rule_or_the_reference_while_it_is_a_stub(capsys):
+    mine = lambda losses, keep: [len(losses)]  # noqa: E731  (wrong, but the student's: the run applies it)
+    assert exercises.kept_epochs_for_run(mine) is mine
+    assert exercises.kept_epochs_for_run(stub) is exercises.replay_checkpoint_manager
+    assert "my_kept_epochs (exercise 3) is not implemented yet" in capsys.readouterr().out

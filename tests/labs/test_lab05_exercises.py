@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import one_check_line, stub
+from labcells import LABS, answer_namespace, question_cells, run_hidden_checks
 
+import labkit.exercises as exercise_kit
 from labkit.exercises import lab05 as exercises
 
 
@@ -111,3 +113,49 @@ def test_check_states_hold_bn_buffers_and_a_counter():
     assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= keys
     assert states[0]["1.num_batches_tracked"].dtype == torch.int64
     assert all((s["1.running_var"] > 0).all() for s in states)
+
+
+# --------------------------------------------------------------------------- hidden checks (labkit grade)
+LAB = next(p for p in LABS if p.name.startswith("05_"))
+SOLUTION = {'fedavg': ['fedavg']}
+#: For each question, a plausible wrong answer that its public check lets through.
+WRONG = {
+    "fedavg": """
+def fedavg(states, num_samples):
+    total = float(sum(num_samples))
+    out = {}
+    for key, first in states[0].items():
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for state, n in zip(states, num_samples):
+            value = state[key].to(torch.float64)
+            if key.endswith("running_var"):
+                value = value + state[key[:-3] + "mean"].to(torch.float64) ** 2
+            acc += value * (n / total)
+        if key.endswith("running_var"):
+            mean = sum(s[key[:-3] + "mean"].to(torch.float64) * (n / total) for s, n in zip(states, num_samples))
+            acc = acc - mean ** 2
+        out[key] = acc.float() if first.is_floating_point() else acc.round().to(first.dtype)   # always float32
+    return out
+""",
+}
+
+
+@pytest.mark.parametrize("question", sorted(SOLUTION))
+def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question, monkeypatch):
+    """Each hidden check (kept back for `labkit grade`, never in a student copy) passes the lab's solution and
+    fails a plausible wrong answer that the public check lets through: the reason it exists."""
+    monkeypatch.setattr(exercise_kit, "STRICT", True)               # the public check raises, as in grading
+    run_hidden_checks(LAB, question, answer_namespace(LAB, *SOLUTION[question]))
+    wrong = answer_namespace(LAB, source=WRONG[question])
+    exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
+    with pytest.raises((AssertionError, TypeError)):
+        run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_rounds_use_the_students_fedavg_or_a_pooling_reference_while_it_is_a_stub(capsys):
+    mine = lambda states, sizes: states[0]  # noqa: E731  (wrong, but the student's: the rounds use it)
+    assert exercises.fedavg_for_run(mine) is mine
+    reference = exercises.fedavg_for_run(stub)
+    assert "fedavg (section 6) is not implemented yet" in capsys.readouterr().out
+    exercises.check_fedavg(reference)              # the fallback pools BatchNorm variances as the exercise asks
+    one_check_line(capsys)

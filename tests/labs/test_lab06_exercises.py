@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from checks import one_check_line, stub
+from labcells import LABS, answer_namespace, question_cells, run_hidden_checks
 
+import labkit.exercises as exercise_kit
 from labkit.exercises import lab06 as exercises
 
 
@@ -111,3 +113,44 @@ def test_verdict_cases_tell_one_worker_from_all_workers():
     flips = [c for c in exercises.VERDICT_CASES
              if exercises.reference_bound_verdict(*c)["verdict"] != exercises.reference_bound_verdict(c[0], c[1], 1)["verdict"]]
     assert flips
+
+
+# --------------------------------------------------------------------------- hidden checks (labkit grade)
+LAB = next(p for p in LABS if p.name.startswith("06_"))
+SOLUTION = {'top_k': ['top_k_filter'], 'bound_verdict': ['bound_verdict']}
+#: For each question, a plausible wrong answer that its public check lets through.
+WRONG = {
+    "top_k": """
+def top_k_filter(probs, k, threshold):
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(probs, order, axis=1)
+    return {"classes": order, "probs": top, "confident": top[:, 0] > threshold}   # a row at the threshold: not confident
+""",
+    "bound_verdict": """
+def bound_verdict(data_ips, compute_ips, world_size):
+    demand = compute_ips * world_size
+    return {"verdict": "data-bound" if round(data_ips) < round(demand) else "compute-bound", "demand_ips": demand,
+            "workers_fed": data_ips / compute_ips}                # whole images per second only
+""",
+}
+
+
+@pytest.mark.parametrize("question", sorted(SOLUTION))
+def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question, monkeypatch):
+    """Each hidden check (kept back for `labkit grade`, never in a student copy) passes the lab's solution and
+    fails a plausible wrong answer that the public check lets through: the reason it exists."""
+    monkeypatch.setattr(exercise_kit, "STRICT", True)               # the public check raises, as in grading
+    run_hidden_checks(LAB, question, answer_namespace(LAB, *SOLUTION[question]))
+    wrong = answer_namespace(LAB, source=WRONG[question])
+    exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
+    with pytest.raises((AssertionError, TypeError)):
+        run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_run_uses_the_students_functions_or_the_references_while_they_are_stubs(capsys):
+    mine_top, mine_verdict = (lambda p, k, t: {}), (lambda d, c, w: {})
+    assert exercises.top_k_for_run(mine_top) is mine_top and exercises.bound_verdict_for_run(mine_verdict) is mine_verdict
+    assert exercises.top_k_for_run(stub) is exercises.reference_top_k
+    assert exercises.bound_verdict_for_run(stub) is exercises.reference_bound_verdict
+    out = capsys.readouterr().out
+    assert "top_k_filter (section 4) is not implemented yet" in out and "bound_verdict is not implemented yet" in out

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from checks import one_check_line, stub
+from labcells import LABS, answer_namespace, question_cells, run_hidden_checks
 
+import labkit.exercises as exercise_kit
 from labkit.exercises import lab07 as exercises
 
 
@@ -123,3 +125,57 @@ def test_reference_is_json_ready_and_ordered():
     ref = exercises.reference_top_k(torch.tensor([0.1, 0.4, 0.4, 0.1]), ["a", "b", "c", "d"], 3)
     assert json.loads(json.dumps(ref)) == ref
     assert [e["class"] for e in ref["top_k"]] == ["b", "c", "a"] and ref["class"] == "b"
+
+
+# --------------------------------------------------------------------------- hidden checks (labkit grade)
+LAB = next(p for p in LABS if p.name.startswith("07_"))
+SOLUTION = {'top_k_answer': ['top_k_answer'], 'resume': ['save_trial', 'restore_trial']}
+#: For each question, a plausible wrong answer that its public check lets through.
+WRONG = {
+    "top_k_answer": """
+def top_k_answer(probs, classes, k=3):
+    values = probs.tolist() if hasattr(probs, "tolist") else probs      # a list's items are taken as they come
+    order = sorted(range(len(values)), key=lambda i: -values[i])[:k]
+    return {"class": classes[order[0]], "top_k": [{"class": classes[i], "probability": values[i]} for i in order]}
+""",
+    "resume": """
+def save_trial(folder, model, optimizer, scheduler, epoch):
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "steps": scheduler.last_epoch}, Path(folder) / "state.pt")
+
+
+def restore_trial(folder, model, optimizer, scheduler):
+    state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for _ in range(state["steps"]):                             # fast-forward the schedule instead of restoring it
+        scheduler.step()
+    return state["epoch"] + 1
+""",
+}
+
+
+@pytest.mark.parametrize("question", sorted(SOLUTION))
+def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question, monkeypatch):
+    """Each hidden check (kept back for `labkit grade`, never in a student copy) passes the lab's solution and
+    fails a plausible wrong answer that the public check lets through: the reason it exists."""
+    monkeypatch.setattr(exercise_kit, "STRICT", True)               # the public check raises, as in grading
+    run_hidden_checks(LAB, question, answer_namespace(LAB, *SOLUTION[question]))
+    wrong = answer_namespace(LAB, source=WRONG[question])
+    exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
+    with pytest.raises((AssertionError, TypeError)):
+        run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+
+
+def test_the_trainable_and_endpoint_use_the_students_functions_or_the_references_while_stubs(capsys):
+    assert exercises.resume_for_run(_save, _restore) == (_save, _restore)
+    for save, restore in ((stub, stub), (_save, stub), (stub, _restore)):    # half a pair cannot read the other half
+        pair = exercises.resume_for_run(save, restore)
+        assert pair == (exercises._reference_save, exercises._reference_restore)
+    assert "restore_trial is not implemented yet" in capsys.readouterr().out
+    exercises.check_resume(*pair)
+    one_check_line(capsys)
+    mine = lambda probs, classes, k: {}  # noqa: E731
+    assert exercises.top_k_answer_for_run(mine) is mine
+    assert exercises.top_k_answer_for_run(stub) is exercises.reference_top_k
+    assert "top_k_answer (section 4) is not implemented yet" in capsys.readouterr().out
