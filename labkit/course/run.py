@@ -251,15 +251,18 @@ def run_lab(source: str | os.PathLike, output: str | os.PathLike, parameters: di
     failure: CellFailure | None = None
     tik = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(source), str(tmp), parameters=params, kernel_name="python3",
-            cwd=str(cwd or project_root()), progress_bar=progress, log_output=False,
-            kernel_manager_class=CurrentEnvKernelManager, execution_timeout=timeout,
-            # Stop the kernel at once when the notebook ends: the labs close their own Ray, Serve and process
-            # stacks in their last cells, and a graceful stop only waits ~3 s for Python to tear down torch's
-            # imports (triton, sympy) in every lab. Ray's reaper still stops a cluster the kernel started.
-            shutdown_kernel="immediate",
-        )
+        # MPLBACKEND is dropped for the kernel: an executed lab keeps its figures inline, as in Jupyter, even when
+        # the shell (a server, the tests) exports MPLBACKEND=Agg — the regrade, the summary and the site read them.
+        with environ(MPLBACKEND=None):
+            papermill.execute_notebook(
+                str(source), str(tmp), parameters=params, kernel_name="python3",
+                cwd=str(cwd or project_root()), progress_bar=progress, log_output=False,
+                kernel_manager_class=CurrentEnvKernelManager, execution_timeout=timeout,
+                # Stop the kernel at once when the notebook ends: the labs close their own Ray, Serve and process
+                # stacks in their last cells, and a graceful stop only waits ~3 s for Python to tear down torch's
+                # imports (triton, sympy) in every lab. Ray's reaper still stops a cluster the kernel started.
+                shutdown_kernel="immediate",
+            )
     except Exception as exc:  # noqa: BLE001 - every failure is reported per lab, the course goes on
         failure = _failure_from(exc, lab_nb)
     seconds = time.perf_counter() - tik
