@@ -110,6 +110,9 @@ def test_missing_peer_times_out_instead_of_hanging():
 
 @pytest.mark.slow
 def test_keyboard_interrupt_leaves_no_process():
+    # Python's own SIGINT handler for the test (■ in a notebook, Ctrl-C in a shell): in the full suite an earlier
+    # test's library (Ray, the kernel machinery) can leave another handler installed, and the signal was swallowed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -117,6 +120,7 @@ def test_keyboard_interrupt_leaves_no_process():
             ddp.launch(ddp.hello, 2, (None, 0, 120.0), device="cpu")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     _assert_no_ranks_left()
 
 
