@@ -99,3 +99,22 @@ def answer_namespace(lab: Path, *functions: str, source: str | None = None) -> d
     if source is not None:
         exec(compile(source, f"{lab.name}:answer", "exec"), namespace)
     return namespace
+
+
+def assert_hidden_check_earns_its_place(lab: Path, question: str, solution: tuple[str, ...], wrong: str) -> None:
+    """The hidden check of ``question`` (kept back for ``labkit grade``, never in a student copy) passes the lab's
+    solution (the functions named in ``solution``) and fails ``wrong``, a plausible answer that the public check
+    lets through: the reason it exists. The public check runs as in grading (``STRICT``: it raises)."""
+    import pytest
+
+    import labkit.exercises as exercise_kit
+
+    strict, exercise_kit.STRICT = exercise_kit.STRICT, True
+    try:
+        run_hidden_checks(lab, question, answer_namespace(lab, *solution))
+        namespace = answer_namespace(lab, source=wrong)
+        exec(question_cells(lab)[question]["public"], namespace)      # the public check lets it through ...
+        with pytest.raises((AssertionError, TypeError)):
+            run_hidden_checks(lab, question, namespace)                 # ... the hidden check does not
+    finally:
+        exercise_kit.STRICT = strict

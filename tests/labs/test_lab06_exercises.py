@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from checks import one_check_line, stub
-from labcells import LABS, answer_namespace, question_cells, run_hidden_checks
+from labcells import LABS, assert_hidden_check_earns_its_place
 
-import labkit.exercises as exercise_kit
 from labkit.exercises import lab06 as exercises
 
 
@@ -136,15 +135,8 @@ def bound_verdict(data_ips, compute_ips, world_size):
 
 
 @pytest.mark.parametrize("question", sorted(SOLUTION))
-def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question, monkeypatch):
-    """Each hidden check (kept back for `labkit grade`, never in a student copy) passes the lab's solution and
-    fails a plausible wrong answer that the public check lets through: the reason it exists."""
-    monkeypatch.setattr(exercise_kit, "STRICT", True)               # the public check raises, as in grading
-    run_hidden_checks(LAB, question, answer_namespace(LAB, *SOLUTION[question]))
-    wrong = answer_namespace(LAB, source=WRONG[question])
-    exec(question_cells(LAB)[question]["public"], wrong)             # the public check lets it through ...
-    with pytest.raises((AssertionError, TypeError)):
-        run_hidden_checks(LAB, question, wrong)                      # ... the hidden check does not
+def test_hidden_checks_pass_the_solution_and_fail_a_wrong_answer_the_public_check_misses(question):
+    assert_hidden_check_earns_its_place(LAB, question, SOLUTION[question], WRONG[question])
 
 
 def test_the_run_uses_the_students_functions_or_the_references_while_they_are_stubs(capsys):
