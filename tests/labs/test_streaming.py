@@ -212,8 +212,8 @@ def test_each_epoch_sees_every_row_of_each_shard_once(ray_local, tmp_path):
 def _seeded(ray, rows, seed):
     from ray.data.expressions import random
 
-    return (ray.data.from_items(rows, override_num_blocks=6).randomize_block_order(seed=seed)
-            .with_column("draw", random(seed=seed))
+    return (ray.data.from_items(rows, override_num_blocks=6).with_column("draw", random(seed=seed))
+            .randomize_block_order(seed=seed)                         # the lab's order: draw, then shuffle blocks
             .map_batches(streaming.DecodeAugment(16, "L", train=True), batch_size=5))
 
 
