@@ -121,7 +121,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "04_lung_vit": {"epochs": 8, "image_size": 32, "max_train": 540, "max_test": 180, "batch_size": 8,
                     "depth": 2, "heads": 4, "dim": 64, "mlp_dim": 128},
     "05_federated": {"rounds": 3, "local_epochs": 1, "image_size": 32, "batch_size": 16, "max_patches": 1200},
-    "06_streaming_data": {"epochs": 3, "image_size": 48, "max_train": 2400, "max_test": 300, "lr_schedule": "cosine"},
+    "06_streaming_data": {"epochs": 2, "image_size": 48, "max_train": 1600, "max_test": 300, "lr_schedule": "cosine"},
     "07_tune_serve": {"num_samples": 4, "max_epochs": 4, "grace_period": 1, "image_size": 48, "max_train": 1000,
                       "max_test": 300, "replicas": 2, "load_requests": 60},
 }
