@@ -360,3 +360,15 @@ def test_landing_and_lab_page_render_in_headless_chromium(site, tmp_path):
         assert found, "searching the site for 'baseline' found nothing (from file://)"
     finally:
         browser.close()
+
+
+def test_a_shortened_path_keeps_the_stand_in_box_straight():
+    from labkit.course.site.notebooks import scrub
+    from labkit.data.cache import notice_box
+
+    box = notice_box(["SYNTHETIC DATA", "  /build/machine/course/data/alzheimer/Alzheimer_s Dataset", "end"])
+    shown = scrub(f"before\n{box}\nafter", [("/build/machine/course", ".")]).split("\n")
+    assert shown[0] == "before" and shown[-1] == "after"
+    assert "  ./data/alzheimer/Alzheimer_s Dataset" in shown[3]
+    assert len({len(line) for line in shown[1:-1]}) == 1, shown       # every line of the box as wide as its bars
+    assert scrub("a !! b !!", []) == "a !! b !!"                      # text that is not a box is left alone

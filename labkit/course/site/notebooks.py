@@ -31,6 +31,7 @@ INJECTED = "injected-parameters"
 #: Output MIME types never published (they need a live kernel or JavaScript from the web).
 DROPPED_MIME = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 _TMP = re.compile(r"(?<![\w.])/tmp/[^\s'\"<>)\]]*")
+_BAR = re.compile(r"!{10,}")
 
 
 def lab_cells(nb: nbformat.NotebookNode) -> list[tuple[str, str]]:
@@ -73,11 +74,27 @@ def course_folder(executed: nbformat.NotebookNode) -> Path | None:
 
 
 def scrub(text: str, replacements: Iterable[tuple[str, str]]) -> str:
-    """``text`` with every listed absolute path, and any ``/tmp/...`` path, replaced by a relative one."""
+    """``text`` with every listed absolute path, and any ``/tmp/...`` path, replaced by a relative one; a
+    stand-in's ``!!`` notice box (:func:`labkit.data.cache.notice_box`) keeps its right border straight."""
     for old, new in replacements:
         if old not in ("/", ""):
             text = text.replace(old, new)
-    return _TMP.sub(lambda m: "<tmp>/" + Path(m.group(0)).name, text)
+    return _reframe(_TMP.sub(lambda m: "<tmp>/" + Path(m.group(0)).name, text))
+
+
+def _reframe(text: str) -> str:
+    """Pad each ``!! … !!`` line back to the width of the ``!!!…`` bar above it (a shorter path left it ragged)."""
+    if "!!!!!!" not in text:
+        return text
+    lines, width = text.split("\n"), 0
+    for i, line in enumerate(lines):
+        if _BAR.fullmatch(line):
+            width = len(line)
+        elif width and line.startswith("!! ") and line.endswith(" !!") and len(line) <= width:
+            lines[i] = f"!! {line[3:-3].rstrip():<{width - 6}} !!"
+        else:
+            width = 0 if not line.startswith("!! ") else width
+    return "\n".join(lines)
 
 
 def _scrub_output(output: nbformat.NotebookNode, replacements: list[tuple[str, str]]) -> None:
