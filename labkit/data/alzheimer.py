@@ -18,7 +18,7 @@ import torch
 
 from labkit.data.cache import load_images_cached, notice_box
 from labkit.data.images import (ImageData, ImageSplit, extract_zip_once, list_class_folders, scan_class_folders,
-                                stratified_subset)
+                                stratified_subset, visible_entries)
 from labkit.data.synth_mri import KAGGLE_FOLDER, MARKER, write_alzheimer_standin
 from labkit.env import resolve_path
 
@@ -44,13 +44,6 @@ def synthetic_notice(root: Path) -> str:
     return notice_box(lines)
 
 
-def _entries(root: Path) -> list[str]:
-    """Visible entries of ``root`` (labkit's cache folder left out)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-
-
 def _split_root(folder: Path, depth: int = 2) -> Path | None:
     """The folder holding ``train/`` and ``test/``: ``folder`` itself, its Kaggle sub-folder, or
     (for archives) the same one or two wrapping folders down."""
@@ -70,7 +63,7 @@ def find_alzheimer_layout(root: Path, progress: bool = True) -> tuple[str, Path]
     ``root`` is missing or empty. A zip archive is unpacked (once). Anything else at ``root`` is
     an error that lists what was found."""
     root = Path(root)
-    found = _entries(root)
+    found = visible_entries(root)
     if not found:
         return None
     kaggle = sorted(root.glob("Alzheimer*Dataset"))
@@ -78,7 +71,7 @@ def find_alzheimer_layout(root: Path, progress: bool = True) -> tuple[str, Path]
         split_root = _split_root(kaggle[0], depth=0)
         if split_root is None:
             raise FileNotFoundError(f"{kaggle[0]} should hold train/ and test/ folders; found "
-                                    f"{_entries(kaggle[0])}. Re-extract the dataset.")
+                                    f"{visible_entries(kaggle[0])}. Re-extract the dataset.")
         return "kaggle", split_root
     if all((root / s).is_dir() for s in SPLITS):
         return "plain", root
@@ -91,7 +84,7 @@ def find_alzheimer_layout(root: Path, progress: bool = True) -> tuple[str, Path]
         split_root = _split_root(folder)
         if split_root is None:
             raise FileNotFoundError(f"{archives[0]} does not hold the Alzheimer dataset layout: unpacked into {folder}"
-                                    f", found {_entries(folder)}; expected 'Alzheimer_s Dataset/' or train/ and test/.")
+                                    f", found {visible_entries(folder)}; expected 'Alzheimer_s Dataset/' or train/ and test/.")
         return "zip", split_root
     raise FileNotFoundError(f"{root} holds {found} — not a known Alzheimer dataset layout. Expected "
                             f"'{KAGGLE_FOLDER}/{{train,test}}/<class>/', '{{train,test}}/<class>/' or the dataset's "

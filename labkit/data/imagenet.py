@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from labkit.data.cache import cache_file, decode_files, file_stamps, load_images_cached, notice_box, read_json
+from labkit.data.images import visible_entries
 from labkit.data.imagenet_layouts import (  # noqa: F401  (the layout helpers are part of this module's API)
     DATA_CHOICES,
     GET_DATA,
     LAYOUTS,
     SUBSET_SIZE,
     Listing,
-    _entries,
     class_names,
     find_imagenet_layout,
     ilsvrc_val_labels,
@@ -111,7 +111,7 @@ def find_or_write_imagenet(data: str, root: Path, layout: str, standin_classes: 
     if data not in DATA_CHOICES:
         raise ValueError(f"data={data!r}: use one of {DATA_CHOICES}")
     marker = (root / MARKER).exists() or (root.parent / MARKER).exists()
-    if data == "synthetic" and _entries(root) and not marker:
+    if data == "synthetic" and visible_entries(root) and not marker:
         root = root.parent / "synthetic" / root.name   # never mixes with (or writes into) real data
         marker = (root / MARKER).exists()
     if data == "real" and marker:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.data.images import list_class_folders, regular_files, scan_class_folders
+from labkit.data.images import list_class_folders, regular_files, scan_class_folders, visible_entries
 from labkit.data.synth_tiny import TINY_FOLDER
 
 LAYOUTS = ("ilsvrc", "tiny-imagenet", "plain")
@@ -50,10 +50,6 @@ class Listing:
     names: list[str]
     files: dict[str, list[str]]
     labels: dict[str, np.ndarray]
-
-
-def _entries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def _candidates(root: Path, layout: str) -> list[Path]:
@@ -78,7 +74,7 @@ def locate_imagenet(root: str | os.PathLike, layout: str = "auto") -> tuple[str,
     root = Path(root)
     if layout not in ("auto", *LAYOUTS):
         raise ValueError(f"layout={layout!r}: use 'auto' or one of {LAYOUTS}")
-    if not _entries(root):
+    if not visible_entries(root):
         return None
     for name in LAYOUTS if layout == "auto" else (layout,):
         for folder in _candidates(root, name):
@@ -88,7 +84,7 @@ def locate_imagenet(root: str | os.PathLike, layout: str = "auto") -> tuple[str,
                 "tiny-imagenet": f"[{TINY_FOLDER}/]wnids.txt + train/<wnid>/images/",
                 "plain": "train/<class>/ and val/<class>/"}
     wanted = "; ".join(v for k, v in expected.items() if layout in ("auto", k))
-    raise FileNotFoundError(f"{root} holds {_entries(root)[:10]} — not the {layout if layout != 'auto' else 'an'} "
+    raise FileNotFoundError(f"{root} holds {visible_entries(root)[:10]} — not the {layout if layout != 'auto' else 'an'} "
                             f"ImageNet layout. Expected {wanted}. {GET_DATA.format(root=root)}")
 
 
@@ -132,7 +128,7 @@ def _class_folder_split(root: Path, split_dir: Path, keys: list[str], sub: str =
 
 def _need_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} folder {path} is missing; found {_entries(path.parent)[:10]} in "
+        raise FileNotFoundError(f"{what} folder {path} is missing; found {visible_entries(path.parent)[:10]} in "
                                 f"{path.parent}. Re-extract the dataset.")
 
 

@@ -101,6 +101,13 @@ class ImageData:
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
 
 
+def visible_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that are not hidden (labkit's cache folder among those left out), sorted; ``[]`` when
+    it is not a folder. What an error message lists as "found"."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def list_class_folders(split_dir: Path) -> list[str]:
     """Sorted names of the class sub-folders of ``split_dir`` (hidden folders and ``__MACOSX`` left out)."""
     return sorted(p.name for p in split_dir.iterdir()
