@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import badfiles
 import pytest
 import torch
+from tqdm import auto as tqdm_auto
+from tqdm import std as tqdm_std
 
 from labkit import files, results
 from labkit.data import cache
@@ -65,6 +68,10 @@ def forked(body) -> int:
         code = 1
         try:
             warnings.simplefilter("ignore")
+            # tqdm's write lock holds a multiprocessing semaphore, shared with this process's parent after the
+            # fork: a child SIGKILLed inside a progress bar would keep it forever and hang the parent's next bar.
+            tqdm_std.tqdm.set_lock(threading.RLock())
+            tqdm_auto.tqdm.set_lock(threading.RLock())
             body()
             code = 0
         finally:
