@@ -84,7 +84,7 @@ def scrub(text: str, replacements: Iterable[tuple[str, str]]) -> str:
 
 def _reframe(text: str) -> str:
     """Pad each ``!! … !!`` line back to the width of the ``!!!…`` bar above it (a shorter path left it ragged)."""
-    if "!!!!!!" not in text:
+    if not _BAR.search(text):
         return text
     lines, width = text.split("\n"), 0
     for i, line in enumerate(lines):
@@ -92,8 +92,8 @@ def _reframe(text: str) -> str:
             width = len(line)
         elif width and line.startswith("!! ") and line.endswith(" !!") and len(line) <= width:
             lines[i] = f"!! {line[3:-3].rstrip():<{width - 6}} !!"
-        else:
-            width = 0 if not line.startswith("!! ") else width
+        elif not line.startswith("!! "):
+            width = 0                              # the box ended
     return "\n".join(lines)
 
 
