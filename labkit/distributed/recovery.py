@@ -10,8 +10,8 @@ Lab 02's training cell uses three pieces:
 - :func:`story` (after ``fit()``) tells the run attempt by attempt: which epochs, how many workers, on
   which nodes, where each restart resumed, and whether every finished epoch was kept.
 
-A run folder gets a ``finished.json`` when ``fit()`` returns (:func:`mark_finished`); a folder with
-checkpoints and without it is an unfinished run.
+A run folder gets a ``finished.json`` when ``fit()`` returns (:func:`mark_finished`); a folder with a
+checkpoint Ray Train registered and without it is an unfinished run.
 """
 from __future__ import annotations
 
@@ -27,13 +27,27 @@ from labkit.params import ParameterError
 
 FINISHED_FILE = "finished.json"
 _CHECKPOINT_DIR = re.compile(r"epoch(\d+)_attempt(\d+)$")
+#: Ray Train V2's list of the checkpoints its controller registered for a run (ray.train.v2 constants).
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 # --------------------------------------------------------------------------- run folders
 def last_checkpoint_epoch(run_dir: str | os.PathLike) -> int:
-    """The newest epoch with a complete checkpoint folder in ``run_dir`` (0 when there is none)."""
-    epochs = [int(m.group(1)) for p in Path(run_dir).glob("epoch*_attempt*")
-              if (m := _CHECKPOINT_DIR.search(p.name)) and (p / "checkpoint.pt").is_file()]
+    """The epoch Ray Train would continue ``run_dir`` after: the newest checkpoint its controller registered
+    (0 when there is none).
+
+    Ray Train V2 resumes from the checkpoints listed in the run's ``checkpoint_manager_snapshot.json``, not from
+    whatever lies in the folder: a checkpoint a worker finished writing just as the run was interrupted, before
+    the controller registered it, is on disk but is not where Ray continues. Without a snapshot Ray starts from
+    scratch, so the answer is 0."""
+    run_dir = Path(run_dir)
+    try:
+        snapshot = json.loads((run_dir / RAY_SNAPSHOT_FILE).read_text())
+        names = {row["checkpoint_dir_name"] for row in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    epochs = [int(m.group(1)) for name in names
+              if (m := _CHECKPOINT_DIR.search(str(name))) and (run_dir / name / "checkpoint.pt").is_file()]
     return max(epochs, default=0)
 
 

@@ -3,6 +3,7 @@ messages when a node leaves or the cell is interrupted. (The real thing — a tw
 an interrupted notebook re-run with fewer workers — is tests/reliability/test_two_node_cluster.py.)"""
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -14,14 +15,35 @@ from labkit.params import ParameterError
 
 
 def make_run(storage: Path, name: str, epochs: int, finished: bool = False) -> Path:
+    """A run folder as Ray Train V2 leaves it: one checkpoint folder per epoch, each registered in the snapshot."""
     run = storage / name
     run.mkdir(parents=True)
     for epoch in range(1, epochs + 1):
         (run / f"epoch{epoch:03d}_attempt1").mkdir()
         (run / f"epoch{epoch:03d}_attempt1" / "checkpoint.pt").write_bytes(b"x")
+    if epochs:
+        register(run, [f"epoch{epoch:03d}_attempt1" for epoch in range(1, epochs + 1)])
     if finished:
         recovery.mark_finished(run, epochs)
     return run
+
+
+def register(run: Path, names: list[str]) -> None:
+    rows = [{"version": 0, "checkpoint_dir_name": name, "metrics": {}} for name in names]
+    (run / recovery.RAY_SNAPSHOT_FILE).write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": rows}))
+
+
+def test_a_checkpoint_counts_once_ray_train_registered_it(tmp_path):
+    run = make_run(tmp_path, "run-1", 2)
+    (run / "epoch003_attempt1").mkdir()                      # written by a worker as the run was interrupted,
+    (run / "epoch003_attempt1" / "checkpoint.pt").write_bytes(b"x")   # never registered: Ray continues after 2
+    assert recovery.last_checkpoint_epoch(run) == 2
+    register(run, ["epoch001_attempt1", "epoch002_attempt1", "epoch003_attempt1"])
+    assert recovery.last_checkpoint_epoch(run) == 3
+    (run / recovery.RAY_SNAPSHOT_FILE).unlink()              # no snapshot: Ray starts from scratch
+    assert recovery.last_checkpoint_epoch(run) == 0
+    (run / recovery.RAY_SNAPSHOT_FILE).write_text("{not json")
+    assert recovery.last_checkpoint_epoch(run) == 0
 
 
 def test_unfinished_runs_are_those_with_a_checkpoint_and_no_finished_marker(tmp_path):

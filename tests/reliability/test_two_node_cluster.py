@@ -5,7 +5,7 @@ One scenario (Ray start-up is the expensive part, so the cluster and the run are
 
 1. a head and a second node, separate ``ray start`` processes with one CPU each — two workers of one CPU each
    *must* run on both;
-2. Lab 02 (quick, 3 epochs, 2 workers) with ``address``, in a Jupyter kernel; in epoch 2 the second node is
+2. Lab 02 (quick, 3 epochs, 2 workers, batches of 8) with ``address``, in a Jupyter kernel; in epoch 2 the second node is
    killed (every process of it, at once), then a new node joins: Ray Train restarts the workers from the
    checkpoint of epoch 1;
 3. in epoch 3 the training cell is interrupted the way Jupyter's ■ does it (SIGINT to the kernel);
@@ -116,7 +116,9 @@ def scenario(tmp_path_factory, small_data):
         with kernel.client.setup_kernel(env=env, cwd=str(ROOT)):
             for index in range(kernel.params + 1):
                 kernel.run(index)
-            kernel.set(data_dir=str(small_data), quick=True, workers=2, address=cluster.address)
+            # Batches of 8 (4 per worker): ~50 steps an epoch, so that epoch 3 outlasts the interrupt's way to Ray
+            # Train's controller even on a fast CPU (at 32, epoch 3 could finish and be registered first).
+            kernel.set(data_dir=str(small_data), quick=True, workers=2, address=cluster.address, batch_size=8)
             starting.join()
             seen["listening"] = cluster.listening_addresses()
             for index in range(kernel.params + 1, kernel.train):
