@@ -115,8 +115,8 @@ RULES: dict[str, Rule] = {
 
 #: What quick mode does to each lab: numbers are caps (min with the given value), others replace.
 QUICK: dict[str, dict[str, Any]] = {
-    "01_baseline": {"epochs": 3, "image_size": 64, "max_train": 1200, "max_test": 400},
-    "02_ray": {"epochs": 3, "image_size": 64, "max_train": 1200, "max_test": 400},
+    "01_baseline": {"epochs": 4, "image_size": 64, "max_train": 1200, "max_test": 400},
+    "02_ray": {"epochs": 4, "image_size": 64, "max_train": 1200, "max_test": 400},
     "03_imagenet_ddp_ablations": {"epochs": 6, "image_size": 16, "max_train": 1000, "max_test": 300},
     "04_lung_vit": {"epochs": 8, "image_size": 32, "max_train": 540, "max_test": 180, "batch_size": 8,
                     "depth": 2, "heads": 4, "dim": 64, "mlp_dim": 128},

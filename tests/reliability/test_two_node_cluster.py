@@ -118,7 +118,8 @@ def scenario(tmp_path_factory, small_data):
                 kernel.run(index)
             # Batches of 8 (4 per worker): ~50 steps an epoch, so that epoch 3 outlasts the interrupt's way to Ray
             # Train's controller even on a fast CPU (at 32, epoch 3 could finish and be registered first).
-            kernel.set(data_dir=str(small_data), quick=True, workers=2, address=cluster.address, batch_size=8)
+            kernel.set(data_dir=str(small_data), quick=True, epochs=3, workers=2, address=cluster.address,
+                       batch_size=8)
             starting.join()
             seen["listening"] = cluster.listening_addresses()
             for index in range(kernel.params + 1, kernel.train):
