@@ -43,8 +43,11 @@ class CurrentEnvKernelSpecManager(KernelSpecManager):
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         if kernel_name in PYTHON_KERNELS:
-            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
-                                          **ipykernel.kernelspec.get_kernel_dict())
+            # The kernel's own log at ERROR: ipykernel 7 warns at every start that its sockets are plain TCP (they
+            # are bound to 127.0.0.1), once per lab and per graded submission; cells' output and warnings still
+            # reach the notebook.
+            spec = ipykernel.kernelspec.get_kernel_dict(extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES, **spec)
         return super().get_kernel_spec(kernel_name)
 
 

@@ -163,3 +163,16 @@ def test_a_command_needing_the_course_tools_says_how_to_install_them(monkeypatch
     assert cli.main(["labs", "check"]) == 2
     err = capsys.readouterr().err
     assert "jupytext is not installed" in err and "pip install -e '.[dev]'" in err
+
+
+def test_a_lab_kernel_starts_without_its_log_noise_and_still_shows_the_cells_warnings(tmp_path, capfd):
+    """ipykernel's start-up warning ("running over TCP without encryption", its sockets are on 127.0.0.1) is not
+    printed once per lab; a warning raised by a cell still lands in the executed notebook."""
+    from labkit.course.run import run_lab
+
+    lab = _notebook(tmp_path / "01_noise.ipynb", "import warnings\nwarnings.warn('a cell warning')")
+    run = run_lab(lab, tmp_path / "out.ipynb")
+    assert run.ok, run
+    assert "without encryption" not in capfd.readouterr().err
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert "a cell warning" in "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
